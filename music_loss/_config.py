@@ -1,0 +1,65 @@
+"""Loss hyperparameters and the small pure helpers every backend shares.
+
+One frozen :class:`LossConfig` travels from the public API through the dispatch into a
+backend, so the math (SPEC 1) has exactly one place that turns the user's weights and
+normalisation into the per-entry coefficients ``c`` of the diagonal and off-block entries.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, NamedTuple
+
+import torch
+from torch import Tensor
+
+Normalization = Literal["blocks", "joint"]
+Backend = Literal["auto", "triton", "torch", "reference"]
+Precision = Literal["auto", "ieee", "tf32", "bf16"]
+
+NORMALIZATIONS: tuple[str, ...] = ("blocks", "joint")
+BACKENDS: tuple[str, ...] = ("auto", "triton", "torch", "reference")
+PRECISIONS: tuple[str, ...] = ("auto", "ieee", "tf32", "bf16")
+
+#: Floor inside every log: ``lg(x) = log(max(x, TINY))`` (smallest normal float32).
+TINY: float = torch.finfo(torch.float32).tiny
+
+
+class MUSICTerms(NamedTuple):
+    """The loss and its three weighted, normalised parts (``loss = diag + off + invariance``).
+
+    Attributes:
+        loss: The scalar MUSIC loss.
+        diag: ``w_diag * H_diag`` after normalisation (``/ S`` or ``/ S**2``).
+        off: ``w_off * H_off`` after normalisation (``/ (S (S-1))`` or ``/ S**2``).
+        invariance: ``w_inv * L_inv``.
+    """
+
+    loss: Tensor
+    diag: Tensor
+    off: Tensor
+    invariance: Tensor
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Validated hyperparameters of the MUSIC loss (see :func:`music_loss.functional.music_loss`)."""
+
+    segment_dim: int
+    temperature: float = 1.0
+    eps: float = 1e-8
+    diag_weight: float = 1.0
+    off_weight: float = 1.0
+    invariance_weight: float = 1.0
+    normalization: str = "blocks"
+
+    def num_segments(self, dim: int) -> int:
+        return dim // self.segment_dim
+
+    def coefficients(self, dim: int) -> tuple[float, float]:
+        """Multipliers ``(c_diag, c_off)`` of the raw sums ``H_diag`` and ``H_off`` (SPEC 1.5)."""
+        s = self.num_segments(dim)
+        if self.normalization == "blocks":
+            c_off = self.off_weight / (s * (s - 1)) if s > 1 else 0.0
+            return self.diag_weight / s, c_off
+        return self.diag_weight / s**2, self.off_weight / s**2
