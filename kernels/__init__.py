@@ -1,0 +1,1 @@
+"""Fused Triton kernels of music-loss (installed as ``music_loss.kernels``)."""
