@@ -1,0 +1,192 @@
+"""The memory-light PyTorch backend (``backend="torch"``): never more than a block of ``P``.
+
+The joint distribution ``P = p1^T p2 / N`` is built ``chunk`` rows at a time. Each block is
+used three times while it exists: for its share of ``H_off``, for the gradient factor
+``G = c * (lg P + [P >= tiny])`` and for the two gradient products ``dp1 = p2 G^T / N`` and
+``dp2 = p1 G / N`` (Liger style: the gradients are finished in the forward pass, so the
+backward pass only scales them by ``grad_output``). The diagonal of ``P`` is ``O(N D)`` and
+handled apart from the blocks.
+
+Memory: three ``chunk x D`` buffers plus ``O(N D)`` (probabilities and their gradients);
+saved for backward: ``dz1, dz2`` only, in the inputs' dtype. Work: three ``N x D x D``
+products, the minimum (6 N D^2 FLOPs).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from music_loss._config import TINY, LossConfig, MUSICTerms
+from music_loss.reference import compute_dtype
+
+#: Elements per ``chunk x D`` buffer: large enough for efficient matmuls, small next to D^2.
+_MIN_BUFFER = 1 << 20
+_MAX_BUFFER = 1 << 23
+
+
+def default_chunk_size(n: int, d: int) -> int:
+    """Rows of ``P`` per block: about ``N D / 2`` elements, clamped to [1 Mi, 8 Mi] elements."""
+    budget = min(max(n * d // 2, _MIN_BUFFER), _MAX_BUFFER)
+    return max(1, min(d, budget // d))
+
+
+@contextlib.contextmanager
+def _matmul_precision(device: torch.device, precision: str) -> Iterator[None]:
+    """Run float32 products on CUDA as asked (``tf32`` or full ``ieee``); CPU has no TF32."""
+    if device.type != "cuda" or precision == "bf16":
+        yield
+        return
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+
+
+def _operand(p: Tensor, precision: str) -> Tensor:
+    """Matmul operand: bf16 mode rounds to bf16 and multiplies exactly in fp32 (fp32 accumulate)."""
+    return p.to(torch.bfloat16).to(p.dtype) if precision == "bf16" else p
+
+
+def _diagonal_blocks(buffer: Tensor, a0: int, a1: int, k: int) -> tuple[slice, Tensor]:
+    """Columns spanned by the diagonal blocks of rows ``a0:a1``, and the mask of those blocks."""
+    c0, c1 = (a0 // k) * k, ((a1 - 1) // k + 1) * k
+    rows = torch.arange(a0, a1, device=buffer.device) // k
+    cols = torch.arange(c0, c1, device=buffer.device) // k
+    return slice(c0, c1), rows[:, None] == cols[None, :]
+
+
+def _segment_softmax(z: Tensor, k: int, temperature: float, dtype: torch.dtype) -> Tensor:
+    n, d = z.shape
+    return torch.softmax(z.to(dtype).view(n, d // k, k) / temperature, dim=-1).view(n, d)
+
+
+class _ChunkedMUSIC(torch.autograd.Function):
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        z1: Tensor,
+        z2: Tensor,
+        config: LossConfig,
+        local_rows: tuple[int, int],
+        precision: str,
+        chunk: int,
+        need_grad: bool,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        n, d = z1.shape
+        k = config.segment_dim
+        s = d // k
+        dtype = compute_dtype(z1.dtype)
+        q1 = _segment_softmax(z1, k, config.temperature, dtype)
+        q2 = _segment_softmax(z2, k, config.temperature, dtype)
+        p1 = q1.clamp_min(config.eps) if config.eps > 0 else q1
+        p2 = q2.clamp_min(config.eps) if config.eps > 0 else q2
+        a1, a2 = _operand(p1, precision), _operand(p2, precision)
+        c_diag, c_off = config.coefficients(d)
+        acc = torch.float64 if z1.device.type != "mps" else torch.float32
+
+        # Diagonal entries P[a, a]: O(N D), no block needed.
+        p_diag = (a1 * a2).sum(0) / n
+        lg_diag = p_diag.clamp_min(TINY).log()
+        h_diag = (p_diag * lg_diag).sum(dtype=acc)
+
+        # Invariance term on this process's rows.
+        l0, l1 = local_rows
+        agreement = (p1[l0:l1] * p2[l0:l1]).view(l1 - l0, s, k).sum(-1)
+        l_inv = -agreement.clamp_min(TINY).log().sum(dtype=acc) / ((l1 - l0) * s)
+
+        if need_grad:
+            g_diag = c_diag / n * (lg_diag + (p_diag >= TINY).to(dtype))
+            dp1 = a2 * g_diag
+            dp2 = a1 * g_diag
+            g_agree = (-config.invariance_weight / ((l1 - l0) * s)
+                       / agreement.clamp_min(TINY) * (agreement >= TINY).to(dtype))
+            g_agree = g_agree.repeat_interleave(k, dim=1)
+            dp1[l0:l1] += p2[l0:l1] * g_agree
+            dp2[l0:l1] += p1[l0:l1] * g_agree
+            dp1_t = dp1.t().contiguous()  # rows of dp1^T are written block by block below
+
+        # Off-diagonal blocks, `chunk` rows of P at a time.
+        h_off = torch.zeros((), dtype=acc, device=z1.device)
+        if s > 1 and c_off != 0.0:
+            a1_t = a1.t().contiguous()
+            with _matmul_precision(z1.device, precision):
+                for a0 in range(0, d, chunk):
+                    a_end = min(a0 + chunk, d)
+                    block = torch.mm(a1_t[a0:a_end], a2).div_(n)  # P[a0:a_end, :]
+                    lg_block = block.clamp_min(TINY).log_()
+                    cols, inside = _diagonal_blocks(block, a0, a_end, k)
+                    lg_block[:, cols].masked_fill_(inside, 0.0)
+                    if need_grad:
+                        grad_block = (block >= TINY).to(dtype).add_(lg_block)
+                        grad_block[:, cols].masked_fill_(inside, 0.0)
+                        grad_block = _operand(grad_block, precision)
+                        # dp1^T[a0:a_end] += c G a2^T / N ; dp2 += c a1[:, a0:a_end] G / N
+                        dp1_t[a0:a_end].addmm_(grad_block, a2.t(), alpha=c_off / n)
+                        dp2.addmm_(a1_t[a0:a_end].t(), grad_block, alpha=c_off / n)
+                    h_off += block.mul_(lg_block).sum(dtype=acc)
+
+        diag = (c_diag * h_diag).to(dtype)
+        off = (c_off * h_off).to(dtype)
+        inv = (config.invariance_weight * l_inv).to(dtype)
+        loss = diag + off + inv
+
+        if need_grad:
+            dz1 = _softmax_backward(dp1_t.t(), q1, config, k)
+            dz2 = _softmax_backward(dp2, q2, config, k)
+            ctx.save_for_backward(dz1.to(z1.dtype), dz2.to(z2.dtype))
+        ctx.mark_non_differentiable(diag, off, inv)
+        return loss, diag, off, inv
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad_loss: Tensor, *_: Any) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        dz1, dz2 = ctx.saved_tensors
+        scale = grad_loss.to(dz1.dtype)
+        return dz1 * scale, dz2 * scale, None, None, None, None, None
+
+
+def _softmax_backward(dp: Tensor, q: Tensor, config: LossConfig, k: int) -> Tensor:
+    """Through the clamp (gradient where q >= eps) and the per-segment softmax."""
+    n, d = q.shape
+    dq = dp * (q >= config.eps).to(q.dtype) if config.eps > 0 else dp
+    dq3, q3 = dq.reshape(n, d // k, k), q.view(n, d // k, k)
+    dx = q3 * (dq3 - (q3 * dq3).sum(-1, keepdim=True))
+    return (dx / config.temperature).view(n, d)
+
+
+def music_loss_chunked(
+    z1: Tensor,
+    z2: Tensor,
+    config: LossConfig,
+    local_rows: tuple[int, int] | None = None,
+    precision: str = "ieee",
+    chunk_size: int | None = None,
+) -> MUSICTerms:
+    """MUSIC loss holding at most ``chunk_size`` rows of ``P`` at a time.
+
+    Args:
+        z1: ``(N, D)`` first view (global batch when distributed).
+        z2: ``(N, D)`` second view.
+        config: Hyperparameters.
+        local_rows: Rows ``(start, stop)`` whose invariance term counts (``None``: all).
+        precision: ``"ieee"``, ``"tf32"`` (CUDA only; CPU computes fp32) or ``"bf16"``
+            (operands rounded to bf16, fp32 accumulation).
+        chunk_size: Rows of ``P`` per block; :func:`default_chunk_size` when ``None``.
+
+    Returns:
+        :class:`MUSICTerms`; only ``loss`` carries a gradient (the parts are for logging).
+    """
+    n, d = z1.shape
+    chunk = chunk_size if chunk_size is not None else default_chunk_size(n, d)
+    rows = local_rows if local_rows is not None else (0, n)
+    need_grad = torch.is_grad_enabled() and (z1.requires_grad or z2.requires_grad)
+    loss, diag, off, inv = _ChunkedMUSIC.apply(z1, z2, config, rows, precision, chunk,
+                                               need_grad)
+    return MUSICTerms(loss, diag, off, inv)
