@@ -1,0 +1,360 @@
+r"""Training diagnostics for MUSIC: is the code healthy, or collapsing?
+
+Four cheap statistics of a batch of projector outputs, each computed from the per-segment
+softmax ``p = softmax(z.view(N, S, K) / t)`` in ``O(N D)`` (the mutual information in
+``O(N K^2)`` per sampled segment pair); none builds the ``D x D`` joint matrix, and none
+carries gradient. Log them every few hundred steps next to the loss.
+
+=======================  =========================================  ========================
+statistic                what it measures                           range
+=======================  =========================================  ========================
+``usage_entropy``        how evenly the batch's samples spread over  0 (all samples in one
+                         the ``K`` bins of a segment (entropy of the  bin) .. 1 (uniform)
+                         argmax histogram, as a fraction of
+                         ``log K``); mean over segments
+``confidence``           mean over samples and segments of           ``1/K`` (uniform
+                         ``max_k p[i, s, k]``                        softmax) .. 1 (one-hot)
+``segment_mi``           mean mutual information between pairs of    0 (independent
+                         segments (soft joint over the batch), as a  segments) .. 1 (one
+                         fraction of ``log K``                       segment copies another)
+``agreement``            fraction of (sample, segment) pairs whose   ``~1/K`` (chance) .. 1
+                         argmax bin is the same in both views
+=======================  =========================================  ========================
+
+What healthy and collapsed look like (measured, not guessed: the numbers below come from
+``tests/test_metrics.py`` and the digits study ``benchmarks/quality``, ``K = 16``):
+
+* **Healthy** (MUSIC-trained digits encoder, ``D = 512``, ``K = 16``, on held-out images):
+  usage entropy close to 1 (0.97 in the study), confidence well above ``1/K`` and rising
+  (0.7-0.95), segment MI low (below ~0.15), agreement high (0.8-0.9). The MUSIC optimum
+  itself (one-hot, evenly spread, pairwise-independent codes) gives usage 1, confidence 1,
+  MI 0, agreement 1.
+* **Complete collapse** (every sample gets the same embedding, e.g. constant features):
+  usage entropy 0 and agreement 1 -- the views "agree" because nothing varies; MI 0.
+  Agreement alone is therefore not a health signal; read it with usage.
+* **Uniform collapse** (softmax flat, e.g. all-zero logits or a tiny logit scale):
+  confidence ``= 1/K``; the argmax-based statistics are then ties and meaningless.
+* **Redundant segments** (every segment encodes the same partition): usage and confidence
+  may look healthy, but segment MI rises towards the usage entropy (1 when all segments
+  are copies of one evenly used segment).
+* **Random init** (untrained network): confidence near ``1/K`` and agreement near chance.
+* **Invariance only** (MUSIC with both entropy weights 0, a collapsing run in the study):
+  usage entropy falls to ~0 within a few epochs while agreement climbs to 1.
+
+Example:
+    >>> import torch
+    >>> from music_loss.metrics import diagnostics
+    >>> z1, z2 = torch.randn(256, 64), torch.randn(256, 64)
+    >>> d = diagnostics(z1, z2, segment_dim=16)
+    >>> 0.9 < d.usage_entropy <= 1.0           # random codes spread over all bins
+    True
+    >>> collapsed = torch.zeros(256, 64)
+    >>> diagnostics(collapsed, collapsed, segment_dim=16).usage_entropy
+    0.0
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from music_loss._config import TINY
+from music_loss.functional import _check_pair, _check_real, _check_segment_dim, _check_view
+from music_loss.reference import compute_dtype
+
+__all__ = [
+    "MUSICDiagnostics",
+    "diagnostics",
+    "invariance_agreement",
+    "mean_confidence",
+    "segment_mutual_information",
+    "segment_probabilities",
+    "usage_entropy",
+]
+
+
+class MUSICDiagnostics(NamedTuple):
+    """The four statistics of :func:`diagnostics`, as Python floats (ready to log).
+
+    Attributes:
+        usage_entropy: Mean over segments of the argmax-histogram entropy / ``log K``.
+        min_usage_entropy: The least used segment's usage entropy / ``log K``.
+        confidence: Mean ``max_k p[i, s, k]``.
+        segment_mi: Mean mutual information between segment pairs / ``log K``.
+        agreement: Fraction of (sample, segment) pairs with the same argmax in both views.
+    """
+
+    usage_entropy: float
+    min_usage_entropy: float
+    confidence: float
+    segment_mi: float
+    agreement: float
+
+
+def _check_metric_segment_dim(segment_dim: int) -> int:
+    segment_dim = _check_segment_dim(segment_dim)
+    if segment_dim < 2:
+        raise ValueError("segment_dim must be >= 2 for the diagnostics (they are fractions of "
+                         f"log K, and log 1 = 0), got {segment_dim}")
+    return segment_dim
+
+
+@torch.no_grad()
+def segment_probabilities(
+    z: Tensor, segment_dim: int, temperature: float = 1.0, *, probabilities: bool = False
+) -> Tensor:
+    """Per-segment softmax as an ``(N, S, K)`` tensor, without gradient.
+
+    Args:
+        z: ``(N, D)`` projector outputs (logits), ``D`` a multiple of ``segment_dim``.
+        segment_dim: Bins per segment ``K``.
+        temperature: Softmax temperature ``t > 0`` (use the loss's).
+        probabilities: ``z`` already holds per-segment probabilities (e.g. the output of
+            :class:`music_loss.SegmentSoftmax`): skip the softmax.
+
+    Returns:
+        ``(N, S, K)`` probabilities in float32 (float64 for float64 inputs).
+
+    Example:
+        >>> import torch
+        >>> segment_probabilities(torch.zeros(2, 8), segment_dim=4)[0, 0]
+        tensor([0.2500, 0.2500, 0.2500, 0.2500])
+    """
+    segment_dim = _check_metric_segment_dim(segment_dim)
+    _check_view("z", z, segment_dim)
+    temperature = _check_real("temperature", temperature)
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}; use the loss's (1.0)")
+    n, d = z.shape
+    zc = z.detach().to(compute_dtype(z.dtype)).view(n, d // segment_dim, segment_dim)
+    return zc if probabilities else torch.softmax(zc / temperature, dim=-1)
+
+
+def _entropy(dist: Tensor, dim: int = -1) -> Tensor:
+    return -(dist * torch.log(torch.clamp_min(dist, TINY))).sum(dim)
+
+
+@torch.no_grad()
+def usage_entropy(
+    z: Tensor,
+    segment_dim: int,
+    temperature: float = 1.0,
+    *,
+    probabilities: bool = False,
+    soft: bool = False,
+) -> Tensor:
+    """Per-segment usage entropy of the batch, as a fraction of ``log K``.
+
+    For segment ``s``, the histogram ``u[s, k]`` = fraction of samples whose argmax bin is
+    ``k``; the result is ``H(u[s]) / log K``: 1 when the batch spreads evenly over the bins,
+    0 when every sample lands in the same bin (collapse). With ``soft=True`` the histogram is
+    the mean probability ``mean_i p[i, s, :]`` instead (which a flat softmax also makes
+    uniform: read it together with :func:`mean_confidence`). A batch of ``N < K`` samples
+    cannot reach 1 (the most it can reach is ``log N / log K``).
+
+    Args:
+        z: ``(N, D)`` projector outputs (logits).
+        segment_dim: Bins per segment ``K >= 2``.
+        temperature: Softmax temperature (only matters with ``soft=True``).
+        probabilities: ``z`` already holds per-segment probabilities.
+        soft: Use mean probabilities instead of argmax counts.
+
+    Returns:
+        ``(S,)`` tensor of values in ``[0, 1]``.
+
+    Example:
+        >>> import torch
+        >>> z = torch.eye(4).repeat(1, 2)          # 4 samples, each in its own bin
+        >>> usage_entropy(z, segment_dim=4)
+        tensor([1., 1.])
+    """
+    p = segment_probabilities(z, segment_dim, temperature, probabilities=probabilities)
+    n, s, k = p.shape
+    if soft:
+        hist = p.mean(dim=0)
+    else:
+        bins = p.argmax(dim=-1) + torch.arange(s, device=p.device) * k  # (N, S) global bin ids
+        hist = torch.bincount(bins.reshape(-1), minlength=s * k).view(s, k).to(p.dtype) / n
+    return _entropy(hist) / math.log(k)
+
+
+@torch.no_grad()
+def mean_confidence(
+    z: Tensor, segment_dim: int, temperature: float = 1.0, *, probabilities: bool = False
+) -> Tensor:
+    """Mean over samples and segments of the largest bin probability ``max_k p[i, s, k]``.
+
+    ``1/K`` for a flat softmax (no decision), 1 for one-hot codes (the MUSIC optimum).
+
+    Args:
+        z: ``(N, D)`` projector outputs (logits).
+        segment_dim: Bins per segment ``K >= 2``.
+        temperature: Softmax temperature ``t > 0`` (use the loss's).
+        probabilities: ``z`` already holds per-segment probabilities.
+
+    Returns:
+        A scalar tensor in ``[1/K, 1]``.
+
+    Example:
+        >>> import torch
+        >>> float(mean_confidence(torch.zeros(3, 8), segment_dim=4))
+        0.25
+    """
+    p = segment_probabilities(z, segment_dim, temperature, probabilities=probabilities)
+    return p.amax(dim=-1).mean()
+
+
+def _segment_pairs(num_segments: int, max_pairs: int, seed: int, device: torch.device
+                   ) -> tuple[Tensor, Tensor]:
+    first, second = torch.triu_indices(num_segments, num_segments, offset=1)
+    if first.numel() > max_pairs:
+        # A fixed seed picks the same pairs at every call, so a logged curve is comparable.
+        generator = torch.Generator().manual_seed(seed)
+        keep = torch.randperm(first.numel(), generator=generator)[:max_pairs]
+        first, second = first[keep], second[keep]
+    return first.to(device), second.to(device)
+
+
+@torch.no_grad()
+def segment_mutual_information(
+    z: Tensor,
+    segment_dim: int,
+    temperature: float = 1.0,
+    *,
+    probabilities: bool = False,
+    max_pairs: int = 64,
+    seed: int = 0,
+) -> Tensor:
+    """Mean mutual information between pairs of segments, as a fraction of ``log K``.
+
+    For segments ``s != r`` the soft joint over the batch is ``J = p[:, s]^T p[:, r] / N``
+    (``K x K``; the same quantity the loss's off-diagonal blocks use, within one view), and
+    ``I(s; r) = sum J log(J / (J 1  1^T J))``. Low values mean the segments partition the
+    samples in different ways (what the off-block entropy term rewards); values near the
+    usage entropy mean redundant segments. When ``S (S-1) / 2 > max_pairs`` a fixed random
+    subset of ``max_pairs`` pairs is used (``seed`` picks it), so the cost stays
+    ``O(max_pairs N K^2)``. Finite-batch estimates are biased upwards by roughly
+    ``(K-1)^2 / (2 N log K)`` for confident codes.
+
+    Args:
+        z: ``(N, D)`` projector outputs (logits).
+        segment_dim: Bins per segment ``K >= 2``.
+        temperature: Softmax temperature ``t > 0`` (use the loss's).
+        probabilities: ``z`` already holds per-segment probabilities.
+        max_pairs: Most segment pairs to evaluate (>= 1).
+        seed: Seed of the pair subset.
+
+    Returns:
+        A scalar tensor in ``[0, 1]`` (0 when there is a single segment).
+
+    Example:
+        >>> import torch
+        >>> z = torch.randn(512, 8)
+        >>> copies = torch.cat([z, z], dim=1)       # segment 2 copies segment 1
+        >>> float(segment_mutual_information(copies, 8, temperature=0.01)) > 0.9
+        True
+    """
+    if isinstance(max_pairs, bool) or not isinstance(max_pairs, int) or max_pairs < 1:
+        raise ValueError(f"max_pairs must be a positive int, got {max_pairs!r}")
+    p = segment_probabilities(z, segment_dim, temperature, probabilities=probabilities)
+    n, s, k = p.shape
+    if s < 2:
+        return torch.zeros((), dtype=p.dtype, device=p.device)
+    first, second = _segment_pairs(s, max_pairs, seed, p.device)
+    joint = torch.einsum("npk,npl->pkl", p[:, first], p[:, second]) / n  # (pairs, K, K)
+    outer = joint.sum(2, keepdim=True) * joint.sum(1, keepdim=True)
+    log_ratio = torch.log(torch.clamp_min(joint, TINY)) - torch.log(torch.clamp_min(outer, TINY))
+    mi = (joint * log_ratio).sum(dim=(1, 2))
+    return mi.mean().clamp_min(0) / math.log(k)
+
+
+@torch.no_grad()
+def invariance_agreement(
+    z1: Tensor,
+    z2: Tensor,
+    segment_dim: int,
+    temperature: float = 1.0,
+    *,
+    probabilities: bool = False,
+) -> Tensor:
+    """Fraction of (sample, segment) pairs whose argmax bin is the same in both views.
+
+    1 for perfectly invariant codes -- and also for a collapsed code (every sample in one
+    bin), so read it with :func:`usage_entropy`. Chance level for independent, evenly used
+    codes is ``1/K``.
+
+    Args:
+        z1: ``(N, D)`` projector outputs of the first view.
+        z2: ``(N, D)`` projector outputs of the second view.
+        segment_dim: Bins per segment ``K >= 2``.
+        temperature: Softmax temperature (no effect on the argmax; kept for symmetry).
+        probabilities: The inputs already hold per-segment probabilities.
+
+    Returns:
+        A scalar tensor in ``[0, 1]``.
+
+    Example:
+        >>> import torch
+        >>> z = torch.randn(10, 8)
+        >>> float(invariance_agreement(z, z, segment_dim=4))
+        1.0
+    """
+    segment_dim = _check_metric_segment_dim(segment_dim)
+    _check_pair(z1, z2, segment_dim, min_rows=1)
+    p1 = segment_probabilities(z1, segment_dim, temperature, probabilities=probabilities)
+    p2 = segment_probabilities(z2, segment_dim, temperature, probabilities=probabilities)
+    return (p1.argmax(-1) == p2.argmax(-1)).to(p1.dtype).mean()
+
+
+@torch.no_grad()
+def diagnostics(
+    z1: Tensor,
+    z2: Tensor,
+    segment_dim: int,
+    temperature: float = 1.0,
+    *,
+    probabilities: bool = False,
+    max_pairs: int = 64,
+    seed: int = 0,
+) -> MUSICDiagnostics:
+    """All four statistics of two views of a batch, as floats (one host sync).
+
+    Usage entropy, confidence and segment MI are computed on both views pooled
+    (``2N`` samples); agreement compares the views. See the module docstring for what
+    healthy and collapsed runs show.
+
+    Args:
+        z1: ``(N, D)`` projector outputs of the first view (the loss's input).
+        z2: ``(N, D)`` projector outputs of the second view.
+        segment_dim: Bins per segment ``K >= 2`` (the loss's).
+        temperature: Softmax temperature ``t > 0`` (the loss's).
+        probabilities: The inputs already hold per-segment probabilities.
+        max_pairs: Most segment pairs for the mutual information.
+        seed: Seed of the segment-pair subset.
+
+    Returns:
+        :class:`MUSICDiagnostics`.
+
+    Example:
+        >>> import torch
+        >>> from music_loss.metrics import diagnostics
+        >>> d = diagnostics(torch.randn(64, 32), torch.randn(64, 32), segment_dim=8)
+        >>> sorted(d._asdict())
+        ['agreement', 'confidence', 'min_usage_entropy', 'segment_mi', 'usage_entropy']
+    """
+    segment_dim = _check_metric_segment_dim(segment_dim)
+    _check_pair(z1, z2, segment_dim, min_rows=1)
+    both = torch.cat([z1.detach(), z2.detach()], dim=0)
+    usage = usage_entropy(both, segment_dim, temperature, probabilities=probabilities)
+    values = torch.stack([
+        usage.mean(),
+        usage.min(),
+        mean_confidence(both, segment_dim, temperature, probabilities=probabilities),
+        segment_mutual_information(both, segment_dim, temperature, probabilities=probabilities,
+                                   max_pairs=max_pairs, seed=seed),
+        invariance_agreement(z1, z2, segment_dim, temperature, probabilities=probabilities),
+    ]).tolist()
+    return MUSICDiagnostics(*values)
