@@ -1,0 +1,389 @@
+"""Joint distribution + masked entropy, and the two gradient products, never storing ``P``.
+
+Forward (:func:`joint_entropy_kernel`): a tiled matrix product over the batch,
+``P[a, b] = sum_i p1[i, a] p2[i, b] / N``, whose epilogue applies the block mask (the
+diagonal entries; every entry of the off-diagonal blocks; nothing else), reduces
+``P lg P`` over the tile (fp32, a tree) and writes two partial sums per tile. The launcher
+adds the partial sums in float64 in a fixed order: deterministic, no atomics.
+
+Backward, Liger style (gradients computed during the forward, chunk by chunk): for a chunk of
+rows ``a0:a1`` of ``P`` the same kernel also writes
+``G[a0:a1, :] = c_off * (lg P + [P >= tiny])`` on the off blocks (0 elsewhere) into a
+bounded workspace, then :func:`scaled_matmul_kernel` forms ``dp1[:, a0:a1] = p2 G^T / N`` and
+``dp2 += p1[:, a0:a1] G / N``. Three ``N x D x D`` products in all (6 N D^2 FLOPs, the
+minimum of SPEC 1); recomputing ``P`` in the backward (flash-attention style) would cost a
+fourth. The diagonal entries' gradient is elementwise (``dp1[i, a] = G_aa p2[i, a] / N``), so
+only ``P``'s diagonal (``D`` floats) is kept for it.
+
+Workspace bound (beyond the ``O(N D)`` arrays ``p1, p2`` and ``dp1, dp2``)::
+
+    chunk_rows * D * (4 bytes, or 2 in bf16 mode)      the G chunk
+  + 2 * 4 * ceil(chunk_rows / 16) * ceil(D / 16)        per-tile partial sums
+  + 4 * D                                               diag(P)
+
+with ``chunk_rows`` the largest multiple of 128 whose G chunk fits :data:`WORKSPACE_BYTES`
+(32 MiB): see :func:`workspace_bytes`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+from music_loss.kernels._common import (
+    INTERPRET,
+    TINY_F32,
+    check_precision,
+    dot_acc,
+    emulate_bf16,
+    launch,
+    needs_int64,
+    operand_dtype,
+)
+from torch import Tensor
+
+#: Bytes of the ``G`` chunk workspace the launcher aims for (rounded to 128-row chunks).
+WORKSPACE_BYTES = 32 * 2**20
+#: Chunks hold a multiple of this many rows of ``P`` (the largest tile edge).
+CHUNK_MULTIPLE = 128
+#: Smallest tile edge of any config: sizes the partial-sum buffers.
+MIN_TILE = 16
+
+# Per-block shared memory limits (bytes) the configs must fit: sm_80 163 KiB, sm_90 227 KiB.
+SMEM_LIMIT_SM80 = 163 * 1024
+
+
+def _operand_smem(block_m: int, block_n: int, block_k: int, stages: int) -> int:
+    """Shared memory of the pipelined operand tiles with fp32 operands (the worst case)."""
+    return (block_m + block_n) * block_k * 4 * stages
+
+
+#: Autotune configs of the joint kernel. The epilogue (masks, a log, two reductions and the
+#: G store) holds the fp32 accumulator plus several same-shaped temporaries, so configs are
+#: filtered on accumulator registers per thread (<= 64: 128x128 with 4 warps spills, SPEC 5)
+#: and on operand staging fitting sm_80's per-block shared memory.
+JOINT_CONFIGS: list[triton.Config] = [
+    triton.Config({"BLOCK_A": ba, "BLOCK_B": bb, "BLOCK_N": bn, "GROUP_A": 8},
+                  num_warps=warps, num_stages=stages)
+    for ba, bb in ((64, 64), (128, 64), (128, 128))
+    for bn in (32, 64)
+    for warps in (4, 8)
+    for stages in (3, 4)
+    if 16 <= ba * bb // (32 * warps) <= 64
+    and _operand_smem(ba, bb, bn, stages) <= SMEM_LIMIT_SM80 - 16 * 1024
+    and not (ba == 64 and bb == 64 and (warps == 8 or bn == 32 or stages == 3))
+]
+
+#: Autotune configs of the gradient products (plain epilogue: up to 128 accumulators/thread).
+MATMUL_CONFIGS: list[triton.Config] = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
+                  num_warps=warps, num_stages=stages)
+    for bm, bn in ((64, 128), (128, 128), (128, 256))
+    for bk in (32, 64)
+    for warps in (4, 8)
+    for stages in (3, 4)
+    if 32 <= bm * bn // (32 * warps) <= 128
+    and _operand_smem(bm, bn, bk, stages) <= SMEM_LIMIT_SM80 - 16 * 1024
+    and not (bm == 64 and warps == 8)
+]
+
+#: Configs used under the interpreter (and by tests that pin one): few, large programs.
+INTERPRET_JOINT_META: dict[str, int] = {"BLOCK_A": 64, "BLOCK_B": 64, "BLOCK_N": 32,
+                                        "GROUP_A": 4}
+INTERPRET_MATMUL_META: dict[str, int] = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32,
+                                         "GROUP_M": 4}
+
+
+@triton.jit
+def _grouped_tile(pid, num_m, num_n, GROUP: tl.constexpr):
+    """Program id -> (tile row, tile column), walking GROUP tile rows at a time (L2 reuse)."""
+    per_group = GROUP * num_n
+    group = pid // per_group
+    first_m = group * GROUP
+    group_rows = tl.minimum(num_m - first_m, GROUP)
+    pid_m = first_m + (pid % per_group) % group_rows
+    pid_n = (pid % per_group) // group_rows
+    return pid_m, pid_n
+
+
+@triton.jit
+def joint_entropy_kernel(
+    p1_ptr, p2_ptr, g_ptr, pdiag_ptr, partial_ptr,
+    N, D, K, row_begin, num_rows, stride_p1n, stride_p2n, stride_g, stride_partial,
+    inv_n, c_off,
+    WRITE_G: tl.constexpr, PRECISION: tl.constexpr, EMULATE_BF16: tl.constexpr,
+    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
+    GROUP_A: tl.constexpr,
+):
+    """One ``[BLOCK_A, BLOCK_B]`` tile of rows ``row_begin + [0, num_rows)`` of ``P``.
+
+    Writes ``partial[0, pid] = sum P lg P`` over the tile's diagonal entries and
+    ``partial[1, pid]`` over its off-block entries, ``pdiag[a] = P[a, a]``, and (``WRITE_G``)
+    ``G[a - row_begin, b] = c_off (lg P + [P >= tiny])`` on off blocks, 0 elsewhere.
+    Pointer increments along the batch are 64-bit, so ``N * D >= 2**31`` is safe here.
+    """
+    pid = tl.program_id(0)
+    num_a = tl.cdiv(num_rows, BLOCK_A)
+    num_b = tl.cdiv(D, BLOCK_B)
+    pid_a, pid_b = _grouped_tile(pid, num_a, num_b, GROUP_A)
+    local_a = pid_a * BLOCK_A + tl.arange(0, BLOCK_A)
+    offs_a = row_begin + local_a
+    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_a = local_a < num_rows
+    mask_b = offs_b < D
+    a_ptrs = p1_ptr + offs_a[:, None] + offs_n[None, :] * stride_p1n
+    b_ptrs = p2_ptr + offs_n[:, None] * stride_p2n + offs_b[None, :]
+    acc = tl.zeros((BLOCK_A, BLOCK_B), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        mask_n = offs_n < N - n0
+        a = tl.load(a_ptrs, mask=mask_a[:, None] & mask_n[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=mask_n[:, None] & mask_b[None, :], other=0.0)
+        acc = dot_acc(a, b, acc, PRECISION, EMULATE_BF16)
+        a_ptrs += BLOCK_N * stride_p1n
+        b_ptrs += BLOCK_N * stride_p2n
+
+    # Epilogue, fp32: masks from segment ids, one log per entry, two tree reductions.
+    joint = acc * inv_n
+    valid = mask_a[:, None] & mask_b[None, :]
+    is_diag = (offs_a[:, None] == offs_b[None, :]) & valid
+    is_off = ((offs_a // K)[:, None] != (offs_b // K)[None, :]) & valid
+    log_joint = tl.log(tl.maximum(joint, 1.1754943508222875e-38))
+    plogp = joint * log_joint
+    diag_sum = tl.sum(tl.sum(tl.where(is_diag, plogp, 0.0), axis=1), axis=0)
+    off_sum = tl.sum(tl.sum(tl.where(is_off, plogp, 0.0), axis=1), axis=0)
+    tl.store(partial_ptr + pid, diag_sum)
+    tl.store(partial_ptr + stride_partial + pid, off_sum)
+    tl.store(pdiag_ptr + offs_a[:, None] + 0 * offs_b[None, :], joint, mask=is_diag)
+    if WRITE_G:
+        grad = c_off * (log_joint + tl.where(joint >= 1.1754943508222875e-38, 1.0, 0.0))
+        grad = tl.where(is_off, grad, 0.0)
+        g_ptrs = g_ptr + local_a[:, None] * stride_g + offs_b[None, :]
+        tl.store(g_ptrs, grad, mask=valid)
+
+
+@triton.jit
+def scaled_matmul_kernel(
+    a_ptr, b_ptr, c_ptr, M, N, K,
+    stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn, alpha,
+    ACCUMULATE: tl.constexpr, PRECISION: tl.constexpr, EMULATE_BF16: tl.constexpr,
+    USE_INT64: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """``C = alpha * A @ B`` (``+ C`` when ``ACCUMULATE``), fp32 accumulate and store.
+
+    Any strides (the launcher passes transposes as strides). ``USE_INT64`` widens row
+    offsets (``M`` is the batch: ``M * stride_am`` may pass ``2**31``).
+    """
+    pid = tl.program_id(0)
+    pid_m, pid_n = _grouped_tile(pid, tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    rows = offs_m
+    if USE_INT64:
+        rows = rows.to(tl.int64)
+    a_ptrs = a_ptr + rows[:, None] * stride_am + offs_k[None, :] * stride_ak
+    b_ptrs = b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        mask_k = offs_k < K - k0
+        a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        acc = dot_acc(a, b, acc, PRECISION, EMULATE_BF16)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+    acc = acc * alpha
+    c_ptrs = c_ptr + rows[:, None] * stride_cm + offs_n[None, :] * stride_cn
+    mask_c = mask_m[:, None] & mask_n[None, :]
+    if ACCUMULATE:
+        acc += tl.load(c_ptrs, mask=mask_c, other=0.0)
+    tl.store(c_ptrs, acc, mask=mask_c)
+
+
+# The GPU launchers autotune; the raw kernels above are what the interpreter and the AOT
+# check (music_loss.kernels.aot) use. The product's output is restored between benchmark
+# runs so accumulation (``dp2 +=``) is not applied once per config.
+_joint_autotuned: Any = None if INTERPRET else triton.autotune(
+    configs=JOINT_CONFIGS, key=["N", "D", "num_rows", "PRECISION", "WRITE_G"],
+)(joint_entropy_kernel)
+_matmul_autotuned: Any = None if INTERPRET else triton.autotune(
+    configs=MATMUL_CONFIGS, key=["M", "N", "K", "PRECISION", "ACCUMULATE"],
+    restore_value=["c_ptr"],
+)(scaled_matmul_kernel)
+
+
+def chunk_rows_for(dim: int, precision: str, workspace_bytes: int = WORKSPACE_BYTES) -> int:
+    """Rows of ``P`` per chunk: a multiple of 128 whose ``G`` chunk fits ``workspace_bytes``.
+
+    Example:
+        >>> chunk_rows_for(8160, "tf32")
+        1024
+    """
+    bytes_per_row = dim * operand_dtype(precision).itemsize
+    rows = max(CHUNK_MULTIPLE, workspace_bytes // bytes_per_row // CHUNK_MULTIPLE * CHUNK_MULTIPLE)
+    return min(rows, triton.cdiv(dim, CHUNK_MULTIPLE) * CHUNK_MULTIPLE)
+
+
+def workspace_bytes(dim: int, precision: str, chunk_rows: int | None = None) -> int:
+    """Upper bound of the joint pass's workspace in bytes, beyond the ``O(N D)`` arrays.
+
+    Example:
+        >>> workspace_bytes(8160, "tf32") < 4 * 8160**2 // 7
+        True
+    """
+    rows = min(chunk_rows or chunk_rows_for(dim, precision), dim)
+    g_chunk = rows * dim * operand_dtype(precision).itemsize
+    partials = 2 * 4 * triton.cdiv(rows, MIN_TILE) * triton.cdiv(dim, MIN_TILE)
+    return g_chunk + partials + 4 * dim
+
+
+class JointPass(NamedTuple):
+    """Result of :func:`joint_entropy_pass`.
+
+    Attributes:
+        h_diag: float64 scalar ``sum_a P_aa lg P_aa``.
+        h_off: float64 scalar ``sum_{off blocks} P lg P``.
+        p_diag: fp32 ``(D,)``, the diagonal of ``P``.
+        dp1: fp32 ``(N, D)`` ``c_off p2 G^T / N`` (off blocks only), or an empty tensor.
+        dp2: fp32 ``(N, D)`` ``c_off p1 G / N``, or an empty tensor.
+    """
+
+    h_diag: Tensor
+    h_off: Tensor
+    p_diag: Tensor
+    dp1: Tensor
+    dp2: Tensor
+
+
+def _matmul(a: Tensor, b: Tensor, c: Tensor, alpha: float, accumulate: bool, precision: str,
+            meta: dict[str, Any] | None) -> None:
+    """``c (+)= alpha * a @ b`` with the Triton product (``c`` fp32, any strides)."""
+    m, k = a.shape
+    n = b.shape[1]
+    grid = lambda cfg: (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
+    launch(_matmul_autotuned, scaled_matmul_kernel, grid, meta,
+           a, b, c, m, n, k, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+           c.stride(0), c.stride(1), alpha,
+           ACCUMULATE=accumulate, PRECISION=precision, EMULATE_BF16=emulate_bf16(),
+           USE_INT64=needs_int64(a, b, c))
+
+
+def joint_entropy_pass(
+    p1: Tensor, p2: Tensor, segment_dim: int, c_off: float, precision: str,
+    write_grad: bool, chunk_rows: int | None = None,
+    joint_meta: dict[str, Any] | None = None, matmul_meta: dict[str, Any] | None = None,
+) -> JointPass:
+    """Entropy sums of ``P = p1^T p2 / N`` and, if asked, the off-block gradient products.
+
+    Args:
+        p1: ``(N, D)`` probabilities of view 1, contiguous, fp32 (bf16 in bf16 mode).
+        p2: Same for view 2.
+        segment_dim: ``K``.
+        c_off: Coefficient of ``H_off`` folded into ``G`` (1.0 for the raw sums' gradient).
+        precision: ``"ieee"``, ``"tf32"`` or ``"bf16"`` for the three products.
+        write_grad: Also compute ``dp1, dp2`` (the off-block part of the gradient).
+        chunk_rows: Rows of ``P`` per chunk (default :func:`chunk_rows_for`).
+        joint_meta: Pin the joint kernel's config (interpreter default: a fixed one).
+        matmul_meta: Pin the products' config.
+
+    Returns:
+        A :class:`JointPass`.
+    """
+    check_precision(precision)
+    n, d = p1.shape
+    if not (p1.is_contiguous() and p2.is_contiguous()):
+        raise ValueError("p1 and p2 must be contiguous (the softmax kernel writes them so)")
+    if INTERPRET:
+        joint_meta = joint_meta or INTERPRET_JOINT_META
+        matmul_meta = matmul_meta or INTERPRET_MATMUL_META
+    rows_per_chunk = chunk_rows or chunk_rows_for(d, precision)
+    dev = p1.device
+    p_diag = torch.empty(d, device=dev, dtype=torch.float32)
+    empty = torch.empty(0, device=dev, dtype=torch.float32)
+    dp1 = torch.empty((n, d), device=dev, dtype=torch.float32) if write_grad else empty
+    dp2 = torch.empty((n, d), device=dev, dtype=torch.float32) if write_grad else empty
+    workspace = (torch.empty((min(rows_per_chunk, d), d), device=dev, dtype=p1.dtype)
+                 if write_grad else empty)
+    sums: list[Tensor] = []
+    for a0 in range(0, d, rows_per_chunk):
+        rows = min(rows_per_chunk, d - a0)
+        slots = triton.cdiv(rows, MIN_TILE) * triton.cdiv(d, MIN_TILE)
+        partial = torch.empty((2, slots), device=dev, dtype=torch.float32)
+        grid = lambda cfg, rows=rows: (triton.cdiv(rows, cfg["BLOCK_A"])
+                                       * triton.cdiv(d, cfg["BLOCK_B"]),)
+        used = launch(_joint_autotuned, joint_entropy_kernel, grid, joint_meta,
+                      p1, p2, workspace if write_grad else p_diag, p_diag, partial,
+                      n, d, segment_dim, a0, rows, p1.stride(0), p2.stride(0), d, slots,
+                      1.0 / n, c_off,
+                      WRITE_G=write_grad, PRECISION=precision, EMULATE_BF16=emulate_bf16())
+        tiles = triton.cdiv(rows, used["BLOCK_A"]) * triton.cdiv(d, used["BLOCK_B"])
+        sums.append(partial[:, :tiles].sum(dim=1, dtype=torch.float64))
+        if write_grad:
+            g_chunk = workspace[:rows]
+            # dp1[:, a0:a1] = p2 @ G_chunk^T / N ; dp2 (+)= p1[:, a0:a1] @ G_chunk / N
+            _matmul(p2, g_chunk.T, dp1[:, a0:a0 + rows], 1.0 / n, False, precision,
+                    matmul_meta)
+            _matmul(p1[:, a0:a0 + rows], g_chunk, dp2, 1.0 / n, a0 > 0, precision,
+                    matmul_meta)
+    total = torch.stack(sums).sum(dim=0)
+    return JointPass(total[0], total[1], p_diag, dp1, dp2)
+
+
+class JointEntropyFunction(torch.autograd.Function):
+    """Raw sums ``(H_diag, H_off)`` of ``P = p1^T p2 / N`` with gradients w.r.t. ``p1, p2``.
+
+    The off-block gradient products are formed during the forward (when an input requires
+    grad) and scaled by the upstream gradient in the backward.
+
+    Example:
+        >>> import os, torch
+        >>> if os.environ.get("TRITON_INTERPRET") == "1":
+        ...     p = torch.softmax(torch.randn(8, 4, 3), -1).reshape(8, 12)
+        ...     h_diag, h_off = JointEntropyFunction.apply(p, p.clone(), 3, "ieee")
+    """
+
+    @staticmethod
+    def forward(ctx: Any, p1: Tensor, p2: Tensor, segment_dim: int,
+                precision: str) -> tuple[Tensor, Tensor]:
+        write_grad = any(ctx.needs_input_grad[:2])
+        dtype = operand_dtype(precision)
+        p1c = p1.to(torch.float32)
+        p2c = p2.to(torch.float32)
+        result = joint_entropy_pass(p1c.to(dtype).contiguous(), p2c.to(dtype).contiguous(),
+                                    segment_dim, 1.0, precision, write_grad)
+        ctx.save_for_backward(p1c, p2c, result.p_diag, result.dp1, result.dp2)
+        ctx.input_dtypes = (p1.dtype, p2.dtype)
+        return result.h_diag.float(), result.h_off.float()
+
+    @staticmethod
+    def backward(ctx: Any, g_diag: Tensor, g_off: Tensor) -> tuple[Tensor, Tensor, None, None]:
+        p1, p2, p_diag, dp1, dp2 = ctx.saved_tensors
+        n = p1.shape[0]
+        per_column = (torch.log(p_diag.clamp_min(TINY_F32)) + (p_diag >= TINY_F32).float()) / n
+        diag1 = g_diag * per_column * p2
+        diag2 = g_diag * per_column * p1
+        grad1 = (diag1 + g_off * dp1).to(ctx.input_dtypes[0])
+        grad2 = (diag2 + g_off * dp2).to(ctx.input_dtypes[1])
+        return grad1, grad2, None, None
+
+
+def joint_entropy_triton(p1: Tensor, p2: Tensor, segment_dim: int,
+                         precision: str = "ieee") -> tuple[Tensor, Tensor]:
+    """``(H_diag, H_off)`` of ``P = p1^T p2 / N`` by the fused kernels (differentiable).
+
+    Example:
+        >>> import os, torch
+        >>> if os.environ.get("TRITON_INTERPRET") == "1":
+        ...     p = torch.softmax(torch.randn(8, 4, 3), -1).reshape(8, 12)
+        ...     h_diag, h_off = joint_entropy_triton(p, p, 3)
+        ...     assert float(h_diag) <= 0 and float(h_off) <= 0
+    """
+    check_precision(precision)
+    out: tuple[Tensor, Tensor] = JointEntropyFunction.apply(p1, p2, segment_dim, precision)
+    return out

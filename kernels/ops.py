@@ -1,0 +1,170 @@
+"""The fused MUSIC loss as ``torch.library`` custom ops, and the backend entry point.
+
+Two ops, ``music_loss::fused_forward`` and ``music_loss::fused_backward``, registered with
+``torch.library.custom_op`` + ``register_fake`` + ``register_autograd``: ``torch.compile``
+traces through them without a graph break, and, unlike ``triton_op``, they also compile
+and run under ``TRITON_INTERPRET=1`` on CPU tensors (SPEC 5), so CI tests the compiled path.
+No host syncs: the upstream gradients travel as a device tensor read by the kernel.
+
+Data flow of the forward (gradients computed in it, Liger style, when needed):
+  1. :func:`~music_loss.kernels.segment_softmax.softmax_forward`: ``p1, p2`` (operand
+     dtype) and the invariance partial sums, one read of each view;
+  2. :func:`~music_loss.kernels.joint_entropy.joint_entropy_pass`: entropy partial sums,
+     ``diag(P)`` and the off-block gradients ``dp1, dp2`` (fp32, ``O(N D)``), chunk by chunk;
+  3. the backward kernel (run in autograd's backward) combines them with the per-term
+     upstream gradients and applies clamp mask and softmax Jacobian: ``dz1, dz2``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from music_loss.kernels._common import check_precision, operand_dtype
+from music_loss.kernels.joint_entropy import joint_entropy_pass
+from music_loss.kernels.segment_softmax import music_loss_backward, softmax_forward
+from torch import Tensor
+
+from music_loss._config import LossConfig, MUSICTerms
+
+_NAMESPACE = "music_loss"
+
+
+def _has_off(dim: int, segment_dim: int, c_off: float) -> bool:
+    """Off-block gradient products are needed only with >= 2 segments and a nonzero weight."""
+    return dim // segment_dim > 1 and c_off != 0.0
+
+
+@torch.library.custom_op(f"{_NAMESPACE}::fused_forward", mutates_args=())
+def fused_forward(
+    z1: Tensor, z2: Tensor, segment_dim: int, temperature: float, eps: float,
+    c_diag: float, c_off: float, invariance_weight: float, row_start: int, row_stop: int,
+    precision: str, chunk_rows: int, need_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Terms ``(loss, diag, off, inv)`` as a float32 ``(4,)`` tensor, plus saved gradients.
+
+    Returns:
+        ``(terms, dp_off1, dp_off2, p_diag)``; ``dp_off*`` are empty unless ``need_grad``
+        and the off-block term has a nonzero coefficient.
+    """
+    n, d = z1.shape
+    s = d // segment_dim
+    p1, p2, inv_partials = softmax_forward(z1, z2, segment_dim, temperature, eps,
+                                           operand_dtype(precision), (row_start, row_stop))
+    assert p2 is not None and inv_partials is not None
+    write_grad = need_grad and _has_off(d, segment_dim, c_off)
+    joint = joint_entropy_pass(p1, p2, segment_dim, c_off, precision, write_grad,
+                               chunk_rows or None)
+    del p1, p2
+    diag = c_diag * joint.h_diag
+    off = c_off * joint.h_off
+    inv = -invariance_weight * inv_partials.sum(dtype=torch.float64) / ((row_stop - row_start) * s)
+    terms = torch.stack([diag + off + inv, diag, off, inv]).to(torch.float32)
+    return terms, joint.dp1, joint.dp2, joint.p_diag
+
+
+@fused_forward.register_fake
+def _fused_forward_fake(
+    z1: Tensor, z2: Tensor, segment_dim: int, temperature: float, eps: float,
+    c_diag: float, c_off: float, invariance_weight: float, row_start: int, row_stop: int,
+    precision: str, chunk_rows: int, need_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    n, d = z1.shape
+    terms = z1.new_empty(4, dtype=torch.float32)
+    grad_shape = (n, d) if need_grad and _has_off(d, segment_dim, c_off) else (0,)
+    dp1 = z1.new_empty(grad_shape, dtype=torch.float32)
+    dp2 = z1.new_empty(grad_shape, dtype=torch.float32)
+    return terms, dp1, dp2, z1.new_empty(d, dtype=torch.float32)
+
+
+@torch.library.custom_op(f"{_NAMESPACE}::fused_backward", mutates_args=())
+def fused_backward(
+    z1: Tensor, z2: Tensor, dp_off1: Tensor, dp_off2: Tensor, p_diag: Tensor,
+    grad_terms: Tensor, segment_dim: int, temperature: float, eps: float, c_diag: float,
+    c_off: float, invariance_weight: float, row_start: int, row_stop: int,
+) -> tuple[Tensor, Tensor]:
+    """``(dz1, dz2)`` from the saved gradients and the upstream gradients of the 4 terms."""
+    n, d = z1.shape
+    inv_coef = -invariance_weight / ((row_stop - row_start) * (d // segment_dim))
+    return music_loss_backward(
+        z1, z2, dp_off1, dp_off2, p_diag, grad_terms.to(torch.float32).contiguous(),
+        segment_dim, temperature, eps, c_diag, inv_coef, (row_start, row_stop),
+        has_off=dp_off1.numel() > 0,
+    )
+
+
+@fused_backward.register_fake
+def _fused_backward_fake(
+    z1: Tensor, z2: Tensor, dp_off1: Tensor, dp_off2: Tensor, p_diag: Tensor,
+    grad_terms: Tensor, segment_dim: int, temperature: float, eps: float, c_diag: float,
+    c_off: float, invariance_weight: float, row_start: int, row_stop: int,
+) -> tuple[Tensor, Tensor]:
+    return (torch.empty(z1.shape, dtype=z1.dtype, device=z1.device),
+            torch.empty(z2.shape, dtype=z2.dtype, device=z2.device))
+
+
+def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
+    (z1, z2, segment_dim, temperature, eps, c_diag, c_off, invariance_weight,
+     row_start, row_stop, _precision, _chunk_rows, need_grad) = inputs
+    _terms, dp_off1, dp_off2, p_diag = output
+    ctx.save_for_backward(z1, z2, dp_off1, dp_off2, p_diag)
+    ctx.params = (segment_dim, temperature, eps, c_diag, c_off, invariance_weight,
+                  row_start, row_stop)
+    ctx.need_grad = need_grad
+
+
+def _backward(ctx: Any, grad_terms: Tensor | None, *_unused: Any) -> tuple[Any, ...]:
+    if not ctx.need_grad:
+        raise RuntimeError("music_loss::fused_forward ran without gradient bookkeeping "
+                           "(need_grad=False); call it through music_loss_triton")
+    z1, z2, dp_off1, dp_off2, p_diag = ctx.saved_tensors
+    if grad_terms is None:
+        grad_terms = torch.zeros(4, device=z1.device, dtype=torch.float32)
+    dz1, dz2 = fused_backward(z1, z2, dp_off1, dp_off2, p_diag, grad_terms, *ctx.params)
+    return (dz1, dz2) + (None,) * 11
+
+
+fused_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+def music_loss_triton(
+    z1: Tensor, z2: Tensor, config: LossConfig, local_rows: tuple[int, int] | None,
+    precision: str, *, chunk_rows: int | None = None,
+) -> MUSICTerms:
+    """The MUSIC loss through the fused Triton kernels (the ``backend="triton"`` path).
+
+    Args:
+        z1: ``(N, D)`` first view (CUDA, or CPU under ``TRITON_INTERPRET=1``), fp16, bf16 or
+            fp32, any strides; the global batch when distributed.
+        z2: Second view, same shape, dtype and device.
+        config: Validated hyperparameters.
+        local_rows: ``(start, stop)`` rows whose invariance term counts; ``None`` = all.
+        precision: ``"ieee"``, ``"tf32"`` or ``"bf16"`` operands for the three products.
+        chunk_rows: Rows of ``P`` per chunk (default: a 32 MiB ``G`` workspace).
+
+    Returns:
+        :class:`MUSICTerms` of float32 scalars, differentiable w.r.t. ``z1`` and ``z2``.
+
+    Example:
+        >>> import os, torch
+        >>> from music_loss._config import LossConfig
+        >>> if os.environ.get("TRITON_INTERPRET") == "1":
+        ...     z1, z2 = torch.randn(8, 12), torch.randn(8, 12)
+        ...     terms = music_loss_triton(z1, z2, LossConfig(segment_dim=3), None, "ieee")
+        ...     assert torch.isfinite(terms.loss)
+    """
+    check_precision(precision)
+    if z1.dtype == torch.float64 or z2.dtype == torch.float64:
+        raise TypeError("the Triton kernels compute in float32; pass float32/bf16/fp16 views "
+                        "or use backend='torch' for float64")
+    if chunk_rows is not None and chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be a positive int or None, got {chunk_rows!r}")
+    n, d = z1.shape
+    start, stop = local_rows if local_rows is not None else (0, n)
+    c_diag, c_off = config.coefficients(d)
+    need_grad = torch.is_grad_enabled() and (z1.requires_grad or z2.requires_grad)
+    terms, _, _, _ = fused_forward(
+        z1, z2, config.segment_dim, config.temperature, config.eps, c_diag, c_off,
+        config.invariance_weight, start, stop, precision, chunk_rows or 0, need_grad,
+    )
+    return MUSICTerms(terms[0], terms[1], terms[2], terms[3])

@@ -1,0 +1,301 @@
+"""Segment softmax kernels: forward (one or two views, invariance term fused) and backward.
+
+``p = clamp_min(softmax(z.view(N, S, K) / t, -1), eps)`` for any ``K >= 1`` (80 and other
+non powers of two: a segment is padded to ``BLOCK_K = next_pow2(K)`` lanes and masked), fp32
+math from fp16/bf16/fp32 inputs, arbitrary input strides.
+
+Fused into the two-view forward: the invariance term's per-row sums of
+``lg(sum_k p1 p2)`` over the local rows (SPEC 1.4), so the loss reads ``z`` once.
+Fused into the two-view backward: every elementwise gradient of the loss (the invariance
+term, the diagonal entries of ``P``), the off-block gradient products computed by
+:mod:`music_loss.kernels.joint_entropy`, the clamp mask and the softmax Jacobian, each
+weighted by the upstream gradient of its term (read from a device tensor: no host sync).
+The softmax is recomputed from ``z`` there instead of storing ``q``: one read of ``z`` is
+cheaper than a write plus a read of an fp32 ``(N, D)`` array.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+from music_loss.kernels._common import TINY_F32, needs_int64, next_power_of_2
+from torch import Tensor
+
+#: Elements of one ``[BLOCK_S, BLOCK_K]`` tile per program (per view).
+_TILE_ELEMENTS = 2048
+
+
+def softmax_blocks(segment_dim: int, num_segments: int) -> dict[str, int]:
+    """Tile shape of the elementwise kernels for segments of ``segment_dim`` bins.
+
+    Example:
+        >>> softmax_blocks(80, 102)
+        {'BLOCK_S': 16, 'BLOCK_K': 128, 'num_warps': 4}
+    """
+    block_k = max(2, next_power_of_2(segment_dim))
+    block_s = max(1, min(next_power_of_2(num_segments), _TILE_ELEMENTS // block_k))
+    num_warps = 4 if block_s * block_k <= 4096 else 8
+    return {"BLOCK_S": block_s, "BLOCK_K": block_k, "num_warps": num_warps}
+
+
+@triton.jit
+def _softmax_tile(z_ptr, row, stride_n, stride_d, col, mask, s_valid, inv_temperature, eps):
+    """Load one row's ``[BLOCK_S, BLOCK_K]`` tile; return ``(q, p)`` in fp32 (0 where masked)."""
+    z = tl.load(z_ptr + row * stride_n + col * stride_d, mask=mask, other=0.0).to(tl.float32)
+    z = tl.where(mask, z, float("-inf"))
+    z_max = tl.max(z, axis=1)
+    z_max = tl.where(s_valid, z_max, 0.0)
+    e = tl.where(mask, tl.exp((z - z_max[:, None]) * inv_temperature), 0.0)
+    total = tl.sum(e, axis=1)
+    total = tl.where(s_valid, total, 1.0)
+    q = e / total[:, None]
+    p = tl.where(mask, tl.maximum(q, eps), 0.0)
+    return q, p
+
+
+@triton.jit
+def _tile_indices(row_id, pid_s, S, K, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr,
+                  USE_INT64: tl.constexpr):
+    offs_s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
+    offs_k = tl.arange(0, BLOCK_K)
+    s_valid = offs_s < S
+    mask = s_valid[:, None] & (offs_k < K)[None, :]
+    col = offs_s[:, None] * K + offs_k[None, :]
+    row = row_id
+    if USE_INT64:
+        row = row.to(tl.int64)
+        col = col.to(tl.int64)
+    return row, col, mask, s_valid
+
+
+@triton.jit
+def segment_softmax_fwd_kernel(
+    z1_ptr, z2_ptr, p1_ptr, p2_ptr, inv_ptr,
+    S, K, D, stride_z1n, stride_z1d, stride_z2n, stride_z2d,
+    row_start, row_stop, inv_temperature, eps,
+    TWO_VIEWS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr,
+    USE_INT64: tl.constexpr,
+):
+    """Program (row, segment block): write ``p`` (both views), and, for two views, the
+    block's sum of ``lg(sum_k p1 p2)`` over its segments if the row is local (else 0)."""
+    row_id = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    row, col, mask, s_valid = _tile_indices(row_id, pid_s, S, K, BLOCK_S, BLOCK_K, USE_INT64)
+    _, p1 = _softmax_tile(z1_ptr, row, stride_z1n, stride_z1d, col, mask, s_valid,
+                          inv_temperature, eps)
+    tl.store(p1_ptr + row * D + col, p1, mask=mask)
+    if TWO_VIEWS:
+        _, p2 = _softmax_tile(z2_ptr, row, stride_z2n, stride_z2d, col, mask, s_valid,
+                              inv_temperature, eps)
+        tl.store(p2_ptr + row * D + col, p2, mask=mask)
+        agreement = tl.sum(p1 * p2, axis=1)
+        log_agreement = tl.where(s_valid, tl.log(tl.maximum(agreement, 1.1754943508222875e-38)),
+                                 0.0)
+        is_local = (row_id >= row_start) & (row_id < row_stop)
+        block_sum = tl.where(is_local, tl.sum(log_agreement, axis=0), 0.0)
+        tl.store(inv_ptr + row * tl.num_programs(1) + pid_s, block_sum)
+
+
+@triton.jit
+def _softmax_backward(q, dp, mask, eps, inv_temperature):
+    """Clamp mask (``torch.clamp_min``: passes where ``q >= eps``) then softmax Jacobian."""
+    dq = tl.where(mask & (q >= eps), dp, 0.0)
+    inner = tl.sum(q * dq, axis=1)
+    return q * (dq - inner[:, None]) * inv_temperature
+
+
+@triton.jit
+def segment_softmax_bwd_kernel(
+    z_ptr, dp_ptr, dz_ptr,
+    S, K, D, stride_zn, stride_zd, stride_dpn, stride_dpd, inv_temperature, eps,
+    BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr, USE_INT64: tl.constexpr,
+):
+    """``dz`` of the clamped segment softmax of one view from ``dp`` (recomputes ``q``)."""
+    row, col, mask, s_valid = _tile_indices(tl.program_id(0), tl.program_id(1), S, K,
+                                            BLOCK_S, BLOCK_K, USE_INT64)
+    q, _ = _softmax_tile(z_ptr, row, stride_zn, stride_zd, col, mask, s_valid,
+                         inv_temperature, eps)
+    dp = tl.load(dp_ptr + row * stride_dpn + col * stride_dpd, mask=mask, other=0.0)
+    dz = _softmax_backward(q, dp.to(tl.float32), mask, eps, inv_temperature)
+    tl.store(dz_ptr + row * D + col, dz, mask=mask)
+
+
+@triton.jit
+def music_loss_bwd_kernel(
+    z1_ptr, z2_ptr, dpo1_ptr, dpo2_ptr, pdiag_ptr, gterms_ptr, dz1_ptr, dz2_ptr,
+    S, K, D, stride_z1n, stride_z1d, stride_z2n, stride_z2d,
+    row_start, row_stop, inv_temperature, eps, c_diag, inv_coef, inv_n,
+    HAS_OFF: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr,
+    USE_INT64: tl.constexpr,
+):
+    """Gradient of the fused loss w.r.t. both views, per (row, segment block).
+
+    ``gterms = (g_loss, g_diag, g_off, g_inv)``: upstream gradients of the four returned
+    terms; ``loss = diag + off + inv``, so each term's weight is ``g_loss + g_term``.
+    ``dpo1/dpo2``: ``c_off * p2 G^T / N`` and ``c_off * p1 G / N`` (off blocks only).
+    ``pdiag``: the diagonal ``P[a, a]``; ``inv_coef = -w_inv / (n S)``.
+    """
+    row_id = tl.program_id(0)
+    row, col, mask, s_valid = _tile_indices(row_id, tl.program_id(1), S, K, BLOCK_S, BLOCK_K,
+                                            USE_INT64)
+    g_loss = tl.load(gterms_ptr).to(tl.float32)
+    w_diag = g_loss + tl.load(gterms_ptr + 1).to(tl.float32)
+    w_off = g_loss + tl.load(gterms_ptr + 2).to(tl.float32)
+    w_inv = g_loss + tl.load(gterms_ptr + 3).to(tl.float32)
+    q1, p1 = _softmax_tile(z1_ptr, row, stride_z1n, stride_z1d, col, mask, s_valid,
+                           inv_temperature, eps)
+    q2, p2 = _softmax_tile(z2_ptr, row, stride_z2n, stride_z2d, col, mask, s_valid,
+                           inv_temperature, eps)
+    # Invariance: d lg(A) / dA = [A >= tiny] / max(A, tiny), A = sum_k p1 p2 (local rows).
+    agreement = tl.sum(p1 * p2, axis=1)
+    is_local = (row_id >= row_start) & (row_id < row_stop)
+    d_agreement = tl.where(is_local & (agreement >= 1.1754943508222875e-38),
+                           inv_coef / tl.maximum(agreement, 1.1754943508222875e-38), 0.0)
+    d_agreement = d_agreement * w_inv
+    # Diagonal entries: d[P lg P]/dP = lg P + [P >= tiny], dP_aa/dp1[i,a] = p2[i,a] / N.
+    p_diag = tl.load(pdiag_ptr + col, mask=mask, other=1.0)
+    g_diag = c_diag * (tl.log(tl.maximum(p_diag, 1.1754943508222875e-38))
+                       + tl.where(p_diag >= 1.1754943508222875e-38, 1.0, 0.0)) * inv_n * w_diag
+    dp1 = (d_agreement[:, None] + g_diag) * p2
+    dp2 = (d_agreement[:, None] + g_diag) * p1
+    if HAS_OFF:
+        dp1 += w_off * tl.load(dpo1_ptr + row * D + col, mask=mask, other=0.0)
+        dp2 += w_off * tl.load(dpo2_ptr + row * D + col, mask=mask, other=0.0)
+    dz1 = _softmax_backward(q1, dp1, mask, eps, inv_temperature)
+    dz2 = _softmax_backward(q2, dp2, mask, eps, inv_temperature)
+    tl.store(dz1_ptr + row * D + col, dz1, mask=mask)
+    tl.store(dz2_ptr + row * D + col, dz2, mask=mask)
+
+
+# ---------------------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------------------
+def softmax_forward(
+    z1: Tensor, z2: Tensor | None, segment_dim: int, temperature: float, eps: float,
+    out_dtype: torch.dtype = torch.float32, local_rows: tuple[int, int] | None = None,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """Segment softmax of one or two views; with two, the invariance partial sums too.
+
+    Returns:
+        ``(p1, p2, inv_partials)``: ``p`` as contiguous ``(N, D)`` arrays of ``out_dtype``
+        (fp32 values rounded once on store), and an ``(N, blocks)`` fp32 array whose sum is
+        ``sum_{local i, s} lg(sum_k p1 p2)`` (``None`` for one view).
+
+    Example:
+        >>> import os, torch
+        >>> if os.environ.get("TRITON_INTERPRET") == "1":
+        ...     p, _, _ = softmax_forward(torch.randn(2, 6), None, 3, 1.0, 0.0)
+        ...     assert torch.allclose(p.view(2, 2, 3).sum(-1), torch.ones(2, 2))
+    """
+    n, d = z1.shape
+    s = d // segment_dim
+    meta = softmax_blocks(segment_dim, s)
+    grid = (n, triton.cdiv(s, meta["BLOCK_S"]))
+    p1 = torch.empty((n, d), device=z1.device, dtype=out_dtype)
+    two = z2 is not None
+    p2 = torch.empty_like(p1) if two else None
+    inv = torch.empty(grid, device=z1.device, dtype=torch.float32) if two else None
+    start, stop = local_rows if local_rows is not None else (0, n)
+    zb = z2 if z2 is not None else z1
+    segment_softmax_fwd_kernel[grid](
+        z1, zb, p1, p2 if p2 is not None else p1, inv if inv is not None else p1,
+        s, segment_dim, d, z1.stride(0), z1.stride(1), zb.stride(0), zb.stride(1),
+        start, stop, 1.0 / temperature, eps,
+        TWO_VIEWS=two, USE_INT64=needs_int64(z1, zb, p1), **meta,
+    )
+    return p1, p2, inv
+
+
+def softmax_backward(z: Tensor, dp: Tensor, segment_dim: int, temperature: float,
+                     eps: float) -> Tensor:
+    """``dz`` (dtype of ``z``) of the clamped segment softmax, given ``dp``."""
+    n, d = z.shape
+    s = d // segment_dim
+    meta = softmax_blocks(segment_dim, s)
+    grid = (n, triton.cdiv(s, meta["BLOCK_S"]))
+    dz = torch.empty((n, d), device=z.device, dtype=z.dtype)
+    segment_softmax_bwd_kernel[grid](
+        z, dp, dz, s, segment_dim, d, z.stride(0), z.stride(1), dp.stride(0), dp.stride(1),
+        1.0 / temperature, eps, USE_INT64=needs_int64(z, dp, dz), **meta,
+    )
+    return dz
+
+
+def music_loss_backward(
+    z1: Tensor, z2: Tensor, dp_off1: Tensor, dp_off2: Tensor, p_diag: Tensor,
+    grad_terms: Tensor, segment_dim: int, temperature: float, eps: float, c_diag: float,
+    inv_coef: float, local_rows: tuple[int, int], has_off: bool,
+) -> tuple[Tensor, Tensor]:
+    """Launch :func:`music_loss_bwd_kernel`; returns ``(dz1, dz2)`` in the views' dtypes."""
+    n, d = z1.shape
+    s = d // segment_dim
+    meta = softmax_blocks(segment_dim, s)
+    grid = (n, triton.cdiv(s, meta["BLOCK_S"]))
+    dz1 = torch.empty((n, d), device=z1.device, dtype=z1.dtype)
+    dz2 = torch.empty((n, d), device=z2.device, dtype=z2.dtype)
+    off1 = dp_off1 if has_off else p_diag
+    off2 = dp_off2 if has_off else p_diag
+    music_loss_bwd_kernel[grid](
+        z1, z2, off1, off2, p_diag, grad_terms, dz1, dz2,
+        s, segment_dim, d, z1.stride(0), z1.stride(1), z2.stride(0), z2.stride(1),
+        local_rows[0], local_rows[1], 1.0 / temperature, eps, c_diag, inv_coef, 1.0 / n,
+        HAS_OFF=has_off, USE_INT64=needs_int64(z1, z2, dz1), **meta,
+    )
+    return dz1, dz2
+
+
+class SegmentSoftmaxFunction(torch.autograd.Function):
+    """Autograd wrapper of the segment softmax kernels (fp32 output, ``dz`` in ``z``'s dtype).
+
+    Example:
+        >>> import os, torch
+        >>> if os.environ.get("TRITON_INTERPRET") == "1":
+        ...     z = torch.randn(3, 10, requires_grad=True)
+        ...     p = SegmentSoftmaxFunction.apply(z, 5, 1.0, 0.0)
+        ...     p.sum().backward()
+    """
+
+    @staticmethod
+    def forward(ctx: Any, z: Tensor, segment_dim: int, temperature: float,
+                eps: float) -> Tensor:
+        p, _, _ = softmax_forward(z, None, segment_dim, temperature, eps)
+        ctx.save_for_backward(z)
+        ctx.params = (segment_dim, temperature, eps)
+        return p
+
+    @staticmethod
+    def backward(ctx: Any, grad_p: Tensor) -> tuple[Tensor | None, None, None, None]:
+        (z,) = ctx.saved_tensors
+        segment_dim, temperature, eps = ctx.params
+        dz = softmax_backward(z, grad_p, segment_dim, temperature, eps)
+        return dz, None, None, None
+
+
+def segment_softmax_triton(z: Tensor, segment_dim: int, temperature: float = 1.0,
+                           eps: float = 0.0) -> Tensor:
+    """Clamped segment softmax through the Triton kernels, differentiable w.r.t. ``z``.
+
+    Example:
+        >>> import os, torch
+        >>> if os.environ.get("TRITON_INTERPRET") == "1":
+        ...     p = segment_softmax_triton(torch.randn(4, 6), 3)
+        ...     assert p.shape == (4, 6)
+    """
+    if z.dim() != 2 or z.shape[1] % segment_dim != 0:
+        raise ValueError(f"z must be (N, D) with D a multiple of segment_dim={segment_dim}, "
+                         f"got shape {tuple(z.shape)}")
+    out: Tensor = SegmentSoftmaxFunction.apply(z, segment_dim, temperature, eps)
+    return out
+
+
+__all__ = [
+    "SegmentSoftmaxFunction",
+    "TINY_F32",
+    "music_loss_backward",
+    "segment_softmax_triton",
+    "softmax_backward",
+    "softmax_forward",
+]
