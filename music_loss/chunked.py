@@ -30,9 +30,11 @@ _MAX_BUFFER = 1 << 23
 
 
 def default_chunk_size(n: int, d: int) -> int:
-    """Rows of ``P`` per block: about ``N D / 2`` elements, clamped to [1 Mi, 8 Mi] elements."""
+    """Rows of ``P`` per block: about ``N D / 2`` elements, clamped to [1 Mi, 8 Mi] elements,
+    and at most ``D / 24`` rows (at least 32) so the three block buffers stay under 1/8 of
+    one ``D x D`` matrix."""
     budget = min(max(n * d // 2, _MIN_BUFFER), _MAX_BUFFER)
-    return max(1, min(d, budget // d))
+    return max(1, min(d, budget // d, max(32, d // 24)))
 
 
 @contextlib.contextmanager
@@ -114,17 +116,22 @@ class _ChunkedMUSIC(torch.autograd.Function):
 
         # Off-diagonal blocks, `chunk` rows of P at a time.
         h_off = torch.zeros((), dtype=acc, device=z1.device)
+        # Every entry of P is at least eps^2: with the default eps the floor never binds and
+        # the clamp and its mask can be skipped (two passes over each block).
+        floor_binds = config.eps**2 < 2 * TINY
         if s > 1 and c_off != 0.0:
             a1_t = a1.t().contiguous()
             with _matmul_precision(z1.device, precision):
                 for a0 in range(0, d, chunk):
                     a_end = min(a0 + chunk, d)
                     block = torch.mm(a1_t[a0:a_end], a2).div_(n)  # P[a0:a_end, :]
-                    lg_block = block.clamp_min(TINY).log_()
+                    lg_block = block.clamp_min(TINY).log_() if floor_binds else block.log()
                     cols, inside = _diagonal_blocks(block, a0, a_end, k)
                     lg_block[:, cols].masked_fill_(inside, 0.0)
                     if need_grad:
-                        grad_block = (block >= TINY).to(dtype).add_(lg_block)
+                        # d(P lg P)/dP = lg P + [P >= tiny]  (torch.clamp_min's gradient)
+                        grad_block = ((block >= TINY).to(dtype).add_(lg_block) if floor_binds
+                                      else lg_block + 1.0)
                         grad_block[:, cols].masked_fill_(inside, 0.0)
                         grad_block = _operand(grad_block, precision)
                         # dp1^T[a0:a_end] += c G a2^T / N ; dp2 += c a1[:, a0:a_end] G / N
@@ -187,6 +194,9 @@ def music_loss_chunked(
     chunk = chunk_size if chunk_size is not None else default_chunk_size(n, d)
     rows = local_rows if local_rows is not None else (0, n)
     need_grad = torch.is_grad_enabled() and (z1.requires_grad or z2.requires_grad)
-    loss, diag, off, inv = _ChunkedMUSIC.apply(z1, z2, config, rows, precision, chunk,
-                                               need_grad)
+    # Precision is ours to choose (resolved from autocast by the dispatch): autocast would
+    # otherwise lower every product, gradient products included, to 16 bits.
+    with torch.autocast(z1.device.type, enabled=False):
+        loss, diag, off, inv = _ChunkedMUSIC.apply(z1, z2, config, rows, precision, chunk,
+                                                   need_grad)
     return MUSICTerms(loss, diag, off, inv)

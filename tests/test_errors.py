@@ -1,0 +1,64 @@
+"""Every bad input of SPEC 2 raises a ValueError/TypeError that names the argument and the fix."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from music_loss import MUSICLoss, SegmentSoftmax, music_loss, segment_softmax
+from music_loss.functional import invariance_term, joint_entropy_terms
+
+Z = torch.randn(8, 12)
+
+BAD_CALLS = {
+    "rank-1": (lambda: music_loss(torch.randn(12), torch.randn(12), 3), ValueError, "z1 must have shape"),
+    "rank-3": (lambda: music_loss(torch.randn(2, 4, 3), torch.randn(2, 4, 3), 3), ValueError, "flatten"),
+    "shapes-differ": (lambda: music_loss(Z, torch.randn(8, 15), 3), ValueError, "same shape"),
+    "batch-differs": (lambda: music_loss(Z, torch.randn(7, 12), 3), ValueError, "same shape"),
+    "d-not-multiple": (lambda: music_loss(Z, Z, 5), ValueError, "not a multiple of segment_dim"),
+    "batch-of-one": (lambda: music_loss(Z[:1], Z[:1], 3), ValueError, "at least 2"),
+    "integer-dtype": (lambda: music_loss(Z.long(), Z.long(), 3), TypeError, "floating-point"),
+    "not-a-tensor": (lambda: music_loss(Z.numpy(), Z, 3), TypeError, "torch.Tensor"),
+    "devices-differ": (lambda: music_loss(Z, Z.to("meta"), 3), ValueError, "same device"),
+    "temperature-zero": (lambda: music_loss(Z, Z, 3, temperature=0.0), ValueError, "temperature"),
+    "temperature-nan": (lambda: music_loss(Z, Z, 3, temperature=float("nan")), ValueError, "temperature"),
+    "eps-negative": (lambda: music_loss(Z, Z, 3, eps=-1e-8), ValueError, "eps"),
+    "eps-one": (lambda: music_loss(Z, Z, 3, eps=1.0), ValueError, "eps"),
+    "segment-dim-zero": (lambda: music_loss(Z, Z, 0), ValueError, "segment_dim"),
+    "segment-dim-float": (lambda: music_loss(Z, Z, 3.0), TypeError, "segment_dim"),
+    "weight-string": (lambda: music_loss(Z, Z, 3, off_weight="1"), TypeError, "off_weight"),
+    "normalization": (lambda: music_loss(Z, Z, 3, normalization="Eq5"), ValueError, "normalization"),
+    "backend": (lambda: music_loss(Z, Z, 3, backend="cuda"), ValueError, "backend"),
+    "precision": (lambda: music_loss(Z, Z, 3, precision="fp8"), ValueError, "precision"),
+    "chunk-size": (lambda: music_loss(Z, Z, 3, chunk_size=0), ValueError, "chunk_size"),
+    "gather-without-group": (lambda: music_loss(Z, Z, 3, gather_distributed=True), ValueError,
+                             "init_process_group"),
+    "module-gather-without-group": (lambda: MUSICLoss(3, gather_distributed=True), ValueError,
+                                    "init_process_group"),
+    "module-normalization": (lambda: MUSICLoss(3, normalization="full"), ValueError, "normalization"),
+    "module-temperature": (lambda: MUSICLoss(3, temperature=-1.0), ValueError, "temperature"),
+    "softmax-d": (lambda: segment_softmax(Z, 5), ValueError, "segment_dim"),
+    "softmax-module-eps": (lambda: SegmentSoftmax(3, eps=-0.1), ValueError, "eps"),
+    "entropy-terms-shape": (lambda: joint_entropy_terms(Z, Z[:, :9], 3), ValueError, "same shape"),
+    "invariance-term-dtype": (lambda: invariance_term(Z.int(), Z.int(), 3), TypeError, "floating"),
+    "check-finite": (lambda: music_loss(torch.full((4, 6), float("nan")), Z[:4, :6], 3,
+                                        check_finite=True), ValueError, "NaN or inf"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CALLS), ids=list(BAD_CALLS))
+def test_bad_input_raises_a_clear_error(case):
+    call, error, phrase = BAD_CALLS[case]
+    with pytest.raises(error, match=phrase):
+        call()
+
+
+def test_triton_backend_without_cuda_or_interpreter_says_why(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="backend='triton' cannot run here.*CUDA"):
+        music_loss(Z, Z, 3, backend="triton")
+
+
+def test_triton_backend_refuses_float64_with_the_fix():
+    with pytest.raises(ValueError, match="backend='torch' for float64"):
+        music_loss(Z.double(), Z.double(), 3, backend="triton")
