@@ -53,4 +53,10 @@ def resolve_precision(precision: str, z: Tensor) -> str:
         return "ieee"
     if z.dtype in _SIXTEEN_BIT or torch.is_autocast_enabled(z.device.type):
         return "bf16"
-    return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+    return "ieee" if _float32_matmul_precision() == "highest" else "tf32"
+
+
+@torch.compiler.assume_constant_result
+def _float32_matmul_precision() -> str:
+    # A global setting, read once per compiled graph (dynamo cannot trace the getter).
+    return torch.get_float32_matmul_precision()
