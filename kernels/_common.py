@@ -47,14 +47,19 @@ def needs_int64(*tensors: Tensor) -> bool:
     return False
 
 
-def operand_dtype(precision: str) -> torch.dtype:
-    """Storage dtype of the matmul operands: bf16 halves traffic in bf16 mode, else fp32."""
-    return torch.bfloat16 if precision == "bf16" else torch.float32
-
-
 def emulate_bf16() -> bool:
-    """bf16 ``tl.dot`` is wrong in the interpreter (Triton #11584): round, then fp32 dot."""
+    """bf16 ``tl.dot`` is wrong in the interpreter (Triton #11584): round, then fp32 dot.
+
+    The interpreter also converts fp32 to bf16 by truncation, where GPUs round to nearest
+    even, so emulation rounds with :func:`round_to_bf16` and keeps the values in fp32.
+    """
     return INTERPRET
+
+
+def operand_dtype(precision: str) -> torch.dtype:
+    """Storage dtype of the matmul operands: bf16 halves traffic in bf16 mode, else fp32
+    (and fp32 holding bf16-rounded values when bf16 is emulated)."""
+    return torch.bfloat16 if precision == "bf16" and not emulate_bf16() else torch.float32
 
 
 def next_power_of_2(x: int) -> int:
@@ -85,6 +90,15 @@ def launch(autotuned: Any, raw: Any, grid: Any, fixed: dict[str, Any] | None,
 
 
 @triton.jit
+def round_to_bf16(x):
+    """fp32 -> the nearest bf16 value (ties to even), kept in fp32 (finite inputs)."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = bits + 0x7FFF + ((bits >> 16) & 1)
+    bits = (bits >> 16) << 16
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def dot_acc(a, b, acc, PRECISION: tl.constexpr, EMULATE_BF16: tl.constexpr):
     """``acc + a @ b`` with fp32 accumulation; operands as the precision mode says.
 
@@ -94,7 +108,7 @@ def dot_acc(a, b, acc, PRECISION: tl.constexpr, EMULATE_BF16: tl.constexpr):
     """
     if PRECISION == "bf16":
         if EMULATE_BF16:
-            acc = tl.dot(a.to(tl.bfloat16).to(tl.float32), b.to(tl.bfloat16).to(tl.float32),
+            acc = tl.dot(round_to_bf16(a.to(tl.float32)), round_to_bf16(b.to(tl.float32)),
                          acc, input_precision="ieee")
         else:
             acc = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), acc)

@@ -41,6 +41,7 @@ from music_loss.kernels._common import (
     launch,
     needs_int64,
     operand_dtype,
+    round_to_bf16,
 )
 from torch import Tensor
 
@@ -160,6 +161,8 @@ def joint_entropy_kernel(
     if WRITE_G:
         grad = c_off * (log_joint + tl.where(joint >= 1.1754943508222875e-38, 1.0, 0.0))
         grad = tl.where(is_off, grad, 0.0)
+        if PRECISION == "bf16" and EMULATE_BF16:
+            grad = round_to_bf16(grad)  # what a bf16 store does on a GPU
         g_ptrs = g_ptr + local_a[:, None] * stride_g + offs_b[None, :]
         tl.store(g_ptrs, grad, mask=valid)
 
@@ -305,11 +308,11 @@ def joint_entropy_pass(
     rows_per_chunk = chunk_rows or chunk_rows_for(d, precision)
     dev = p1.device
     p_diag = torch.empty(d, device=dev, dtype=torch.float32)
-    empty = torch.empty(0, device=dev, dtype=torch.float32)
-    dp1 = torch.empty((n, d), device=dev, dtype=torch.float32) if write_grad else empty
-    dp2 = torch.empty((n, d), device=dev, dtype=torch.float32) if write_grad else empty
-    workspace = (torch.empty((min(rows_per_chunk, d), d), device=dev, dtype=p1.dtype)
-                 if write_grad else empty)
+    grad_shape = (n, d) if write_grad else (0,)  # distinct tensors: custom ops forbid aliases
+    dp1 = torch.empty(grad_shape, device=dev, dtype=torch.float32)
+    dp2 = torch.empty(grad_shape, device=dev, dtype=torch.float32)
+    workspace = torch.empty((min(rows_per_chunk, d), d) if write_grad else (0,), device=dev,
+                            dtype=p1.dtype)
     sums: list[Tensor] = []
     for a0 in range(0, d, rows_per_chunk):
         rows = min(rows_per_chunk, d - a0)

@@ -20,7 +20,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from music_loss.kernels._common import check_precision, operand_dtype
+from music_loss.kernels._common import check_precision, emulate_bf16, operand_dtype
 from music_loss.kernels.joint_entropy import joint_entropy_pass
 from music_loss.kernels.segment_softmax import music_loss_backward, softmax_forward
 from torch import Tensor
@@ -50,7 +50,8 @@ def fused_forward(
     n, d = z1.shape
     s = d // segment_dim
     p1, p2, inv_partials = softmax_forward(z1, z2, segment_dim, temperature, eps,
-                                           operand_dtype(precision), (row_start, row_stop))
+                                           operand_dtype(precision), (row_start, row_stop),
+                                           round_bf16=precision == "bf16" and emulate_bf16())
     assert p2 is not None and inv_partials is not None
     write_grad = need_grad and _has_off(d, segment_dim, c_off)
     joint = joint_entropy_pass(p1, p2, segment_dim, c_off, precision, write_grad,

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import triton
 import triton.language as tl
-from music_loss.kernels._common import TINY_F32, needs_int64, next_power_of_2
+from music_loss.kernels._common import TINY_F32, needs_int64, next_power_of_2, round_to_bf16
 from torch import Tensor
 
 #: Elements of one ``[BLOCK_S, BLOCK_K]`` tile per program (per view).
@@ -76,21 +76,28 @@ def segment_softmax_fwd_kernel(
     z1_ptr, z2_ptr, p1_ptr, p2_ptr, inv_ptr,
     S, K, D, stride_z1n, stride_z1d, stride_z2n, stride_z2d,
     row_start, row_stop, inv_temperature, eps,
-    TWO_VIEWS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr,
-    USE_INT64: tl.constexpr,
+    TWO_VIEWS: tl.constexpr, ROUND_BF16: tl.constexpr, BLOCK_S: tl.constexpr,
+    BLOCK_K: tl.constexpr, USE_INT64: tl.constexpr,
 ):
     """Program (row, segment block): write ``p`` (both views), and, for two views, the
-    block's sum of ``lg(sum_k p1 p2)`` over its segments if the row is local (else 0)."""
+    block's sum of ``lg(sum_k p1 p2)`` over its segments if the row is local (else 0).
+    ``ROUND_BF16``: store ``p`` rounded to bf16 values in fp32 (emulated bf16 operands)."""
     row_id = tl.program_id(0)
     pid_s = tl.program_id(1)
     row, col, mask, s_valid = _tile_indices(row_id, pid_s, S, K, BLOCK_S, BLOCK_K, USE_INT64)
     _, p1 = _softmax_tile(z1_ptr, row, stride_z1n, stride_z1d, col, mask, s_valid,
                           inv_temperature, eps)
-    tl.store(p1_ptr + row * D + col, p1, mask=mask)
+    if ROUND_BF16:
+        tl.store(p1_ptr + row * D + col, round_to_bf16(p1), mask=mask)
+    else:
+        tl.store(p1_ptr + row * D + col, p1, mask=mask)
     if TWO_VIEWS:
         _, p2 = _softmax_tile(z2_ptr, row, stride_z2n, stride_z2d, col, mask, s_valid,
                               inv_temperature, eps)
-        tl.store(p2_ptr + row * D + col, p2, mask=mask)
+        if ROUND_BF16:
+            tl.store(p2_ptr + row * D + col, round_to_bf16(p2), mask=mask)
+        else:
+            tl.store(p2_ptr + row * D + col, p2, mask=mask)
         agreement = tl.sum(p1 * p2, axis=1)
         log_agreement = tl.where(s_valid, tl.log(tl.maximum(agreement, 1.1754943508222875e-38)),
                                  0.0)
@@ -176,12 +183,14 @@ def music_loss_bwd_kernel(
 def softmax_forward(
     z1: Tensor, z2: Tensor | None, segment_dim: int, temperature: float, eps: float,
     out_dtype: torch.dtype = torch.float32, local_rows: tuple[int, int] | None = None,
+    round_bf16: bool = False,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """Segment softmax of one or two views; with two, the invariance partial sums too.
 
     Returns:
         ``(p1, p2, inv_partials)``: ``p`` as contiguous ``(N, D)`` arrays of ``out_dtype``
-        (fp32 values rounded once on store), and an ``(N, blocks)`` fp32 array whose sum is
+        (fp32 values rounded once on store; ``round_bf16``: to bf16 values, kept in
+        ``out_dtype``), and an ``(N, blocks)`` fp32 array whose sum is
         ``sum_{local i, s} lg(sum_k p1 p2)`` (``None`` for one view).
 
     Example:
@@ -204,7 +213,7 @@ def softmax_forward(
         z1, zb, p1, p2 if p2 is not None else p1, inv if inv is not None else p1,
         s, segment_dim, d, z1.stride(0), z1.stride(1), zb.stride(0), zb.stride(1),
         start, stop, 1.0 / temperature, eps,
-        TWO_VIEWS=two, USE_INT64=needs_int64(z1, zb, p1), **meta,
+        TWO_VIEWS=two, ROUND_BF16=round_bf16, USE_INT64=needs_int64(z1, zb, p1), **meta,
     )
     return p1, p2, inv
 

@@ -1,0 +1,286 @@
+"""Ahead-of-time compile check of every kernel, for sm_80 and sm_90, with no GPU (SPEC 5).
+
+Usage::
+
+    python -m music_loss.kernels.aot --arch 80 90 [--json results.json] [--quick]
+
+Compiles every kernel in every autotune config (and every precision mode) to PTX and cubin
+with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))``, then re-runs the
+ptxas bundled with Triton with ``-v`` on the PTX to read registers and spills. Prints one
+row per kernel/variant/config/arch: shared memory (and the per-block limit: 227 KiB sm_90,
+163 KiB sm_80), registers, spill bytes, tensor-core instructions (``wgmma`` on sm_90,
+``mma.sync`` on sm_80). Exits 1 if a compile fails, a config exceeds the shared-memory
+limit, or the joint-distribution kernel (or a gradient product) emits no tensor-core
+instruction in tf32/bf16 mode. Must run without ``TRITON_INTERPRET`` (with it,
+``triton.compile`` fails: an interpreted function has no ``cache_key``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+#: Per-block shared memory limits in bytes (opt-in maximum).
+SMEM_LIMIT: dict[int, int] = {80: 163 * 1024, 90: 227 * 1024}
+
+#: Representative segment sizes for the elementwise kernels' launch heuristics: K = 1, the
+#: paper's 80 (not a power of two), and a wide 2048-bin segment.
+SEGMENT_DIMS: tuple[int, ...] = (1, 80, 2048)
+_NUM_SEGMENTS = {1: 1024, 80: 102, 2048: 4}
+
+
+@dataclass
+class KernelSpec:
+    """One compile job: a kernel, its argument types, constexprs and launch options."""
+
+    kernel: str
+    variant: str
+    fn: Any
+    signature: dict[str, str]
+    constexprs: dict[str, Any]
+    num_warps: int
+    num_stages: int
+    needs_tensor_cores: bool = False
+    config: str = ""
+
+
+@dataclass
+class AotRow:
+    """One printed row of the compile table."""
+
+    kernel: str
+    variant: str
+    config: str
+    arch: int
+    ok: bool
+    shared_bytes: int = -1
+    smem_limit: int = 0
+    registers: int = -1
+    spill_stores: int = -1
+    spill_loads: int = -1
+    tensor_core_instructions: int = 0
+    needs_tensor_cores: bool = False
+    seconds: float = 0.0
+    problems: list[str] = field(default_factory=list)
+
+
+def _signature(fn: Any, types: dict[str, str], constexprs: dict[str, Any]) -> dict[str, str]:
+    """Full signature: every argument typed, constexpr arguments marked ``constexpr``."""
+    sig = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name in types:
+            sig[name] = types[name]
+        elif name.endswith("_ptr"):
+            sig[name] = "*fp32"
+        elif name in ("inv_temperature", "eps", "c_diag", "c_off", "inv_coef", "inv_n", "alpha"):
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+    return sig
+
+
+def _config_label(meta: dict[str, Any], num_warps: int, num_stages: int) -> str:
+    blocks = "x".join(str(v) for k, v in meta.items() if k.startswith("BLOCK"))
+    return f"{blocks} w{num_warps} s{num_stages}"
+
+
+def kernel_specs(quick: bool = False) -> list[KernelSpec]:
+    """Every compile job: all kernels x autotune configs x precision modes."""
+    from music_loss.kernels import joint_entropy as je
+    from music_loss.kernels import segment_softmax as ss
+
+    specs: list[KernelSpec] = []
+    precisions = ("ieee", "tf32", "bf16")
+    for cfg in je.JOINT_CONFIGS[:2] if quick else je.JOINT_CONFIGS:
+        for prec in precisions:
+            op = "*bf16" if prec == "bf16" else "*fp32"
+            const = {**cfg.kwargs, "WRITE_G": True, "PRECISION": prec, "EMULATE_BF16": False}
+            specs.append(KernelSpec(
+                "joint_entropy", prec, je.joint_entropy_kernel,
+                _signature(je.joint_entropy_kernel,
+                           {"p1_ptr": op, "p2_ptr": op, "g_ptr": op}, const),
+                const, cfg.num_warps, cfg.num_stages, needs_tensor_cores=prec != "ieee",
+                config=_config_label(cfg.kwargs, cfg.num_warps, cfg.num_stages)))
+    for cfg in je.MATMUL_CONFIGS[:2] if quick else je.MATMUL_CONFIGS:
+        for prec in precisions:
+            op = "*bf16" if prec == "bf16" else "*fp32"
+            const = {**cfg.kwargs, "ACCUMULATE": True, "PRECISION": prec, "EMULATE_BF16": False,
+                     "USE_INT64": False}
+            specs.append(KernelSpec(
+                "grad_product", prec, je.scaled_matmul_kernel,
+                _signature(je.scaled_matmul_kernel, {"a_ptr": op, "b_ptr": op}, const),
+                const, cfg.num_warps, cfg.num_stages, needs_tensor_cores=prec != "ieee",
+                config=_config_label(cfg.kwargs, cfg.num_warps, cfg.num_stages)))
+    # int64 offsets (N * D >= 2**31) in the largest product config.
+    big = je.MATMUL_CONFIGS[-1]
+    const = {**big.kwargs, "ACCUMULATE": True, "PRECISION": "bf16", "EMULATE_BF16": False,
+             "USE_INT64": True}
+    specs.append(KernelSpec(
+        "grad_product", "bf16,int64", je.scaled_matmul_kernel,
+        _signature(je.scaled_matmul_kernel, {"a_ptr": "*bf16", "b_ptr": "*bf16"}, const),
+        const, big.num_warps, big.num_stages, needs_tensor_cores=True,
+        config=_config_label(big.kwargs, big.num_warps, big.num_stages)))
+    for k in SEGMENT_DIMS[1:2] if quick else SEGMENT_DIMS:
+        meta = ss.softmax_blocks(k, _NUM_SEGMENTS[k])
+        warps = meta.pop("num_warps")
+        label = f"K={k} " + _config_label(meta, warps, 1)
+        for z_type, out_type in (("*fp32", "*fp32"), ("*bf16", "*bf16")):
+            for int64 in (False, True):
+                const = {**meta, "TWO_VIEWS": True, "ROUND_BF16": False, "USE_INT64": int64}
+                variant = f"{z_type[1:]}{',int64' if int64 else ''}"
+                specs.append(KernelSpec(
+                    "softmax_fwd", variant, ss.segment_softmax_fwd_kernel,
+                    _signature(ss.segment_softmax_fwd_kernel,
+                               {"z1_ptr": z_type, "z2_ptr": z_type, "p1_ptr": out_type,
+                                "p2_ptr": out_type}, const),
+                    const, warps, 1, config=label))
+                const = {**meta, "HAS_OFF": True, "USE_INT64": int64}
+                specs.append(KernelSpec(
+                    "loss_bwd", variant, ss.music_loss_bwd_kernel,
+                    _signature(ss.music_loss_bwd_kernel,
+                               {"z1_ptr": z_type, "z2_ptr": z_type, "dz1_ptr": z_type,
+                                "dz2_ptr": z_type}, const),
+                    const, warps, 1, config=label))
+        const = {**meta, "USE_INT64": False}
+        specs.append(KernelSpec(
+            "softmax_bwd", "fp32", ss.segment_softmax_bwd_kernel,
+            _signature(ss.segment_softmax_bwd_kernel, {}, const), const, warps, 1,
+            config=label))
+    return specs
+
+
+def _ptxas_stats(ptx: str, arch: int) -> tuple[int, int, int]:
+    """``(registers, spill store bytes, spill load bytes)`` from the bundled ``ptxas -v``."""
+    from triton.backends.nvidia import compiler as nv
+
+    try:
+        ptxas = nv.get_ptxas(arch).path  # triton >= 3.5
+    except TypeError:  # pragma: no cover - older signature
+        ptxas = nv.get_ptxas().path
+    gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "k.ptx")
+        with open(src, "w") as fh:
+            fh.write(ptx)
+        cmd = [ptxas, "-v", f"--gpu-name={gpu}", src, "-o", os.path.join(tmp, "k.cubin")]
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        log = out.stderr + out.stdout
+    regs = re.search(r"Used (\d+) registers", log)
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    return (int(regs.group(1)) if regs else -1,
+            int(spills.group(1)) if spills else -1,
+            int(spills.group(2)) if spills else -1)
+
+
+def compile_spec(spec: KernelSpec, arch: int) -> AotRow:
+    """Compile one job for ``sm_<arch>`` and collect the table row."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    row = AotRow(spec.kernel, spec.variant, spec.config, arch, ok=False,
+                 smem_limit=SMEM_LIMIT[arch], needs_tensor_cores=spec.needs_tensor_cores)
+    start = time.perf_counter()
+    try:
+        src = ASTSource(fn=spec.fn, signature=spec.signature, constexprs=spec.constexprs)
+        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                                  options={"num_warps": spec.num_warps,
+                                           "num_stages": spec.num_stages})
+    except Exception as err:  # every failure becomes a row, and exit status 1
+        row.problems.append(f"compile failed: {type(err).__name__}: {str(err)[:300]}")
+        row.seconds = time.perf_counter() - start
+        return row
+    ptx = compiled.asm["ptx"]
+    row.shared_bytes = int(compiled.metadata.shared)
+    row.tensor_core_instructions = len(re.findall(r"\bwgmma\.mma_async" if arch >= 90
+                                                  else r"\bmma\.sync", ptx))
+    row.registers, row.spill_stores, row.spill_loads = _ptxas_stats(ptx, arch)
+    row.ok = True
+    if row.shared_bytes > row.smem_limit:
+        row.ok = False
+        row.problems.append(f"shared memory {row.shared_bytes} > limit {row.smem_limit}")
+    if spec.needs_tensor_cores and row.tensor_core_instructions == 0:
+        row.ok = False
+        row.problems.append("no tensor-core instruction in a tf32/bf16 product")
+    row.seconds = time.perf_counter() - start
+    return row
+
+
+def _print_row(row: AotRow) -> None:
+    status = "ok" if row.ok else "FAIL"
+    print(f"{row.kernel:<14} {row.variant:<11} {row.config:<26} sm_{row.arch:<3} "
+          f"{row.shared_bytes:>7} /{row.smem_limit:>7} {row.registers:>4} "
+          f"{row.spill_stores:>5}/{row.spill_loads:<5} {row.tensor_core_instructions:>5} "
+          f"{status:<4} {'; '.join(row.problems)}", flush=True)
+
+
+def run(archs: list[int], quick: bool = False) -> list[AotRow]:
+    """Compile every job for every arch, printing rows as they finish."""
+    specs = kernel_specs(quick)
+    print(f"{'kernel':<14} {'variant':<11} {'config':<26} {'arch':<6} "
+          f"{'smem':>7} /{'limit':>7} {'regs':>4} {'spill st/ld':<11} {'tc':>5} status",
+          flush=True)
+    rows = []
+    for arch in archs:
+        for spec in specs:
+            row = compile_spec(spec, arch)
+            _print_row(row)
+            rows.append(row)
+    return rows
+
+
+def summarize(rows: list[AotRow]) -> str:
+    """Per-arch summary lines: compiles, failures, max shared memory, spills, TC coverage."""
+    lines = []
+    for arch in sorted({r.arch for r in rows}):
+        sub = [r for r in rows if r.arch == arch]
+        ok = [r for r in sub if r.ok]
+        spilled = [r for r in sub if r.spill_stores > 0]
+        tc = [r for r in sub if r.needs_tensor_cores]
+        lines.append(
+            f"sm_{arch}: {len(ok)}/{len(sub)} ok; max shared {max(r.shared_bytes for r in sub)} B "
+            f"(limit {SMEM_LIMIT[arch]}); max registers {max(r.registers for r in sub)}; "
+            f"configs with spills: {len(spilled)}"
+            + (f" ({', '.join(sorted({r.kernel + ' ' + r.config for r in spilled}))})"
+               if spilled else "")
+            + f"; tf32/bf16 products with tensor-core instructions: "
+              f"{sum(r.tensor_core_instructions > 0 for r in tc)}/{len(tc)}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point; returns the exit status."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--arch", type=int, nargs="+", default=[80, 90],
+                        choices=sorted(SMEM_LIMIT), help="compute capabilities (80, 90)")
+    parser.add_argument("--json", default=None, help="write the rows to this JSON file")
+    parser.add_argument("--quick", action="store_true",
+                        help="first two configs of each product and K=80 only")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        print("error: unset TRITON_INTERPRET (triton.compile cannot compile interpreted "
+              "functions)", file=sys.stderr)
+        return 2
+    start = time.perf_counter()
+    rows = run(args.arch, args.quick)
+    print(summarize(rows))
+    failed = [r for r in rows if not r.ok]
+    print(f"{len(rows)} compiles in {time.perf_counter() - start:.1f} s; {len(failed)} failed")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump([asdict(r) for r in rows], fh, indent=1)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

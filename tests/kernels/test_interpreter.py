@@ -1,0 +1,325 @@
+"""The Triton kernels against float64 references, forward and backward.
+
+On CPU these run in Triton's interpreter (``tests/conftest.py`` sets ``TRITON_INTERPRET=1``
+when there is no CUDA device); on a GPU machine the same tests run the compiled kernels.
+Shapes are small and odd (SPEC 5): K = 80, 7 and 1, S = 1, N and D multiples of no block
+size, and several chunks of rows of ``P``. Per precision (SPEC 5):
+
+- ``ieee``: against float64 autograd of ``music_loss.reference`` (the float32 target);
+- ``tf32``: the interpreter computes it as exact fp32, so the same target off-GPU; the real
+  tensor-core numerics are checked by ``test_gpu.py``;
+- ``bf16``: the interpreter's bf16 ``tl.dot`` is broken, so the launcher rounds operands to
+  bf16 and takes an fp32 dot; compared with a float64 oracle rounding the same operands
+  (``_oracle.rounded_oracle``), and reported (loosely bounded) against unrounded float64.
+
+The worst error per precision over the matrix is printed at the end (``pytest -s``).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import defaultdict
+
+import pytest
+import torch
+
+from music_loss import music_loss
+from music_loss._config import LossConfig
+from music_loss.reference import (
+    joint_entropy_terms_reference,
+    music_loss_reference,
+    segment_softmax_reference,
+)
+from tests.kernels._oracle import rounded_oracle
+from tests.kernels._tolerances import BF16_EMULATED_VS_ROUNDED_ORACLE
+from tests.tolerances import DTYPE_TOL, PRECISION_TOL, relative_error
+
+kernels = pytest.importorskip("music_loss.kernels")
+from music_loss.kernels import _common  # noqa: E402
+from music_loss.kernels.joint_entropy import joint_entropy_triton  # noqa: E402
+from music_loss.kernels.ops import music_loss_triton  # noqa: E402
+from music_loss.kernels.segment_softmax import segment_softmax_triton  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.skipif(
+    DEVICE == "cpu" and not _common.INTERPRET,
+    reason="needs CUDA, or TRITON_INTERPRET=1 set before music_loss.kernels is imported")
+
+# (N, D, K, chunk_rows): K = 80 (paper), 7, 1 (every pair of bins is off-block), S = 1.
+SHAPES = [(45, 240, 80, 64), (33, 105, 7, 64), (20, 24, 1, 16), (19, 60, 60, 0)]
+PRECISIONS = ["ieee", "tf32", "bf16"]
+WORST: dict[str, float] = defaultdict(float)
+
+
+def _record(key: str, value: float) -> float:
+    WORST[key] = max(WORST[key], value)
+    return value
+
+
+@pytest.fixture(scope="module", autouse=True)
+def report_worst_errors():
+    yield
+    if WORST:
+        print("\nkernel tests: worst relative errors (Frobenius) over the matrix:")
+        for key, value in sorted(WORST.items()):
+            print(f"  {key:50s} {value:.2e}")
+
+
+def _views(n: int, d: int, dtype=torch.float32, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed + 31 * n + d)
+    z1 = torch.randn(n, d, generator=gen, dtype=torch.float64) * 2
+    z2 = z1 + torch.randn(n, d, generator=gen, dtype=torch.float64)
+    return z1.to(dtype).to(DEVICE), z2.to(dtype).to(DEVICE)
+
+
+def _triton_terms_and_grads(z1, z2, config, precision, local_rows=None, grad_terms=None,
+                            chunk_rows=None):
+    z1 = z1.detach().clone().requires_grad_(True)
+    z2 = z2.detach().clone().requires_grad_(True)
+    terms = music_loss_triton(z1, z2, config, local_rows, precision,
+                              chunk_rows=chunk_rows or None)
+    weights = grad_terms if grad_terms is not None else torch.tensor([1.0, 0, 0, 0])
+    objective = sum(w * t for w, t in zip(weights.tolist(), terms))
+    g1, g2 = torch.autograd.grad(objective, (z1, z2))
+    return terms, g1, g2
+
+
+def _float64_truth(z1, z2, config, local_rows=None, grad_terms=None):
+    z1 = z1.detach().cpu().double().requires_grad_(True)
+    z2 = z2.detach().cpu().double().requires_grad_(True)
+    terms = music_loss_reference(z1, z2, config, local_rows)
+    weights = grad_terms if grad_terms is not None else torch.tensor([1.0, 0, 0, 0])
+    objective = sum(w * t for w, t in zip(weights.tolist(), terms))
+    g1, g2 = torch.autograd.grad(objective, (z1, z2))
+    return terms, g1, g2
+
+
+def _compare(key, got, want, tol):
+    terms, g1, g2 = got
+    terms_w, g1_w, g2_w = want
+    for name, a, b in zip(("loss", "diag", "off", "invariance"), terms, terms_w):
+        err = _record(f"{key} {name}", relative_error(a.cpu(), b))
+        assert err <= tol.loss, f"{name}: {err:.2e} > {tol.loss:.0e}"
+    grad_err = max(relative_error(g1.cpu(), g1_w), relative_error(g2.cpu(), g2_w))
+    _record(f"{key} grad", grad_err)
+    assert grad_err <= tol.grad, f"gradient: {grad_err:.2e} > {tol.grad:.0e}"
+
+
+# ---------------------------------------------------------------------------------------
+# The matrix: every shape x precision, forward and backward.
+# ---------------------------------------------------------------------------------------
+MATRIX = list(itertools.product(SHAPES, PRECISIONS))
+
+
+@pytest.mark.parametrize("shape,precision", MATRIX,
+                         ids=[f"N{s[0]}xD{s[1]}xK{s[2]}-{p}" for s, p in MATRIX])
+def test_fused_loss_matches_reference(shape, precision):
+    n, d, k, chunk = shape
+    config = LossConfig(segment_dim=k)
+    z1, z2 = _views(n, d)
+    got = _triton_terms_and_grads(z1, z2, config, precision, chunk_rows=chunk)
+    if precision == "bf16" and DEVICE == "cpu":
+        terms, g1, g2 = rounded_oracle(z1.cpu(), z2.cpu(), config)
+        _compare("bf16 (emulated) vs rounded oracle", got, (terms, g1, g2),
+                 BF16_EMULATED_VS_ROUNDED_ORACLE)
+        # Against unrounded float64: the cost of bf16 operands, reported and loosely bounded.
+        _compare("bf16 (emulated) vs float64", got, _float64_truth(z1, z2, config),
+                 PRECISION_TOL["bf16"])
+    elif precision == "tf32" and DEVICE == "cuda":
+        _compare("tf32 (tensor cores) vs float64", got, _float64_truth(z1, z2, config),
+                 PRECISION_TOL["tf32"])
+    else:
+        label = precision if DEVICE == "cuda" or precision == "ieee" else "tf32 (exact fp32)"
+        _compare(f"{label} vs float64", got, _float64_truth(z1, z2, config),
+                 PRECISION_TOL["ieee"])
+
+
+def test_rounded_oracle_without_rounding_is_the_reference():
+    """The oracle's hand-written gradient equals float64 autograd of the reference."""
+    config = LossConfig(segment_dim=7, normalization="joint", eps=1e-3, temperature=0.7,
+                        diag_weight=0.5, off_weight=2.0, invariance_weight=0.3)
+    z1, z2 = _views(11, 35, torch.float64)
+    grad_terms = torch.tensor([0.7, -1.3, 0.4, 2.1])
+    terms, g1, g2 = rounded_oracle(z1.cpu(), z2.cpu(), config, (2, 9), round_bf16=False,
+                                   grad_terms=grad_terms)
+    terms_w, g1_w, g2_w = _float64_truth(z1, z2, config, (2, 9), grad_terms)
+    for a, b in zip(terms, terms_w):
+        assert relative_error(a, b) <= 1e-6  # the oracle takes p from float32
+    assert relative_error(g1, g1_w) <= 1e-6 and relative_error(g2, g2_w) <= 1e-6
+
+
+# ---------------------------------------------------------------------------------------
+# Options, dtypes, layouts, per-term gradients (ieee; bf16 where rounding matters).
+# ---------------------------------------------------------------------------------------
+OPTION_CASES = [  # (normalization, eps, temperature, weights)
+    ("joint", 1e-8, 1.0, (1.0, 1.0, 1.0)),
+    ("blocks", 0.0, 0.5, (1.0, 1.0, 1.0)),
+    ("joint", 1e-3, 2.0, (0.5, 2.0, 0.3)),
+    ("blocks", 1e-8, 1.0, (1.0, 0.0, 1.0)),
+]
+
+
+@pytest.mark.parametrize("options", OPTION_CASES, ids=lambda o: f"{o[0]}-eps{o[1]:g}-t{o[2]:g}"
+                         f"-w{'/'.join(map(str, o[3]))}")
+def test_options_local_rows_and_per_term_gradients(options):
+    normalization, eps, temperature, (wd, wo, wi) = options
+    config = LossConfig(segment_dim=20, temperature=temperature, eps=eps, diag_weight=wd,
+                        off_weight=wo, invariance_weight=wi, normalization=normalization)
+    z1, z2 = _views(23, 60)
+    grad_terms = torch.tensor([0.8, -1.5, 0.6, 2.5])  # each term's own gradient counts
+    got = _triton_terms_and_grads(z1, z2, config, "ieee", (4, 17), grad_terms, chunk_rows=32)
+    _compare("ieee options vs float64", got,
+             _float64_truth(z1, z2, config, (4, 17), grad_terms), PRECISION_TOL["ieee"])
+
+
+def test_bf16_per_term_gradients_match_the_rounded_oracle():
+    config = LossConfig(segment_dim=20, normalization="joint", invariance_weight=0.5)
+    z1, z2 = _views(23, 60, seed=3)
+    grad_terms = torch.tensor([1.0, 0.5, -2.0, 1.5])
+    got = _triton_terms_and_grads(z1, z2, config, "bf16", (0, 23), grad_terms, chunk_rows=32)
+    want = rounded_oracle(z1.cpu(), z2.cpu(), config, (0, 23), round_bf16=DEVICE == "cpu",
+                          grad_terms=grad_terms)
+    tol = BF16_EMULATED_VS_ROUNDED_ORACLE if DEVICE == "cpu" else PRECISION_TOL["bf16"]
+    _compare("bf16 per-term vs rounded oracle", got, want, tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_sixteen_bit_inputs(dtype):
+    config = LossConfig(segment_dim=20)
+    z1, z2 = _views(21, 60, dtype)
+    got = _triton_terms_and_grads(z1, z2, config, "ieee")
+    assert got[1].dtype == dtype and got[2].dtype == dtype
+    _compare(f"ieee {dtype} inputs vs float64", got, _float64_truth(z1, z2, config),
+             DTYPE_TOL[dtype])
+
+
+def test_non_contiguous_inputs_and_grad_scale():
+    config = LossConfig(segment_dim=20)
+    base1, base2 = _views(60, 25)
+    z1, z2 = base1.T, base2.T[:, :]  # (25, 60), column-major
+    assert not z1.is_contiguous()
+    got = _triton_terms_and_grads(z1, z2, config, "ieee", grad_terms=torch.tensor([3.7, 0, 0, 0]))
+    want = _float64_truth(z1, z2, config, grad_terms=torch.tensor([3.7, 0, 0, 0]))
+    _compare("ieee non-contiguous, grad x3.7 vs float64", got, want, PRECISION_TOL["ieee"])
+
+
+def test_no_grad_and_grad_paths_agree():
+    config = LossConfig(segment_dim=20)
+    z1, z2 = _views(17, 60)
+    with torch.no_grad():
+        plain = music_loss_triton(z1, z2, config, None, "ieee")
+    with_grad = _triton_terms_and_grads(z1, z2, config, "ieee")[0]
+    for a, b in zip(plain, with_grad):
+        assert torch.equal(a, b.detach())
+    assert not plain.loss.requires_grad
+
+
+def test_deterministic_under_torch_deterministic_algorithms():
+    config = LossConfig(segment_dim=20)
+    z1, z2 = _views(29, 60)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        runs = [_triton_terms_and_grads(z1, z2, config, "tf32", chunk_rows=32) for _ in range(2)]
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    (t_a, g1_a, g2_a), (t_b, g1_b, g2_b) = runs
+    assert all(torch.equal(a, b) for a, b in zip(t_a, t_b))
+    assert torch.equal(g1_a, g1_b) and torch.equal(g2_a, g2_b)
+
+
+def test_dispatch_routes_backend_triton():
+    z1, z2 = _views(16, 40)
+    got = music_loss(z1, z2, 20, backend="triton", precision="ieee")
+    want = music_loss(z1.double(), z2.double(), 20, backend="reference")
+    assert relative_error(got.cpu(), want.cpu()) <= PRECISION_TOL["ieee"].loss
+
+
+def test_known_optimum():
+    """One-hot, evenly spread, pairwise independent assignments: loss = -3 log K (SPEC 1)."""
+    k, s = 5, 3
+    x, y = torch.meshgrid(torch.arange(k), torch.arange(k), indexing="ij")
+    x, y = x.flatten(), y.flatten()  # N = K^2 rows; segment j uses x + j y mod K (OA(2))
+    bins = torch.stack([(x + j * y) % k for j in range(s)], dim=1)
+    z = torch.nn.functional.one_hot(bins, k).float().reshape(k * k, s * k) * 40.0
+    terms = music_loss_triton(z.to(DEVICE), z.to(DEVICE), LossConfig(segment_dim=k), None,
+                              "ieee")
+    expected = -3 * torch.log(torch.tensor(float(k), dtype=torch.float64))
+    assert abs(float(terms.loss) - float(expected)) <= 1e-6 * abs(float(expected))
+
+
+def test_bad_arguments_are_refused():
+    z1, z2 = _views(8, 20)
+    with pytest.raises(ValueError, match="precision"):
+        music_loss_triton(z1, z2, LossConfig(segment_dim=10), None, "fp8")
+    with pytest.raises(TypeError, match="float64"):
+        music_loss_triton(z1.double(), z2.double(), LossConfig(segment_dim=10), None, "ieee")
+    with pytest.raises(ValueError, match="chunk_rows"):
+        music_loss_triton(z1, z2, LossConfig(segment_dim=10), None, "ieee", chunk_rows=0)
+
+
+# ---------------------------------------------------------------------------------------
+# Each kernel on its own.
+# ---------------------------------------------------------------------------------------
+SOFTMAX_CASES = [(9, 240, 80, 1.0, 1e-8), (13, 21, 7, 0.5, 0.0), (6, 5, 1, 1.0, 0.0),
+                 (7, 24, 3, 2.0, 0.2)]
+
+
+@pytest.mark.parametrize("n,d,k,temperature,eps", SOFTMAX_CASES)
+def test_segment_softmax_kernel_forward_backward(n, d, k, temperature, eps):
+    z, _ = _views(n, d)
+    z = z[:, :].T.contiguous().T  # column-major input
+    upstream = torch.randn(n, d, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    zt = z.clone().requires_grad_(True)
+    p = segment_softmax_triton(zt, k, temperature, eps)
+    (dz,) = torch.autograd.grad(p, zt, upstream)
+    z64 = z.detach().cpu().double().requires_grad_(True)
+    p64 = segment_softmax_reference(z64, k, temperature, eps)
+    (dz64,) = torch.autograd.grad(p64, z64, upstream.cpu().double())
+    tol = PRECISION_TOL["ieee"]
+    assert _record("softmax kernel p", relative_error(p.cpu(), p64)) <= tol.loss
+    assert _record("softmax kernel dz", relative_error(dz.cpu(), dz64)) <= tol.grad
+
+
+JOINT_METAS = [None, {"BLOCK_A": 32, "BLOCK_B": 16, "BLOCK_N": 16, "GROUP_A": 2},
+               {"BLOCK_A": 16, "BLOCK_B": 64, "BLOCK_N": 64, "GROUP_A": 8}]
+
+
+@pytest.mark.parametrize("meta", JOINT_METAS, ids=["default", "32x16x16", "16x64x64"])
+def test_joint_entropy_kernel_forward_backward(meta):
+    from music_loss.kernels.joint_entropy import JointEntropyFunction, joint_entropy_pass
+
+    n, d, k = 27, 70, 7
+    z1, z2 = _views(n, d)
+    p1 = segment_softmax_reference(z1, k, 1.0, 1e-8)
+    p2 = segment_softmax_reference(z2, k, 1.0, 1e-8)
+    p1_64 = p1.cpu().double().requires_grad_(True)
+    p2_64 = p2.cpu().double().requires_grad_(True)
+    h64 = joint_entropy_terms_reference(p1_64, p2_64, k)
+    upstream = torch.tensor([0.7, -1.9], dtype=torch.float64)
+    g64 = torch.autograd.grad(h64, (p1_64, p2_64), tuple(upstream))
+    tol = PRECISION_TOL["ieee"]
+    if meta is None:
+        p1t, p2t = p1.clone().requires_grad_(True), p2.clone().requires_grad_(True)
+        h = joint_entropy_triton(p1t, p2t, k, "ieee")
+        g = torch.autograd.grad(h, (p1t, p2t), tuple(upstream.float().to(DEVICE)))
+        for a, b in zip(g, g64):
+            assert _record("joint kernel dp", relative_error(a.cpu(), b)) <= tol.grad
+        assert JointEntropyFunction is not None
+    else:  # pinned tile shapes, several chunks: the raw pass
+        result = joint_entropy_pass(p1.contiguous(), p2.contiguous(), k, 1.0, "ieee", True,
+                                    chunk_rows=32, joint_meta=meta,
+                                    matmul_meta={"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 16,
+                                                 "GROUP_M": 2})
+        h = (result.h_diag, result.h_off)
+        joint64 = p1_64.detach().T @ p2_64.detach() / n
+        assert relative_error(result.p_diag.cpu(), torch.diagonal(joint64)) <= tol.loss
+        # The off-block part of the gradient, scaled by the upstream gradient of H_off.
+        per_col = (torch.log(torch.diagonal(joint64)) + 1) / n
+        off1 = (g64[0] - upstream[0] * per_col * p2_64.detach()) / upstream[1]
+        off2 = (g64[1] - upstream[0] * per_col * p1_64.detach()) / upstream[1]
+        assert _record("joint kernel dp (pinned tiles)",
+                       relative_error(result.dp1.cpu(), off1)) <= tol.grad
+        assert relative_error(result.dp2.cpu(), off2) <= tol.grad
+    for a, b in zip(h, h64):
+        assert _record("joint kernel H", relative_error(a.cpu(), b)) <= tol.loss
