@@ -1,0 +1,111 @@
+"""The benchmark suites: which peers run at which shapes, precisions and modes.
+
+* ``quick`` (CPU, about 10 minutes on 2 cores): D sweep at N=512 up to D=8160, the
+  N=512, D=8160 forward-only case, and an N sweep at D=2000.
+* ``full``: SPEC 6's sweeps: D in {960, 2000, 4080, 8160, 16320} at the paper's N=2048,
+  N in {256, ..., 4096} at D=8160, forward-only at the paper's shape. Hours on CPU.
+* ``gpu-core`` (CUDA, about 10 minutes on one H100): the ``full`` sweeps in tf32 and bf16,
+  ``torch.compile`` only at the paper's shape (each shape compiles anew), plus the paper's
+  shape in ieee fp32 for the MUSIC paths and the floor.
+* ``smoke``: tiny shapes for the tests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from benchmarks.measure import Budget, Case
+
+ALL_PEERS: tuple[str, ...] = ("music-triton", "music-torch", "music-reference",
+                              "music-reference-compiled", "barlow-twins", "vicreg",
+                              "matmul-floor")
+EAGER_PEERS: tuple[str, ...] = tuple(p for p in ALL_PEERS if p != "music-reference-compiled")
+MUSIC_AND_FLOOR: tuple[str, ...] = ("music-triton", "music-torch", "music-reference",
+                                    "matmul-floor")
+FB, FWD = "forward+backward", "forward"
+PAPER_N, PAPER_D, K = 2048, 8160, 80
+D_SWEEP: tuple[int, ...] = (960, 2000, 4080, 8160, 16320)
+N_SWEEP: tuple[int, ...] = (256, 512, 1024, 2048, 4096)
+
+
+@dataclass(frozen=True)
+class Suite:
+    """Cases in run order, and the repetition budget per case."""
+
+    name: str
+    cases: tuple[Case, ...]
+    budget: Budget
+    description: str
+
+
+def _grid(peers: Iterable[str], ns: Iterable[int], ds: Iterable[int], precisions: Iterable[str],
+          modes: Iterable[str], k: int = K) -> list[Case]:
+    return [Case(p, n, d, k, prec, mode) for prec in precisions for mode in modes
+            for n in ns for d in ds for p in peers]
+
+
+def _unique(cases: Iterable[Case]) -> tuple[Case, ...]:
+    seen: dict[Case, None] = {}
+    for case in cases:
+        seen.setdefault(case)
+    return tuple(seen)
+
+
+def quick_suite() -> Suite:
+    cases = (
+        # The headline case first: N=512, D=8160, all peers (SPEC 6's CPU goals).
+        _grid(ALL_PEERS, [512], [8160], ["ieee"], [FB])
+        + _grid(ALL_PEERS, [512], [8160], ["ieee"], [FWD])
+        + _grid(EAGER_PEERS, [512], [960, 2000, 4080], ["ieee"], [FB])
+        + _grid(["music-reference-compiled"], [512], [2000], ["ieee"], [FB])
+        + _grid(EAGER_PEERS, [256, 1024, 2048], [2000], ["ieee"], [FB])
+    )
+    return Suite("quick", _unique(cases), Budget(warmup_s=0.3, time_s=2.0, min_reps=3,
+                                                 max_reps=20),
+                 "CPU: D sweep at N=512 (to 8160), forward-only at N=512/D=8160, N sweep at D=2000")
+
+
+def full_suite(gpu: bool) -> Suite:
+    precisions = ["tf32", "bf16"] if gpu else ["ieee"]
+    cases = (
+        _grid(ALL_PEERS, [PAPER_N], [PAPER_D], precisions, [FB, FWD])
+        + _grid(ALL_PEERS, [PAPER_N], D_SWEEP, precisions, [FB])
+        + _grid(ALL_PEERS, N_SWEEP, [PAPER_D], precisions, [FB])
+    )
+    budget = Budget(0.1, 0.3, 5, 200) if gpu else Budget(1.0, 5.0, 3, 20)
+    return Suite("full", _unique(cases), budget,
+                 "SPEC 6 sweeps: D sweep at N=2048, N sweep at D=8160, every peer")
+
+
+def gpu_core_suite() -> Suite:
+    precisions = ["tf32", "bf16"]
+    cases = (
+        _grid(ALL_PEERS, [PAPER_N], [PAPER_D], precisions, [FB, FWD])
+        + _grid(EAGER_PEERS, [PAPER_N], D_SWEEP, precisions, [FB])
+        + _grid(EAGER_PEERS, N_SWEEP, [PAPER_D], precisions, [FB])
+        + _grid(MUSIC_AND_FLOOR, [PAPER_N], [PAPER_D], ["ieee"], [FB])
+    )
+    return Suite("gpu-core", _unique(cases), Budget(warmup_s=0.05, time_s=0.25, min_reps=5,
+                                                    max_reps=100),
+                 "CUDA: tf32+bf16 D sweep at N=2048, N sweep at D=8160, compile at the paper's "
+                 "shape, ieee at the paper's shape")
+
+
+def smoke_suite() -> Suite:
+    cases = _grid(ALL_PEERS, [32], [160, 240], ["ieee"], [FB]) + _grid(
+        ALL_PEERS, [32], [240], ["ieee"], [FWD])
+    return Suite("smoke", _unique(cases), Budget(0.0, 0.0, 3, 3), "tiny shapes, for tests")
+
+
+def get_suite(name: str, gpu: bool) -> Suite:
+    """The suite called ``name`` (``quick``, ``full``, ``gpu-core``, ``smoke``)."""
+    if name == "quick":
+        return quick_suite()
+    if name == "full":
+        return full_suite(gpu)
+    if name == "gpu-core":
+        return gpu_core_suite()
+    if name == "smoke":
+        return smoke_suite()
+    raise ValueError(f"unknown suite {name!r}; choose quick, full, gpu-core or smoke")
