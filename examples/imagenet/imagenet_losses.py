@@ -28,6 +28,11 @@ from music_loss.distributed import gather_rows
 LOSSES = ("music", "barlow-twins", "vicreg")
 
 
+def _at_least_float32(z: Tensor) -> Tensor:
+    """The peers' statistics in float32 under autocast (float64 inputs stay float64)."""
+    return z.float() if z.dtype in (torch.float16, torch.bfloat16) else z
+
+
 def _world() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
@@ -87,7 +92,7 @@ def barlow_twins_loss_distributed(z1: Tensor, z2: Tensor,
         >>> sorted(terms)
         ['off_diag', 'on_diag']
     """
-    z1, z2 = z1.float(), z2.float()
+    z1, z2 = _at_least_float32(z1), _at_least_float32(z2)
     global_n = z1.shape[0] * _world()
     c = all_reduce_sum(global_batch_norm(z1).T @ global_batch_norm(z2) / global_n)
     diag = torch.diagonal(c)
@@ -110,7 +115,7 @@ def vicreg_loss_distributed(z1: Tensor, z2: Tensor, sim_coeff: float = 25.0,
         >>> sorted(terms)
         ['covariance', 'invariance', 'variance']
     """
-    z1, z2 = z1.float(), z2.float()
+    z1, z2 = _at_least_float32(z1), _at_least_float32(z2)
     repr_loss = F.mse_loss(z1, z2)
     x, y = gather_with_grad(z1), gather_with_grad(z2)
     n, d = x.shape

@@ -1,0 +1,313 @@
+"""The ImageNet example (``examples/imagenet``): its pieces, its errors, and its parity run.
+
+``test_check_parity`` is the CI twin of ``check_parity.py``: the real pipeline on generated
+JPEGs, torch (and triton, when it runs) vs reference, 2 gloo ranks vs 1 process for the
+three losses, and a pre-empted + resumed run vs an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import doctest
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "examples" / "imagenet"
+sys.path.insert(0, str(EXAMPLE))
+sys.path.insert(0, str(ROOT))
+
+import imagenet_common  # noqa: E402
+import imagenet_lars  # noqa: E402
+import imagenet_losses  # noqa: E402
+import linear_eval  # noqa: E402
+import pretrain  # noqa: E402
+from imagenet_common import (  # noqa: E402
+    DatasetError,
+    GlobalBatchSampler,
+    SyntheticImages,
+    TwinEncoder,
+    TwoViewDataset,
+    write_image_folder,
+)
+
+from benchmarks.baselines import barlow_twins_loss, vicreg_loss  # noqa: E402
+
+
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+# ---------------------------------------------------------------------------------------
+# Missing or malformed dataset: a clear error, before any process group or GPU.
+# ---------------------------------------------------------------------------------------
+def _malformed(tmp_path: Path, case: str) -> Path:
+    root = tmp_path / "imagenet"
+    if case == "missing":
+        return root
+    if case == "file":
+        root.write_text("not a folder")
+        return root
+    root.mkdir()
+    if case == "no-train":
+        (root / "val").mkdir()
+    elif case == "no-classes":
+        (root / "train").mkdir()
+        (root / "train" / "readme.txt").write_text("x")
+    elif case == "empty-class":
+        write_image_folder(root / "train", num_classes=2, per_class=1, size=8)
+        (root / "train" / "class_empty").mkdir()
+        (root / "train" / "class_empty" / "notes.txt").write_text("x")
+    return root
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing", "does not exist"),
+    ("file", "is not a directory"),
+    ("no-train", "has no 'train' folder"),
+    ("no-classes", "has no class sub-folders"),
+    ("empty-class", "hold no image files"),
+])
+def test_bad_dataset_is_a_clear_error_before_any_setup(tmp_path, monkeypatch, case, message):
+    def no_setup(*args, **kwargs):
+        raise AssertionError("distributed/device set-up ran before the dataset check")
+
+    monkeypatch.setattr(pretrain, "init_distributed", no_setup)
+    monkeypatch.setattr(linear_eval, "init_distributed", no_setup)
+    data = _malformed(tmp_path, case)
+    with pytest.raises(DatasetError, match=message) as err:
+        pretrain.main(["--data", str(data), "--device", "cpu"])
+    assert "ImageNet layout" in str(err.value)
+    with pytest.raises(DatasetError, match=message):
+        linear_eval.main(["--data", str(data), "--pretrained", str(tmp_path / "x.pt")])
+
+
+def test_bad_dataset_cli_exits_with_message_not_traceback(tmp_path):
+    done = subprocess.run([sys.executable, str(EXAMPLE / "pretrain.py"), "--data",
+                           str(tmp_path / "nowhere")], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode != 0
+    assert "pretrain.py: error: --data" in done.stderr and "does not exist" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_bad_options_are_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match="exactly one of --data"):
+        pretrain.main(["--device", "cpu"])
+    with pytest.raises(ValueError, match="not a multiple of --segment-dim"):
+        pretrain.main(["--synthetic", "--projector", "64-50", "--device", "cpu"])
+    with pytest.raises(ValueError, match="not a multiple of the 3 processes"):
+        GlobalBatchSampler(100, global_batch=8, rank=0, world_size=3, seed=0)
+
+
+# ---------------------------------------------------------------------------------------
+# Optimiser and schedule: the VICReg / Barlow Twins LARS, the paper's schedule.
+# ---------------------------------------------------------------------------------------
+def test_lars_follows_its_formula_and_skips_biases_and_norms():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.BatchNorm1d(4))
+    lr, wd, momentum, eta = 0.7, 1e-2, 0.9, 0.05
+    opt = imagenet_lars.LARS(imagenet_lars.lars_param_groups(model), lr=lr, weight_decay=wd,
+                             momentum=momentum, eta=eta)
+    params = {name: p.detach().clone().double() for name, p in model.named_parameters()}
+    buffers = {name: torch.zeros_like(p) for name, p in params.items()}
+    for _ in range(3):
+        grads = {name: torch.randn_like(p) for name, p in params.items()}
+        for name, p in model.named_parameters():
+            p.grad = grads[name].float()
+        opt.step()
+        for name, w in params.items():  # the formula, written out in float64
+            g = grads[name]
+            if name == "0.weight":  # the only matrix: decayed and trust-scaled
+                g = g + wd * w
+                g = g * (eta * w.norm() / g.norm())
+            buffers[name] = momentum * buffers[name] + g
+            params[name] = w - lr * buffers[name]
+    for name, p in model.named_parameters():
+        assert _relative(p.detach().double(), params[name]) < 1e-6, name
+
+
+def test_lars_trust_ratio_is_one_for_zero_norms():
+    w = torch.nn.Parameter(torch.zeros(3, 3))  # e.g. a zero-initialised residual weight
+    opt = imagenet_lars.LARS([w], lr=0.5, weight_decay=0.0, momentum=0.0, eta=0.001)
+    w.grad = torch.ones(3, 3)
+    opt.step()
+    assert torch.equal(w.detach(), torch.full((3, 3), -0.5))
+
+
+def test_schedule_warms_up_from_zero_then_cosine_to_the_final_value():
+    peak = imagenet_lars.peak_learning_rate(2048, 0.6)
+    assert math.isclose(peak, 4.8)
+    lr = [imagenet_lars.learning_rate(s, total_steps=100, warmup_steps=10, peak=peak,
+                                      final=0.002) for s in range(101)]
+    assert lr[0] == 0.0 and math.isclose(lr[5], peak / 2) and math.isclose(lr[10], peak)
+    assert math.isclose(lr[100], 0.002)
+    assert math.isclose(lr[55], (peak + 0.002) / 2)  # cosine midpoint
+    assert all(a >= b for a, b in zip(lr[10:], lr[11:]))
+
+
+# ---------------------------------------------------------------------------------------
+# Data: per-sample seeded views, split-independent global batches.
+# ---------------------------------------------------------------------------------------
+def test_views_depend_only_on_seed_epoch_and_index():
+    data = TwoViewDataset(SyntheticImages(6, size=40), image_size=24, seed=3)
+    torch.manual_seed(123)  # the global generator must not matter
+    a = data[(2, 1)]
+    torch.manual_seed(456)
+    b = data[(2, 1)]
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not torch.equal(a[0], data[(2, 0)][0])  # a new epoch re-draws the augmentation
+    assert not torch.equal(a[0], a[1])  # two different views
+
+
+def test_ranks_slice_the_same_global_batches_as_one_process():
+    single = list(GlobalBatchSampler(37, global_batch=8, rank=0, world_size=1, seed=5))
+    ranks = [list(GlobalBatchSampler(37, global_batch=8, rank=r, world_size=2, seed=5))
+             for r in range(2)]
+    assert len(single) == 32  # 4 full global batches, the rest dropped
+    for step in range(4):
+        glued = ranks[0][4 * step:4 * step + 4] + ranks[1][4 * step:4 * step + 4]
+        assert glued == single[8 * step:8 * step + 8]
+    sampler = GlobalBatchSampler(37, global_batch=8, rank=0, world_size=1, seed=5)
+    sampler.set_epoch(0, start_step=3)  # resuming mid-epoch skips the trained batches
+    assert list(sampler) == single[24:]
+    sampler.set_epoch(1)
+    assert [i for i, _ in sampler] != [i for i, _ in single]
+
+
+# ---------------------------------------------------------------------------------------
+# The peers' multi-GPU forms: equal to the official single-process formulas.
+# ---------------------------------------------------------------------------------------
+def test_peer_losses_equal_single_process_formulas_on_one_process():
+    gen = torch.Generator().manual_seed(0)
+    z1 = torch.randn(32, 24, generator=gen, dtype=torch.float64, requires_grad=True)
+    z2 = (z1.detach() + 0.5 * torch.randn(32, 24, generator=gen, dtype=torch.float64))
+    z2.requires_grad_()
+    for mine, official in ((imagenet_losses.barlow_twins_loss_distributed, barlow_twins_loss),
+                           (imagenet_losses.vicreg_loss_distributed, vicreg_loss)):
+        loss, terms = mine(z1, z2)
+        want = official(z1, z2)
+        assert abs(float(loss.detach() - want.detach())) <= 1e-12 * abs(float(want.detach()))
+        assert math.isclose(sum(float(t) for t in terms.values()), float(loss), rel_tol=1e-9)
+        g_mine = torch.autograd.grad(loss, (z1, z2))
+        g_want = torch.autograd.grad(want, (z1, z2))
+        for a, b in zip(g_mine, g_want):
+            assert _relative(a, b) < 1e-12
+
+
+def _peer_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world)
+    gen = torch.Generator().manual_seed(0)
+    z1 = torch.randn(12, 16, generator=gen, dtype=torch.float64)
+    z2 = z1 + 0.5 * torch.randn(12, 16, generator=gen, dtype=torch.float64)
+    rows = slice(6 * rank, 6 * rank + 6)
+    results = {}
+    for name in ("barlow-twins", "vicreg", "music"):
+        a = z1[rows].clone().requires_grad_()
+        b = z2[rows].clone().requires_grad_()
+        crit = imagenet_losses.Criterion(name, segment_dim=4, backend="reference")
+        loss, _ = crit(a, b)
+        loss.backward()
+        results[name] = (loss.detach(), a.grad, b.grad)
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_peer_losses_on_two_gloo_ranks_train_like_one_process(tmp_path):
+    """Rank-mean loss = one-process loss; each rank's row gradient = world x the one-process
+    gradient of its rows (so DDP's averaging yields the one-process parameter gradient)."""
+    mp.spawn(_peer_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2,
+             join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    gen = torch.Generator().manual_seed(0)
+    z1 = torch.randn(12, 16, generator=gen, dtype=torch.float64, requires_grad=True)
+    z2 = (z1.detach() + 0.5 * torch.randn(12, 16, generator=gen, dtype=torch.float64))
+    z2.requires_grad_()
+    for name in ("barlow-twins", "vicreg", "music"):
+        loss, _ = imagenet_losses.Criterion(name, segment_dim=4, backend="reference")(z1, z2)
+        g1, g2 = torch.autograd.grad(loss, (z1, z2))
+        mean_loss = (ranks[0][name][0] + ranks[1][name][0]) / 2
+        assert abs(float(mean_loss - loss)) <= 1e-9 * abs(float(loss)), name
+        got1 = torch.cat([ranks[0][name][1], ranks[1][name][1]]) / 2
+        got2 = torch.cat([ranks[0][name][2], ranks[1][name][2]]) / 2
+        assert _relative(got1, g1) < 1e-9 and _relative(got2, g2) < 1e-9, name
+
+
+# ---------------------------------------------------------------------------------------
+# Linear evaluation.
+# ---------------------------------------------------------------------------------------
+def test_linear_eval_loads_every_backbone_format(tmp_path):
+    torch.manual_seed(0)
+    twin = TwinEncoder("resnet18", "64-40", "group")
+    want = twin.backbone.state_dict()
+    files = {
+        "backbone.pt": {"arch": "resnet18", "norm": "group", "state_dict": want},
+        "checkpoint.pt": {"model": twin.state_dict(),
+                          "args": {"arch": "resnet18", "norm": "group"}},
+    }
+    for name, blob in files.items():
+        torch.save(blob, tmp_path / name)
+        net, width = linear_eval.load_backbone(tmp_path / name, None, None)
+        assert width == 512
+        assert all(torch.equal(net.state_dict()[k], v) for k, v in want.items()), name
+    plain = TwinEncoder("resnet18", "64-40", "batch").backbone.state_dict()
+    torch.save(plain, tmp_path / "torchvision.pth")
+    net, _ = linear_eval.load_backbone(tmp_path / "torchvision.pth", "resnet18", "batch")
+    assert all(torch.equal(net.state_dict()[k], v) for k, v in plain.items())
+
+
+def test_linear_eval_runs_and_reports_top1_top5(tmp_path):
+    data = tmp_path / "data"
+    write_image_folder(data / "train", num_classes=6, per_class=5, size=36)
+    write_image_folder(data / "val", num_classes=6, per_class=2, size=36, seed=1)
+    twin = TwinEncoder("resnet18", "64-40", "batch")
+    torch.save({"arch": "resnet18", "norm": "batch",
+                "state_dict": twin.backbone.state_dict()}, tmp_path / "backbone.pt")
+    summary = linear_eval.main([
+        "--data", str(data), "--pretrained", str(tmp_path / "backbone.pt"), "--epochs", "1",
+        "--batch-size", "10", "--image-size", "32", "--resize", "36", "--workers", "0",
+        "--device", "cpu", "--output-dir", str(tmp_path / "out"), "--no-progress",
+        "--train-percent", "10"])
+    assert summary["train_images"] == 6  # ceil(10 % of 5) = 1 per class
+    assert summary["val_images"] == 12
+    assert 0 <= summary["best_top1"] <= summary["best_top5"] <= 100
+    assert json.loads((tmp_path / "out" / "summary.json").read_text()) == summary
+
+
+def test_example_doctests():
+    for module in (imagenet_common, imagenet_lars, imagenet_losses, linear_eval):
+        result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+        assert result.failed == 0, module.__name__
+
+
+# ---------------------------------------------------------------------------------------
+# The full-pipeline parity check (the CI twin of check_parity.py).
+# ---------------------------------------------------------------------------------------
+@pytest.mark.distributed
+def test_check_parity(tmp_path):
+    report = tmp_path / "parity.json"
+    done = subprocess.run([sys.executable, str(EXAMPLE / "check_parity.py"), "--workdir",
+                           str(tmp_path / "work"), "--json", str(report)],
+                          capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    results = json.loads(report.read_text())
+    names = [r["comparison"] for r in results["results"]]
+    assert results["ok"] and all(r["ok"] for r in results["results"])
+    assert any(n.startswith("torch vs reference") for n in names)
+    for loss in ("music", "barlow-twins", "vicreg"):
+        assert any(n.startswith(f"{loss}: 2 gloo ranks") for n in names)
+    resumed = [r for r in results["results"] if r["comparison"].startswith("resumed")]
+    assert resumed and resumed[0]["param_rel_diff"] == 0.0 and resumed[0]["steps"] == 6
+    # Triton is either compared or reported as skipped with its reason, never silent.
+    assert (any(n.startswith("triton") for n in names)
+            or any(n.startswith("triton: SKIPPED (") for n in results["notes"]))
