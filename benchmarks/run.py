@@ -190,11 +190,11 @@ def run_benchmarks(
     """
     gpu = device.type == "cuda"
     suite = get_suite(suite_name, gpu)
-    wanted = set(only) if only else set(ALL_PEERS)
-    unknown = wanted - set(ALL_PEERS)
+    wanted = set(only) if only else {case.method for case in suite.cases}
+    unknown = wanted - set(PEERS)
     if unknown:
         raise ValueError(f"--only: unknown peer(s) {sorted(unknown)}; choose from "
-                         f"{', '.join(ALL_PEERS)}")
+                         f"{', '.join(PEERS)}")
     cases = [c for c in suite.cases if c.method in wanted]
     if subprocess_per_case is None:
         subprocess_per_case = not gpu
@@ -205,7 +205,7 @@ def run_benchmarks(
         "torch.cuda.max_memory_allocated above memory_allocated before the call" if gpu else
         "peak RSS (VmHWM after /proc/self/clear_refs) above RSS before the call, "
         + ("fresh subprocess per case" if subprocess_per_case else "in-process"))
-    meta["peers"] = {name: PEERS[name].description for name in ALL_PEERS if name in wanted}
+    meta["peers"] = {name: PEERS[name].description for name in PEERS if name in wanted}
     records: list[dict[str, Any]] = []
     if resume and path.exists():
         previous = json.loads(path.read_text())["records"]
