@@ -2,7 +2,7 @@
 
 Usage::
 
-    python -m music_loss.kernels.aot --arch 80 90 [--json results.json] [--quick]
+    python -m music_loss.kernels.aot --arch 80 90 [--json results.json] [--quick] [--jobs 2]
 
 Compiles every kernel in every autotune config (and every precision mode) to PTX and cubin
 with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))``, then re-runs the
@@ -18,6 +18,8 @@ instruction in tf32/bf16 mode. Must run without ``TRITON_INTERPRET`` (with it,
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import re
@@ -25,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -50,6 +53,7 @@ class KernelSpec:
     num_stages: int
     needs_tensor_cores: bool = False
     config: str = ""
+    attrs: dict[tuple[int, ...], list[list[Any]]] = field(default_factory=dict)
 
 
 @dataclass
@@ -72,21 +76,37 @@ class AotRow:
     problems: list[str] = field(default_factory=list)
 
 
-def _signature(fn: Any, types: dict[str, str], constexprs: dict[str, Any]) -> dict[str, str]:
-    """Full signature: every argument typed, constexpr arguments marked ``constexpr``."""
-    sig = {}
-    for name in fn.arg_names:
+_FLOAT_ARGS = ("inv_temperature", "eps", "c_diag", "c_off", "inv_coef", "inv_n", "alpha")
+
+
+def _spec(kernel: str, variant: str, fn: Any, types: dict[str, str], constexprs: dict[str, Any],
+          num_warps: int, num_stages: int, config: str, unit: tuple[str, ...] = (),
+          needs_tensor_cores: bool = False) -> KernelSpec:
+    """Build a job the way the JIT specialises a launch at the paper's shape (N=2048,
+    D=8160, K=80): unit strides (``unit``) become the constant 1, and pointers and integer
+    arguments get the 16-divisibility attribute (16-byte aligned allocations; N, D, K,
+    chunk offsets and strides are multiples of 16 there). Without it bf16 loads are not
+    vectorised and the software pipeliner skips them."""
+    constexprs = {**constexprs, **{name: 1 for name in unit}}
+    signature: dict[str, str] = {}
+    attrs: dict[tuple[int, ...], list[list[Any]]] = {}
+    for index, name in enumerate(fn.arg_names):
         if name in constexprs:
-            sig[name] = "constexpr"
-        elif name in types:
-            sig[name] = types[name]
+            signature[name] = "constexpr"
+            continue
+        if name in types:
+            signature[name] = types[name]
         elif name.endswith("_ptr"):
-            sig[name] = "*fp32"
-        elif name in ("inv_temperature", "eps", "c_diag", "c_off", "inv_coef", "inv_n", "alpha"):
-            sig[name] = "fp32"
+            signature[name] = "*fp32"
+        elif name in _FLOAT_ARGS:
+            signature[name] = "fp32"
         else:
-            sig[name] = "i32"
-    return sig
+            signature[name] = "i32"
+        aligned_int = signature[name] == "i32" and name not in ("S", "row_start", "row_stop")
+        if signature[name].startswith("*") or aligned_int:
+            attrs[(index,)] = [["tt.divisibility", 16]]
+    return KernelSpec(kernel, variant, fn, signature, constexprs, num_warps, num_stages,
+                      needs_tensor_cores, config, attrs)
 
 
 def _config_label(meta: dict[str, Any], num_warps: int, num_stages: int) -> str:
@@ -95,68 +115,94 @@ def _config_label(meta: dict[str, Any], num_warps: int, num_stages: int) -> str:
 
 
 def kernel_specs(quick: bool = False) -> list[KernelSpec]:
-    """Every compile job: all kernels x autotune configs x precision modes."""
+    """Every compile job: all kernels x autotune configs x precision modes (x layouts)."""
     from music_loss.kernels import joint_entropy as je
     from music_loss.kernels import segment_softmax as ss
 
     specs: list[KernelSpec] = []
     precisions = ("ieee", "tf32", "bf16")
     for cfg in je.JOINT_CONFIGS[:2] if quick else je.JOINT_CONFIGS:
+        label = _config_label(cfg.kwargs, cfg.num_warps, cfg.num_stages)
         for prec in precisions:
             op = "*bf16" if prec == "bf16" else "*fp32"
             const = {**cfg.kwargs, "WRITE_G": True, "PRECISION": prec, "EMULATE_BF16": False}
-            specs.append(KernelSpec(
-                "joint_entropy", prec, je.joint_entropy_kernel,
-                _signature(je.joint_entropy_kernel,
-                           {"p1_ptr": op, "p2_ptr": op, "g_ptr": op}, const),
-                const, cfg.num_warps, cfg.num_stages, needs_tensor_cores=prec != "ieee",
-                config=_config_label(cfg.kwargs, cfg.num_warps, cfg.num_stages)))
+            specs.append(_spec("joint_entropy", prec, je.joint_entropy_kernel,
+                               {"p1_ptr": op, "p2_ptr": op, "g_ptr": op}, const,
+                               cfg.num_warps, cfg.num_stages, label,
+                               needs_tensor_cores=prec != "ieee"))
+    # The two products: dp2 += p1[:, a0:a1] @ G (all row-major, "NN") and
+    # dp1[:, a0:a1] = p2 @ G^T (B transposed, "NT"); the latter in tensor-core modes.
+    layouts = {"NN": ("stride_ak", "stride_bn", "stride_cn"),
+               "NT": ("stride_ak", "stride_bk", "stride_cn")}
     for cfg in je.MATMUL_CONFIGS[:2] if quick else je.MATMUL_CONFIGS:
-        for prec in precisions:
-            op = "*bf16" if prec == "bf16" else "*fp32"
-            const = {**cfg.kwargs, "ACCUMULATE": True, "PRECISION": prec, "EMULATE_BF16": False,
-                     "USE_INT64": False}
-            specs.append(KernelSpec(
-                "grad_product", prec, je.scaled_matmul_kernel,
-                _signature(je.scaled_matmul_kernel, {"a_ptr": op, "b_ptr": op}, const),
-                const, cfg.num_warps, cfg.num_stages, needs_tensor_cores=prec != "ieee",
-                config=_config_label(cfg.kwargs, cfg.num_warps, cfg.num_stages)))
+        label = _config_label(cfg.kwargs, cfg.num_warps, cfg.num_stages)
+        for layout, unit in layouts.items():
+            # NT (dp1's layout): once per tensor-core mode, in the first config.
+            nt_modes = precisions[1:] if cfg is je.MATMUL_CONFIGS[0] else ()
+            for prec in precisions if layout == "NN" else nt_modes:
+                op = "*bf16" if prec == "bf16" else "*fp32"
+                const = {**cfg.kwargs, "ACCUMULATE": layout == "NN", "PRECISION": prec,
+                         "EMULATE_BF16": False, "USE_INT64": False}
+                specs.append(_spec("grad_product", f"{prec},{layout}", je.scaled_matmul_kernel,
+                                   {"a_ptr": op, "b_ptr": op}, const, cfg.num_warps,
+                                   cfg.num_stages, label, unit,
+                                   needs_tensor_cores=prec != "ieee"))
     # int64 offsets (N * D >= 2**31) in the largest product config.
     big = je.MATMUL_CONFIGS[-1]
     const = {**big.kwargs, "ACCUMULATE": True, "PRECISION": "bf16", "EMULATE_BF16": False,
              "USE_INT64": True}
-    specs.append(KernelSpec(
-        "grad_product", "bf16,int64", je.scaled_matmul_kernel,
-        _signature(je.scaled_matmul_kernel, {"a_ptr": "*bf16", "b_ptr": "*bf16"}, const),
-        const, big.num_warps, big.num_stages, needs_tensor_cores=True,
-        config=_config_label(big.kwargs, big.num_warps, big.num_stages)))
+    specs.append(_spec("grad_product", "bf16,NN,int64", je.scaled_matmul_kernel,
+                       {"a_ptr": "*bf16", "b_ptr": "*bf16"}, const, big.num_warps,
+                       big.num_stages, _config_label(big.kwargs, big.num_warps, big.num_stages),
+                       layouts["NN"], needs_tensor_cores=True))
+    unit_z = ("stride_z1d", "stride_z2d")
     for k in SEGMENT_DIMS[1:2] if quick else SEGMENT_DIMS:
         meta = ss.softmax_blocks(k, _NUM_SEGMENTS[k])
         warps = meta.pop("num_warps")
         label = f"K={k} " + _config_label(meta, warps, 1)
-        for z_type, out_type in (("*fp32", "*fp32"), ("*bf16", "*bf16")):
-            for int64 in (False, True):
-                const = {**meta, "TWO_VIEWS": True, "ROUND_BF16": False, "USE_INT64": int64}
-                variant = f"{z_type[1:]}{',int64' if int64 else ''}"
-                specs.append(KernelSpec(
-                    "softmax_fwd", variant, ss.segment_softmax_fwd_kernel,
-                    _signature(ss.segment_softmax_fwd_kernel,
-                               {"z1_ptr": z_type, "z2_ptr": z_type, "p1_ptr": out_type,
-                                "p2_ptr": out_type}, const),
-                    const, warps, 1, config=label))
-                const = {**meta, "HAS_OFF": True, "USE_INT64": int64}
-                specs.append(KernelSpec(
-                    "loss_bwd", variant, ss.music_loss_bwd_kernel,
-                    _signature(ss.music_loss_bwd_kernel,
+        variants = ([("fp32", False), ("bf16", False), ("bf16", True)] if k == 80
+                    else [("fp32", False)])
+        for z_dtype, int64 in variants:
+            z_type = "*" + z_dtype
+            variant = z_dtype + (",int64" if int64 else "")
+            const = {**meta, "TWO_VIEWS": True, "ROUND_BF16": False, "USE_INT64": int64}
+            specs.append(_spec("softmax_fwd", variant, ss.segment_softmax_fwd_kernel,
+                               {"z1_ptr": z_type, "z2_ptr": z_type, "p1_ptr": z_type,
+                                "p2_ptr": z_type}, const, warps, 1, label, unit_z))
+            const = {**meta, "HAS_OFF": True, "USE_INT64": int64}
+            specs.append(_spec("loss_bwd", variant, ss.music_loss_bwd_kernel,
                                {"z1_ptr": z_type, "z2_ptr": z_type, "dz1_ptr": z_type,
-                                "dz2_ptr": z_type}, const),
-                    const, warps, 1, config=label))
+                                "dz2_ptr": z_type}, const, warps, 1, label, unit_z))
         const = {**meta, "USE_INT64": False}
-        specs.append(KernelSpec(
-            "softmax_bwd", "fp32", ss.segment_softmax_bwd_kernel,
-            _signature(ss.segment_softmax_bwd_kernel, {}, const), const, warps, 1,
-            config=label))
+        specs.append(_spec("softmax_bwd", "fp32", ss.segment_softmax_bwd_kernel, {}, const,
+                           warps, 1, label, ("stride_zd", "stride_dpd")))
     return specs
+
+
+@contextlib.contextmanager
+def _ptxas_log_printed() -> Iterator[None]:
+    """Ask Triton to print its ptxas log (``knobs.nvidia.dump_ptxas_log``) if it can."""
+    try:
+        from triton import knobs
+
+        previous = knobs.nvidia.dump_ptxas_log
+    except (ImportError, AttributeError):  # pragma: no cover - older Triton
+        yield
+        return
+    knobs.nvidia.dump_ptxas_log = True
+    try:
+        yield
+    finally:
+        knobs.nvidia.dump_ptxas_log = previous
+
+
+def _parse_ptxas_log(log: str) -> tuple[int, int, int]:
+    """``(registers, spill store bytes, spill load bytes)``; -1s when not in ``log``."""
+    regs = re.search(r"Used (\d+) registers", log)
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    return (int(regs.group(1)) if regs else -1,
+            int(spills.group(1)) if spills else -1,
+            int(spills.group(2)) if spills else -1)
 
 
 def _ptxas_stats(ptx: str, arch: int) -> tuple[int, int, int]:
@@ -172,14 +218,15 @@ def _ptxas_stats(ptx: str, arch: int) -> tuple[int, int, int]:
         src = os.path.join(tmp, "k.ptx")
         with open(src, "w") as fh:
             fh.write(ptx)
-        cmd = [ptxas, "-v", f"--gpu-name={gpu}", src, "-o", os.path.join(tmp, "k.cubin")]
-        out = subprocess.run(cmd, capture_output=True, text=True)
-        log = out.stderr + out.stdout
-    regs = re.search(r"Used (\d+) registers", log)
-    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
-    return (int(regs.group(1)) if regs else -1,
-            int(spills.group(1)) if spills else -1,
-            int(spills.group(2)) if spills else -1)
+        # Triton's own ptxas flags (triton/backends/nvidia/compiler.py make_cubin).
+        for extra in (["--regAllocOptLevel=2"], []):
+            cmd = [ptxas, "-lineinfo", "-v", *extra, f"--gpu-name={gpu}", src, "-o",
+                   os.path.join(tmp, "k.cubin")]
+            out = subprocess.run(cmd, capture_output=True, text=True)
+            log = out.stderr + out.stdout
+            if out.returncode == 0:
+                break
+    return _parse_ptxas_log(log)
 
 
 def compile_spec(spec: KernelSpec, arch: int) -> AotRow:
@@ -191,11 +238,16 @@ def compile_spec(spec: KernelSpec, arch: int) -> AotRow:
     row = AotRow(spec.kernel, spec.variant, spec.config, arch, ok=False,
                  smem_limit=SMEM_LIMIT[arch], needs_tensor_cores=spec.needs_tensor_cores)
     start = time.perf_counter()
+    log = io.StringIO()
     try:
-        src = ASTSource(fn=spec.fn, signature=spec.signature, constexprs=spec.constexprs)
-        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                                  options={"num_warps": spec.num_warps,
-                                           "num_stages": spec.num_stages})
+        src = ASTSource(fn=spec.fn, signature=spec.signature, constexprs=spec.constexprs,
+                        attrs=spec.attrs)
+        # Triton's own `ptxas -v` log, when this Triton can print it (saves a second ptxas
+        # run); a cached compile prints nothing and falls back to running ptxas below.
+        with _ptxas_log_printed(), contextlib.redirect_stdout(log):
+            compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                                      options={"num_warps": spec.num_warps,
+                                               "num_stages": spec.num_stages})
     except Exception as err:  # every failure becomes a row, and exit status 1
         row.problems.append(f"compile failed: {type(err).__name__}: {str(err)[:300]}")
         row.seconds = time.perf_counter() - start
@@ -204,7 +256,10 @@ def compile_spec(spec: KernelSpec, arch: int) -> AotRow:
     row.shared_bytes = int(compiled.metadata.shared)
     row.tensor_core_instructions = len(re.findall(r"\bwgmma\.mma_async" if arch >= 90
                                                   else r"\bmma\.sync", ptx))
-    row.registers, row.spill_stores, row.spill_loads = _ptxas_stats(ptx, arch)
+    stats = _parse_ptxas_log(log.getvalue())
+    if stats[0] < 0:
+        stats = _ptxas_stats(ptx, arch)
+    row.registers, row.spill_stores, row.spill_loads = stats
     row.ok = True
     if row.shared_bytes > row.smem_limit:
         row.ok = False
@@ -218,22 +273,36 @@ def compile_spec(spec: KernelSpec, arch: int) -> AotRow:
 
 def _print_row(row: AotRow) -> None:
     status = "ok" if row.ok else "FAIL"
-    print(f"{row.kernel:<14} {row.variant:<11} {row.config:<26} sm_{row.arch:<3} "
+    print(f"{row.kernel:<14} {row.variant:<14} {row.config:<23} sm_{row.arch:<3} "
           f"{row.shared_bytes:>7} /{row.smem_limit:>7} {row.registers:>4} "
           f"{row.spill_stores:>5}/{row.spill_loads:<5} {row.tensor_core_instructions:>5} "
           f"{status:<4} {'; '.join(row.problems)}", flush=True)
 
 
-def run(archs: list[int], quick: bool = False) -> list[AotRow]:
-    """Compile every job for every arch, printing rows as they finish."""
-    specs = kernel_specs(quick)
-    print(f"{'kernel':<14} {'variant':<11} {'config':<26} {'arch':<6} "
+def _compile_job(job: tuple[int, int, bool]) -> AotRow:
+    """Worker entry point: rebuild the job list (kernels do not pickle), compile one."""
+    index, arch, quick = job
+    return compile_spec(kernel_specs(quick)[index], arch)
+
+
+def run(archs: list[int], quick: bool = False, jobs: int = 1) -> list[AotRow]:
+    """Compile every job for every arch (``jobs`` processes), printing rows in order."""
+    count = len(kernel_specs(quick))
+    work = [(index, arch, quick) for arch in archs for index in range(count)]
+    print(f"{'kernel':<14} {'variant':<14} {'config':<23} {'arch':<6} "
           f"{'smem':>7} /{'limit':>7} {'regs':>4} {'spill st/ld':<11} {'tc':>5} status",
           flush=True)
-    rows = []
-    for arch in archs:
-        for spec in specs:
-            row = compile_spec(spec, arch)
+    rows: list[AotRow] = []
+    if jobs <= 1:
+        for job in work:
+            rows.append(_compile_job(job))
+            _print_row(rows[-1])
+        return rows
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        for row in pool.map(_compile_job, work):
             _print_row(row)
             rows.append(row)
     return rows
@@ -266,13 +335,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default=None, help="write the rows to this JSON file")
     parser.add_argument("--quick", action="store_true",
                         help="first two configs of each product and K=80 only")
+    parser.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1),
+                        help="compile processes (default: min(4, CPUs))")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("error: unset TRITON_INTERPRET (triton.compile cannot compile interpreted "
               "functions)", file=sys.stderr)
         return 2
     start = time.perf_counter()
-    rows = run(args.arch, args.quick)
+    rows = run(args.arch, args.quick, args.jobs)
     print(summarize(rows))
     failed = [r for r in rows if not r.ok]
     print(f"{len(rows)} compiles in {time.perf_counter() - start:.1f} s; {len(failed)} failed")

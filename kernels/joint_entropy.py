@@ -63,31 +63,28 @@ def _operand_smem(block_m: int, block_n: int, block_k: int, stages: int) -> int:
 
 #: Autotune configs of the joint kernel. The epilogue (masks, a log, two reductions and the
 #: G store) holds the fp32 accumulator plus several same-shaped temporaries, so configs are
-#: filtered on accumulator registers per thread (<= 64: 128x128 with 4 warps spills, SPEC 5)
-#: and on operand staging fitting sm_80's per-block shared memory.
+#: filtered on accumulator registers per thread: 32 (ptxas -v, sm_90: 64 per thread spills
+#: 180-312 bytes in this epilogue, SPEC 5 saw the same at 128x128x64) and on operand staging
+#: fitting sm_80's per-block shared memory.
 JOINT_CONFIGS: list[triton.Config] = [
     triton.Config({"BLOCK_A": ba, "BLOCK_B": bb, "BLOCK_N": bn, "GROUP_A": 8},
                   num_warps=warps, num_stages=stages)
-    for ba, bb in ((64, 64), (128, 64), (128, 128))
-    for bn in (32, 64)
+    for ba, bb in ((64, 64), (128, 64), (64, 128))
+    for bn, stages in ((32, 4), (64, 3))
     for warps in (4, 8)
-    for stages in (3, 4)
-    if 16 <= ba * bb // (32 * warps) <= 64
+    if ba * bb // (32 * warps) == 32
     and _operand_smem(ba, bb, bn, stages) <= SMEM_LIMIT_SM80 - 16 * 1024
-    and not (ba == 64 and bb == 64 and (warps == 8 or bn == 32 or stages == 3))
 ]
 
-#: Autotune configs of the gradient products (plain epilogue: up to 128 accumulators/thread).
+#: Autotune configs of the gradient products: a plain epilogue, so up to 64 accumulators
+#: per thread (ptxas -v, sm_90: 128 and more spill).
 MATMUL_CONFIGS: list[triton.Config] = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
                   num_warps=warps, num_stages=stages)
-    for bm, bn in ((64, 128), (128, 128), (128, 256))
-    for bk in (32, 64)
-    for warps in (4, 8)
-    for stages in (3, 4)
-    if 32 <= bm * bn // (32 * warps) <= 128
-    and _operand_smem(bm, bn, bk, stages) <= SMEM_LIMIT_SM80 - 16 * 1024
-    and not (bm == 64 and warps == 8)
+    for bm, bn, warps in ((64, 64, 4), (64, 128, 4), (128, 128, 8))
+    for bk, stages in ((32, 4), (64, 3))
+    if _operand_smem(bm, bn, bk, stages) <= SMEM_LIMIT_SM80 - 16 * 1024
+    and (bm, bn, bk) != (64, 64, 32)  # too little work per K step to hide latency
 ]
 
 #: Configs used under the interpreter (and by tests that pin one): few, large programs.

@@ -169,3 +169,28 @@ def music_loss_triton(
         config.invariance_weight, start, stop, precision, chunk_rows or 0, need_grad,
     )
     return MUSICTerms(terms[0], terms[1], terms[2], terms[3])
+
+
+def fused_memory_bytes(n: int, dim: int, precision: str, need_grad: bool = True,
+                       chunk_rows: int | None = None) -> dict[str, int]:
+    """Bytes the fused path allocates beyond the inputs and their gradients, by buffer.
+
+    ``p`` (operand dtype) lives during the forward only; ``dp_off`` (fp32) is saved for the
+    backward; the ``G`` chunk, partial sums and ``diag(P)`` are the bounded workspace
+    (:func:`music_loss.kernels.joint_entropy.workspace_bytes`). Nothing is ``D x D``.
+
+    Example:
+        >>> plan = fused_memory_bytes(2048, 8160, "tf32")
+        >>> plan["workspace"] < 4 * 8160**2 // 7
+        True
+    """
+    from music_loss.kernels.joint_entropy import workspace_bytes
+
+    check_precision(precision)
+    p_bytes = 2 * n * dim * operand_dtype(precision).itemsize
+    saved = 2 * n * dim * 4 if need_grad else 0
+    workspace = workspace_bytes(dim, precision, chunk_rows) if need_grad else (
+        workspace_bytes(dim, precision, chunk_rows)
+        - min(chunk_rows or dim, dim) * dim * operand_dtype(precision).itemsize)
+    return {"p1_p2": p_bytes, "saved_dp_off": saved, "workspace": workspace,
+            "peak": p_bytes + saved + workspace}
