@@ -1,0 +1,42 @@
+# Two commands do all the set-up on a fresh machine:
+#   make demo   - create .venv with the pinned stack if missing, run the quickstart
+#   make test   - create .venv with the pinned stack if missing, run the test suite
+PYTHON ?= python3.11
+VENV   ?= .venv
+# The tested stack (torch 2.14.1 brings triton 3.8). Runtime requirements in pyproject.toml
+# are looser: no older than what was tested.
+STACK  := torch==2.14.1 torchvision==0.29.1
+BIN    := $(VENV)/bin
+PYTEST_ARGS ?=
+
+.PHONY: demo test lint gpu-test aot env clean
+
+env: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(STACK)
+	$(BIN)/python -m pip install -q -e ".[dev,bench,examples]"
+	touch $@
+
+demo: env
+	$(BIN)/python examples/quickstart.py
+
+# CI's test command: everything but `slow` runs and GPU tests (those skip without CUDA).
+test: env
+	$(BIN)/python -m pytest -m "not slow" --doctest-modules music_loss tests $(PYTEST_ARGS)
+
+lint: env
+	$(BIN)/ruff check .
+	$(BIN)/mypy -p music_loss
+
+# On a GPU machine (no internet): pip install --no-build-isolation --no-deps -e . first.
+gpu-test:
+	python -m pytest -m "gpu or slow or not slow" tests -x -q -rs
+
+aot: env
+	env -u TRITON_INTERPRET $(BIN)/python -m music_loss.kernels.aot --arch 80 90
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info
