@@ -2,7 +2,7 @@
 
 Builds a tiny ImageFolder of generated JPEGs, then runs the real ``pretrain.py`` pipeline
 (JPEG decoding, the seeded asymmetric augmentations, torchvision ResNet-18 at 32 px, projector
-512-480, ``segment_dim=80``, LARS with warm-up + cosine, checkpoints) for 2 epochs of 3 steps
+512-480, ``segment_dim=80``, LARS with warm-up + cosine, checkpoints) for 2 epochs of 2 steps
 and compares, after every step and at the end:
 
 1. ``backend="torch"`` vs ``backend="reference"`` (same process, BatchNorm): the fast path
@@ -14,7 +14,7 @@ and compares, after every step and at the end:
    statistics depend on the split and SyncBatchNorm is CUDA-only, so these runs use
    ``--norm group``; augmentations are seeded per sample, so both see the same images. The
    2-rank loss compared is the mean over ranks (SPEC 3), the parameters are rank 0's.
-4. A run pre-empted after step 4 (mid-epoch) and resumed from its checkpoint vs an
+4. A run pre-empted after step 3 (mid-epoch) and resumed from its checkpoint vs an
    uninterrupted run: must be bit-identical.
 
 Loss difference: worst over steps of ``|a - b| / |b|``. Parameter difference: relative
@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     data = work / "data"
     if not (data / "train").exists():
-        write_image_folder(data / "train", num_classes=4, per_class=6, size=40)
+        write_image_folder(data / "train", num_classes=4, per_class=4, size=40)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # 2 shared cores: oversubscribed OpenMP threads only spin
     results: list[dict[str, Any]] = []
@@ -231,8 +231,8 @@ def main(argv: list[str] | None = None) -> int:
             results.append(compare(f"{loss}: 2 gloo ranks vs 1 process (GroupNorm)", "ranks",
                                    pairs[loss], singles[loss]))
 
-        # 4. Pre-empted after step 4 (epoch 1, batch 1), resumed with the same command.
-        resumed = run("resumed", backend="torch", stop_after_steps=4)
+        # 4. Pre-empted after step 3 (epoch 1, batch 1), resumed with the same command.
+        resumed = run("resumed", backend="torch", stop_after_steps=3)
         first_part = losses(resumed)
         run_pipeline(pipeline_args(data, resumed, backend="torch"))
         results.append(compare(f"resumed at step {len(first_part)} vs uninterrupted "

@@ -187,10 +187,12 @@ def _run(args: argparse.Namespace, env: DistEnv, train_dir: Path,
     local = args.batch_size // env.world_size
     kwargs: dict[str, Any] = {"num_workers": args.workers,
                               "pin_memory": env.device.type == "cuda"}
-    train_sampler = torch.utils.data.distributed.DistributedSampler(
-        train_subset, env.world_size, env.rank, shuffle=True, seed=args.seed)
-    val_sampler = torch.utils.data.distributed.DistributedSampler(
-        val_set, env.world_size, env.rank, shuffle=False)
+    train_sampler: torch.utils.data.distributed.DistributedSampler[Any] = (
+        torch.utils.data.distributed.DistributedSampler(
+            train_subset, env.world_size, env.rank, shuffle=True, seed=args.seed))
+    val_sampler: torch.utils.data.distributed.DistributedSampler[Any] = (
+        torch.utils.data.distributed.DistributedSampler(val_set, env.world_size, env.rank,
+                                                        shuffle=False))
     train_loader = torch.utils.data.DataLoader(train_subset, local, sampler=train_sampler,
                                                **kwargs)
     val_loader = torch.utils.data.DataLoader(val_set, local, sampler=val_sampler, **kwargs)

@@ -24,6 +24,7 @@ import argparse
 import csv
 import json
 import math
+import os
 import random
 import sys
 import time
@@ -84,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="with --synthetic: random already-augmented tensors made on the device "
                            "(measures model + loss throughput without the CPU data pipeline)")
     data.add_argument("--image-size", type=int, default=224, help="crop size of the views")
-    data.add_argument("--workers", type=int, default=8, help="data-loading processes per rank")
+    data.add_argument("--workers", type=int, default=None,
+                      help="data-loading processes per rank (default: min(8, CPUs per rank))")
     model = p.add_argument_group("model and loss")
     model.add_argument("--arch", default="resnet50", choices=ARCHS)
     model.add_argument("--projector", default="8192-8160",
@@ -151,7 +153,7 @@ def check_args(args: argparse.Namespace) -> None:
     for name in ("epochs", "batch_size", "image_size", "log_every"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
-    if args.warmup_epochs < 0 or args.workers < 0:
+    if args.warmup_epochs < 0 or (args.workers is not None and args.workers < 0):
         raise ValueError("--warmup-epochs and --workers must be >= 0")
     if args.amp == "fp16" and args.device == "cpu":
         raise ValueError("--amp fp16 needs CUDA; use --amp bf16 or none on CPU")
@@ -311,10 +313,14 @@ def _train(args: argparse.Namespace, env: DistEnv) -> dict[str, Any]:
               if args.synthetic else torchvision.datasets.ImageFolder(str(args.data / "train")))
     sampler = GlobalBatchSampler(len(images), args.batch_size, env.rank, env.world_size,
                                  args.seed)
-    loader = torch.utils.data.DataLoader(
+    workers = args.workers
+    if workers is None:
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        workers = min(8, max(1, (os.cpu_count() or 1) // per_node - 1))
+    loader = None if args.synthetic_on_device else torch.utils.data.DataLoader(
         TwoViewDataset(images, args.image_size, args.seed), batch_size=sampler.local_batch,
-        sampler=sampler, num_workers=args.workers, pin_memory=cuda, drop_last=True,
-        persistent_workers=args.workers > 0)
+        sampler=sampler, num_workers=workers, pin_memory=cuda, drop_last=True,
+        persistent_workers=workers > 0)
     steps_per_epoch = sampler.steps_per_epoch
     total_steps = args.epochs * steps_per_epoch
     warmup_steps = round(args.warmup_epochs * steps_per_epoch)
@@ -358,7 +364,7 @@ def _train(args: argparse.Namespace, env: DistEnv) -> dict[str, Any]:
         sampler.set_epoch(epoch, first)
         batches: Any = (on_device_batches(env, sampler.local_batch, args.image_size, args.seed,
                                           step, channels_last)
-                        if args.synthetic_on_device else iter(loader))
+                        if loader is None else iter(loader))
         bar = tqdm(total=steps_per_epoch, initial=first, desc=f"epoch {epoch}",
                    disable=not env.main or args.no_progress, dynamic_ncols=True)
         for _ in range(first, steps_per_epoch):
