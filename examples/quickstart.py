@@ -139,8 +139,9 @@ def main() -> None:
             terms.loss.backward()
             optimizer.step()
             schedule.step()
-            bar.set_postfix(loss=f"{terms.loss.item():.3f}", ent=f"{(terms.diag + terms.off).item():.3f}",
-                            inv=f"{terms.invariance.item():.3f}")
+            entropy = (terms.diag + terms.off).item()
+            bar.set_postfix(loss=f"{terms.loss.item():.3f}", entropy=f"{entropy:.3f}",
+                            invariance=f"{terms.invariance.item():.3f}")
             bar.update()
     bar.close()
 

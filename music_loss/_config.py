@@ -43,7 +43,7 @@ class MUSICTerms(NamedTuple):
 
 @dataclass(frozen=True)
 class LossConfig:
-    """Validated hyperparameters of the MUSIC loss (see :func:`music_loss.functional.music_loss`)."""
+    """Validated hyperparameters of the MUSIC loss (:func:`music_loss.functional.music_loss`)."""
 
     segment_dim: int
     temperature: float = 1.0

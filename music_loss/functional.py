@@ -217,11 +217,69 @@ def invariance_term(p1: Tensor, p2: Tensor, segment_dim: int) -> Tensor:
 
 
 @overload
-def music_loss(z1: Tensor, z2: Tensor, segment_dim: int = ..., *,
-               return_terms: Literal[False] = ..., **kwargs: Any) -> Tensor: ...
+def music_loss(
+    z1: Tensor,
+    z2: Tensor,
+    segment_dim: int = ...,
+    *,
+    temperature: float = ...,
+    eps: float = ...,
+    diag_weight: float = ...,
+    off_weight: float = ...,
+    invariance_weight: float = ...,
+    normalization: str = ...,
+    gather_distributed: bool = ...,
+    process_group: Any = ...,
+    backend: str = ...,
+    precision: str = ...,
+    return_terms: Literal[False] = ...,
+    check_finite: bool = ...,
+    chunk_size: int | None = ...,
+) -> Tensor: ...
+
+
 @overload
-def music_loss(z1: Tensor, z2: Tensor, segment_dim: int = ..., *,
-               return_terms: Literal[True], **kwargs: Any) -> MUSICTerms: ...
+def music_loss(
+    z1: Tensor,
+    z2: Tensor,
+    segment_dim: int = ...,
+    *,
+    temperature: float = ...,
+    eps: float = ...,
+    diag_weight: float = ...,
+    off_weight: float = ...,
+    invariance_weight: float = ...,
+    normalization: str = ...,
+    gather_distributed: bool = ...,
+    process_group: Any = ...,
+    backend: str = ...,
+    precision: str = ...,
+    return_terms: Literal[True],
+    check_finite: bool = ...,
+    chunk_size: int | None = ...,
+) -> MUSICTerms: ...
+
+
+@overload
+def music_loss(
+    z1: Tensor,
+    z2: Tensor,
+    segment_dim: int = ...,
+    *,
+    temperature: float = ...,
+    eps: float = ...,
+    diag_weight: float = ...,
+    off_weight: float = ...,
+    invariance_weight: float = ...,
+    normalization: str = ...,
+    gather_distributed: bool = ...,
+    process_group: Any = ...,
+    backend: str = ...,
+    precision: str = ...,
+    return_terms: bool = ...,
+    check_finite: bool = ...,
+    chunk_size: int | None = ...,
+) -> Tensor | MUSICTerms: ...
 
 
 def music_loss(

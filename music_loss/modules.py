@@ -7,8 +7,8 @@ from typing import Any
 from torch import Tensor, nn
 
 from music_loss._config import BACKENDS, PRECISIONS, MUSICTerms
-from music_loss.functional import _check_choice, make_config, music_loss, segment_softmax
 from music_loss.distributed import is_distributed_ready
+from music_loss.functional import _check_choice, make_config, music_loss, segment_softmax
 
 
 class MUSICLoss(nn.Module):

@@ -42,7 +42,9 @@ def block_masks(dim: int, segment_dim: int, device: torch.device) -> tuple[Tenso
     return diag, off
 
 
-def joint_entropy_terms_reference(p1: Tensor, p2: Tensor, segment_dim: int) -> tuple[Tensor, Tensor]:
+def joint_entropy_terms_reference(
+    p1: Tensor, p2: Tensor, segment_dim: int
+) -> tuple[Tensor, Tensor]:
     """Raw sums ``H_diag = sum_a P_aa lg P_aa`` and ``H_off`` over the off-diagonal blocks."""
     n, d = p1.shape
     joint = p1.T @ p2 / n
