@@ -47,7 +47,7 @@ from imagenet_common import write_image_folder  # noqa: E402
 
 #: (loss, parameter) relative tolerances per comparison; see the module docstring.
 TOLERANCES = {
-    "backend": (1e-5, 1e-4),
+    "backend": (1e-5, 1e-5),
     "ranks": (1e-5, 1e-4),
     "resume": (0.0, 0.0),
 }
