@@ -209,10 +209,14 @@ def measure_cuda(case: Case, budget: Budget, device: torch.device) -> dict[str, 
     gc.collect()
     torch.cuda.reset_peak_memory_stats(device)
     before = torch.cuda.memory_allocated(device)
+    t0 = time.perf_counter()
     step()
     torch.cuda.synchronize(device)
+    call_ms = (time.perf_counter() - t0) * 1e3
     peak = (torch.cuda.max_memory_allocated(device) - before) / MIB
-    warmup_ms, rep_ms = budget.warmup_s * 1e3, budget.time_s * 1e3
+    # do_bench repeats for rep_ms: enough for min_reps calls, at most max_reps.
+    warmup_ms = budget.warmup_s * 1e3
+    rep_ms = min(budget.max_reps * call_ms, max(budget.time_s * 1e3, budget.min_reps * call_ms))
     try:
         from triton.testing import do_bench
 

@@ -157,12 +157,16 @@ def set_matmul_precision(precision: str) -> None:
 
 def random_views(n: int, d: int, dtype: torch.dtype, device: torch.device,
                  seed: int = 0) -> tuple[Tensor, Tensor]:
-    """Two correlated views (a shared signal plus noise), as an encoder would produce."""
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    shared = torch.randn(n, d, generator=gen, dtype=torch.float64)
-    z1 = shared + 0.5 * torch.randn(n, d, generator=gen, dtype=torch.float64)
-    z2 = shared + 0.5 * torch.randn(n, d, generator=gen, dtype=torch.float64)
-    return z1.to(device=device, dtype=dtype), z2.to(device=device, dtype=dtype)
+    """Two correlated views (a shared signal plus noise), as an encoder would produce.
+
+    Drawn on ``device`` in its compute dtype (float64 stays float64), then cast.
+    """
+    gen = torch.Generator(device=device).manual_seed(seed)
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    shared = torch.randn(n, d, generator=gen, dtype=work, device=device)
+    z1 = shared + 0.5 * torch.randn(n, d, generator=gen, dtype=work, device=device)
+    z2 = shared.add_(0.5 * torch.randn(n, d, generator=gen, dtype=work, device=device))
+    return z1.to(dtype), z2.to(dtype)
 
 
 def segment_probabilities(z: Tensor, segment_dim: int) -> Tensor:

@@ -54,11 +54,11 @@ def _record(case: Case, device: torch.device, status: str, **fields: Any) -> dic
     return row
 
 
-def _derived(case: Case, device_name: str, timing: dict[str, Any]) -> dict[str, Any]:
+def _derived(case: Case, device: torch.device, device_name: str,
+             timing: dict[str, Any]) -> dict[str, Any]:
     flops = PEERS[case.method].flops(case.n, case.d, case.mode)
     tflops = flops / (timing["median_ms"] * 1e-3) / 1e12 if timing.get("median_ms") else None
-    peak = hardware.peak_tflops(device_name, case.precision) if "cpu" not in device_name.lower() \
-        else None
+    peak = hardware.peak_tflops(device_name, case.precision) if device.type == "cuda" else None
     return {"flops": flops, "tflops": tflops,
             "fraction_of_peak": tflops / peak if (tflops is not None and peak) else None,
             "peak_tflops": peak}
@@ -251,8 +251,8 @@ def run_benchmarks(
                 timing = _run_child(case, suite.budget, case_timeout_s)
             else:
                 timing = measure_cpu(case, suite.budget)
-            row = _record(case, device, "ok", **timing, **_derived(case, device_name, timing),
-                          **check.as_dict())
+            derived = _derived(case, device, device_name, timing)
+            row = _record(case, device, "ok", **timing, **derived, **check.as_dict())
         except subprocess.TimeoutExpired:
             row = _record(case, device, f"failed: over the {case_timeout_s:.0f} s case limit")
         except Exception as err:
