@@ -4,7 +4,8 @@ Usage::
 
     python -m music_loss.kernels.aot --arch 80 90 [--json results.json] [--quick] [--jobs 2]
 
-Compiles every kernel in every autotune config (and every precision mode) to PTX and cubin
+Compiles every kernel in every autotune config of every precision mode
+(``joint_entropy.configs_for``) to PTX and cubin
 with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))``, then re-runs the
 ptxas bundled with Triton with ``-v`` on the PTX to read registers and spills. Prints one
 row per kernel/variant/config/arch: shared memory (and the per-block limit: 227 KiB sm_90,
@@ -123,7 +124,7 @@ def kernel_specs(quick: bool = False) -> list[KernelSpec]:
     precisions = ("ieee", "tf32", "bf16")
     for cfg in je.JOINT_CONFIGS[:2] if quick else je.JOINT_CONFIGS:
         label = _config_label(cfg.kwargs, cfg.num_warps, cfg.num_stages)
-        for prec in precisions:
+        for prec in [p for p in precisions if cfg in je.configs_for(je.JOINT_CONFIGS, p)]:
             op = "*bf16" if prec == "bf16" else "*fp32"
             const = {**cfg.kwargs, "WRITE_G": True, "PRECISION": prec, "EMULATE_BF16": False}
             specs.append(_spec("joint_entropy", prec, je.joint_entropy_kernel,
@@ -139,7 +140,8 @@ def kernel_specs(quick: bool = False) -> list[KernelSpec]:
         for layout, unit in layouts.items():
             # NT (dp1's layout): once per tensor-core mode, in the first config.
             nt_modes = precisions[1:] if cfg is je.MATMUL_CONFIGS[0] else ()
-            for prec in precisions if layout == "NN" else nt_modes:
+            modes = [p for p in precisions if cfg in je.configs_for(je.MATMUL_CONFIGS, p)]
+            for prec in modes if layout == "NN" else nt_modes:
                 op = "*bf16" if prec == "bf16" else "*fp32"
                 const = {**cfg.kwargs, "ACCUMULATE": layout == "NN", "PRECISION": prec,
                          "EMULATE_BF16": False, "USE_INT64": False}
@@ -320,7 +322,7 @@ def summarize(rows: list[AotRow]) -> str:
             f"sm_{arch}: {len(ok)}/{len(sub)} ok; max shared {max(r.shared_bytes for r in sub)} B "
             f"(limit {SMEM_LIMIT[arch]}); max registers {max(r.registers for r in sub)}; "
             f"configs with spills: {len(spilled)}"
-            + (f" ({', '.join(sorted({r.kernel + ' ' + r.config for r in spilled}))})"
+            + (f" ({', '.join(sorted({f'{r.kernel} {r.variant} {r.config}' for r in spilled}))})"
                if spilled else "")
             + f"; tf32/bf16 products with tensor-core instructions: "
               f"{sum(r.tensor_core_instructions > 0 for r in tc)}/{len(tc)}")

@@ -87,6 +87,27 @@ MATMUL_CONFIGS: list[triton.Config] = [
     and (bm, bn, bk) != (64, 64, 32)  # too little work per K step to hide latency
 ]
 
+
+def configs_for(configs: list[triton.Config], precision: str) -> list[triton.Config]:
+    """The configs a precision mode autotunes over.
+
+    ``ieee`` runs on FMA units, where the operand tiles are spread over registers: on sm_80
+    (ptxas -v, see ``python -m music_loss.kernels.aot``) every config with a 64-deep K step,
+    and the joint kernel with 4 warps, spilled (84 to 9304 bytes); those are dropped for it.
+    """
+    if precision != "ieee":
+        return list(configs)
+    depth = lambda c: c.kwargs.get("BLOCK_N", 0) if "BLOCK_A" in c.kwargs else c.kwargs["BLOCK_K"]
+    return [c for c in configs if depth(c) == 32 and ("BLOCK_A" not in c.kwargs
+                                                       or c.num_warps == 8)]
+
+
+def _prune(configs: list[triton.Config], named_args: dict[str, Any],
+           **kwargs: Any) -> list[triton.Config]:
+    precision = kwargs.get("PRECISION", named_args.get("PRECISION", "tf32"))
+    return configs_for(configs, precision) or list(configs)
+
+
 #: Configs used under the interpreter (and by tests that pin one): few, large programs.
 INTERPRET_JOINT_META: dict[str, int] = {"BLOCK_A": 64, "BLOCK_B": 64, "BLOCK_N": 32,
                                         "GROUP_A": 4}
@@ -211,10 +232,11 @@ def scaled_matmul_kernel(
 # runs so accumulation (``dp2 +=``) is not applied once per config.
 _joint_autotuned: Any = None if INTERPRET else triton.autotune(
     configs=JOINT_CONFIGS, key=["N", "D", "num_rows", "PRECISION", "WRITE_G"],
+    prune_configs_by={"early_config_prune": _prune},
 )(joint_entropy_kernel)
 _matmul_autotuned: Any = None if INTERPRET else triton.autotune(
     configs=MATMUL_CONFIGS, key=["M", "N", "K", "PRECISION", "ACCUMULATE"],
-    restore_value=["c_ptr"],
+    prune_configs_by={"early_config_prune": _prune}, restore_value=["c_ptr"],
 )(scaled_matmul_kernel)
 
 

@@ -17,6 +17,7 @@ Data flow of the forward (gradients computed in it, Liger style, when needed):
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -47,6 +48,22 @@ def fused_forward(
         ``(terms, dp_off1, dp_off2, p_diag)``; ``dp_off*`` are empty unless ``need_grad``
         and the off-block term has a nonzero coefficient.
     """
+    with _device_of(z1):
+        return _fused_forward_impl(z1, z2, segment_dim, temperature, eps, c_diag, c_off,
+                                   invariance_weight, row_start, row_stop, precision,
+                                   chunk_rows, need_grad)
+
+
+def _device_of(z: Tensor) -> Any:
+    """Launch on ``z``'s GPU, not the current one (Triton launches on the current device)."""
+    return torch.cuda.device(z.device) if z.device.type == "cuda" else contextlib.nullcontext()
+
+
+def _fused_forward_impl(
+    z1: Tensor, z2: Tensor, segment_dim: int, temperature: float, eps: float,
+    c_diag: float, c_off: float, invariance_weight: float, row_start: int, row_stop: int,
+    precision: str, chunk_rows: int, need_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     n, d = z1.shape
     s = d // segment_dim
     p1, p2, inv_partials = softmax_forward(z1, z2, segment_dim, temperature, eps,
@@ -87,11 +104,12 @@ def fused_backward(
     """``(dz1, dz2)`` from the saved gradients and the upstream gradients of the 4 terms."""
     n, d = z1.shape
     inv_coef = -invariance_weight / ((row_stop - row_start) * (d // segment_dim))
-    return music_loss_backward(
-        z1, z2, dp_off1, dp_off2, p_diag, grad_terms.to(torch.float32).contiguous(),
-        segment_dim, temperature, eps, c_diag, inv_coef, (row_start, row_stop),
-        has_off=dp_off1.numel() > 0,
-    )
+    with _device_of(z1):
+        return music_loss_backward(
+            z1, z2, dp_off1, dp_off2, p_diag, grad_terms.to(torch.float32).contiguous(),
+            segment_dim, temperature, eps, c_diag, inv_coef, (row_start, row_stop),
+            has_off=dp_off1.numel() > 0,
+        )
 
 
 @fused_backward.register_fake
