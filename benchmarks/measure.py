@@ -158,17 +158,16 @@ def measure_cpu(case: Case, budget: Budget) -> dict[str, Any]:
 
     step = build_step(case, torch.device("cpu"))
     warm_start = time.perf_counter()
-    last = 0.0
-    for _ in range(20):
-        t0 = time.perf_counter()
+    for _ in range(20):  # at least one call: compilation, thread pools, first touch
         step()
-        last = time.perf_counter() - t0
         if time.perf_counter() - warm_start >= budget.warmup_s:
             break
+    t0 = time.perf_counter()
     peak = cpu_peak_extra_mib(step)
+    last = time.perf_counter() - t0  # a post-warm-up call: sizes the repetitions
     # blocked_autorange: one more call to size its blocks (single calls here unless a call
     # is under ~2 ms), then blocks until min_run_time; bounded to [min_reps, max_reps] calls.
-    min_run_time = min(budget.max_reps * last, max(budget.min_reps * last * 1.05, budget.time_s))
+    min_run_time = min(budget.max_reps * last, max(budget.min_reps * last * 0.98, budget.time_s))
     timer = Timer(stmt="step()", globals={"step": step}, num_threads=torch.get_num_threads())
     measurement = timer.blocked_autorange(min_run_time=min_run_time)
     times_ms = [t * 1e3 for t in measurement.times]

@@ -83,9 +83,19 @@ def _compiled_reference() -> LossFn:
     """``torch.compile(fullgraph=True)`` of the reference; a fresh compile per (shape, dtype)."""
     cache: dict[Any, Callable[[Tensor, Tensor], Tensor]] = {}
 
+    def raise_recompile_limit() -> None:
+        # Every (shape, dtype) is one more compile of the same code object: past dynamo's
+        # limit (8) it would silently run eagerly, and be timed under the wrong name.
+        import torch._dynamo.config as dynamo_config
+
+        for name in ("recompile_limit", "cache_size_limit"):
+            if hasattr(dynamo_config, name):
+                setattr(dynamo_config, name, max(64, getattr(dynamo_config, name)))
+
     def run(z1: Tensor, z2: Tensor, segment_dim: int, precision: str) -> Tensor:
         key = (segment_dim, z1.shape, z1.dtype, z1.device)
         if key not in cache:
+            raise_recompile_limit()
             config = LossConfig(segment_dim)
 
             def reference_loss(a: Tensor, b: Tensor) -> Tensor:

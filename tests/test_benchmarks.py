@@ -140,3 +140,23 @@ def test_results_loader_rejects_other_json(tmp_path: Path) -> None:
 def test_compiled_reference_agrees_with_float64() -> None:
     check = peers.check_peer("music-reference-compiled", torch.device("cpu"), "ieee")
     assert check.passed, check
+
+
+@pytest.mark.gpu
+def test_gpu_suite_runs_every_peer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    methods = ["music-triton", "music-torch", "music-reference", "music-reference-compiled",
+               "barlow-twins", "vicreg", "matmul-floor"]
+    cases = tuple(Case(m, 256, 960, 80, precision, mode) for precision in ("tf32", "bf16")
+                  for mode in ("forward+backward", "forward") for m in methods)
+    suite = Suite("tiny-gpu", cases, Budget(0.01, 0.02, 3, 10), "test")
+    monkeypatch.setattr(run, "get_suite", lambda name, gpu: suite)
+    path = run.run_benchmarks(torch.device("cuda"), "tiny-gpu", str(tmp_path / "gpu.json"))
+    records = json.loads(path.read_text())["records"]
+    assert len(records) == len(cases)
+    for r in records:
+        assert r["status"] == "ok", r
+        assert r["median_ms"] > 0 and r["peak_extra_mib"] >= 0
+    name = torch.cuda.get_device_name()
+    if hardware.peak_tflops(name, "tf32") is not None:
+        assert all(r["fraction_of_peak"] is not None for r in records)
+    render([path], plots=False)
