@@ -104,6 +104,12 @@ def test_bad_options_are_clear_errors(tmp_path):
         pretrain.main(["--device", "cpu"])
     with pytest.raises(ValueError, match="not a multiple of --segment-dim"):
         pretrain.main(["--synthetic", "--projector", "64-50", "--device", "cpu"])
+    with pytest.raises(ValueError, match="--resume .* is not a file"):
+        pretrain.main(["--synthetic", "--resume", str(tmp_path / "nope.pt"), "--device", "cpu"])
+    with pytest.raises(ValueError, match="--pretrained .* is not a file"):
+        write_image_folder(tmp_path / "d" / "train", 1, 1, 8)
+        write_image_folder(tmp_path / "d" / "val", 1, 1, 8)
+        linear_eval.main(["--data", str(tmp_path / "d"), "--pretrained", str(tmp_path / "x")])
     with pytest.raises(ValueError, match="not a multiple of the 3 processes"):
         GlobalBatchSampler(100, global_batch=8, rank=0, world_size=3, seed=0)
 

@@ -139,6 +139,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     val_dir = check_image_folder(args.data, "val")
     if args.batch_size < 1 or args.epochs < 1:
         raise ValueError("--batch-size and --epochs must be >= 1")
+    if not args.pretrained.is_file():
+        raise ValueError(f"--pretrained {args.pretrained} is not a file; pass backbone.pt "
+                         "from pretrain.py")
+    if args.subset_file is not None and not args.subset_file.is_file():
+        raise ValueError(f"--subset-file {args.subset_file} is not a file")
     owns_group = not (dist.is_available() and dist.is_initialized())
     env = init_distributed(args.device)
     try:

@@ -157,6 +157,9 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError("--warmup-epochs and --workers must be >= 0")
     if args.amp == "fp16" and args.device == "cpu":
         raise ValueError("--amp fp16 needs CUDA; use --amp bf16 or none on CPU")
+    if args.resume not in ("auto", "none") and not Path(args.resume).is_file():
+        raise ValueError(f"--resume {args.resume} is not a file; pass a checkpoint.pt, 'auto' "
+                         "(OUTPUT_DIR/checkpoint.pt when present) or 'none'")
 
 
 class StepTimer:
@@ -245,6 +248,37 @@ def on_device_batches(env: DistEnv, local_batch: int, size: int, seed: int,
         step += 1
 
 
+def plot_metrics(rows: list[dict[str, Any]], path: Path) -> None:
+    """Loss terms, learning rate and throughput against the step, as a PNG (needs matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    if not rows:
+        return
+    steps = [int(r["step"]) for r in rows]
+    skip = {"step", "epoch", "lr", "images_per_s", "loss_share", "step_time_s", "loss_time_s",
+            "data_time_s"}
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for key in (k for k in rows[0] if k not in skip):
+        axes[0].plot(steps, [float(r[key]) for r in rows], label=key)
+    axes[0].set(title="loss and its terms", xlabel="step")
+    axes[0].legend()
+    axes[1].plot(steps, [float(r["lr"]) for r in rows])
+    axes[1].set(title="learning rate", xlabel="step")
+    axes[2].plot(steps, [float(r["images_per_s"]) for r in rows], label="images/s")
+    axes[2].set(title="throughput (images/s)", xlabel="step")
+    share = axes[2].twinx()
+    share.plot(steps, [100 * float(r["loss_share"]) for r in rows], color="tab:red")
+    share.set_ylabel("loss share of step time (%)", color="tab:red")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def save_checkpoint(path: Path, env: DistEnv, model: nn.Module, optimizer: LARS,
                     scaler: Any, step: int, steps_per_epoch: int,
                     args: argparse.Namespace) -> None:
@@ -279,6 +313,8 @@ def _train(args: argparse.Namespace, env: DistEnv) -> dict[str, Any]:
         raise ValueError("--amp fp16 needs CUDA; use --amp bf16 or none")
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
     channels_last = cuda if args.channels_last == "auto" else args.channels_last == "on"
+    if cuda:
+        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels
     out: Path = args.output_dir
     if env.main:
         out.mkdir(parents=True, exist_ok=True)
@@ -457,6 +493,7 @@ def _train(args: argparse.Namespace, env: DistEnv) -> dict[str, Any]:
                         "state_dict": plain_model.backbone.state_dict()},  # type: ignore[union-attr]
                        out / "backbone.pt")
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        plot_metrics(log.rows, out / "metrics.png")
         print(f"done: {step}/{total_steps} steps | {summary['images_per_s'] or 0:.1f} images/s "
               f"| loss share of step time {summary['loss_share'] or 0:.1%} | last {last} | "
               f"{out}", file=sys.stderr)
