@@ -356,7 +356,10 @@ def test_check_parity(tmp_path):
     for loss in ("music", "barlow-twins", "vicreg"):
         assert any(n.startswith(f"{loss}: 2 gloo ranks") for n in names)
     resumed = [r for r in results["results"] if r["comparison"].startswith("resumed")]
-    assert resumed and resumed[0]["param_rel_diff"] == 0.0 and resumed[0]["steps"] == 4
+    resumed += [r for r in results["results"] if r["comparison"].startswith("2 ranks resumed")]
+    assert len(resumed) == 2
+    for r in resumed:
+        assert r["param_rel_diff"] == 0.0 and r["loss_rel_diff"] == 0.0 and r["steps"] == 4
     # Triton is either compared or reported as skipped with its reason, never silent.
     assert (any(n.startswith("triton") for n in names)
             or any(n.startswith("triton: SKIPPED (") for n in results["notes"]))

@@ -15,7 +15,7 @@ and compares, after every step and at the end:
    ``--norm group``; augmentations are seeded per sample, so both see the same images. The
    2-rank loss compared is the mean over ranks (SPEC 3), the parameters are rank 0's.
 4. A run pre-empted after step 3 (mid-epoch) and resumed from its checkpoint vs an
-   uninterrupted run: must be bit-identical.
+   uninterrupted run, in one process and on 2 gloo ranks: must be bit-identical.
 
 Loss difference: worst over steps of ``|a - b| / |b|``. Parameter difference: relative
 Frobenius norm ``||a - b|| / ||b||`` over every floating tensor of the final model state
@@ -225,8 +225,15 @@ def main(argv: list[str] | None = None) -> int:
             pairs[loss] = work / f"{loss}-group-2ranks"
             shutil.rmtree(pairs[loss], ignore_errors=True)
         print("  run 2 gloo ranks (torchrun) ...", file=sys.stderr, flush=True)
-        spawn({"runs": [pipeline_args(data, pairs[loss], loss=loss, norm="group")
-                        for loss in losses_to_check]}, work, "ranks", ranks=2)
+        # The same torchrun also runs the 2-rank MUSIC pipeline pre-empted after step 3, then
+        # resumed (comparison 4b).
+        resumed_2 = work / "music-group-2ranks-resumed"
+        shutil.rmtree(resumed_2, ignore_errors=True)
+        spawn({"runs": [*(pipeline_args(data, pairs[loss], loss=loss, norm="group")
+                          for loss in losses_to_check),
+                        pipeline_args(data, resumed_2, norm="group", stop_after_steps=3),
+                        pipeline_args(data, resumed_2, norm="group")]},
+              work, "ranks", ranks=2)
         for loss in losses_to_check:
             results.append(compare(f"{loss}: 2 gloo ranks vs 1 process (GroupNorm)", "ranks",
                                    pairs[loss], singles[loss]))
@@ -237,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
         run_pipeline(pipeline_args(data, resumed, backend="torch"))
         results.append(compare(f"resumed at step {len(first_part)} vs uninterrupted "
                                "(torch, BatchNorm)", "resume", resumed, fast))
+        results.append(compare("2 ranks resumed at step 3 vs uninterrupted (GroupNorm)",
+                               "resume", resumed_2, pairs["music"]))
     finally:
         torch.set_num_threads(threads)
 
