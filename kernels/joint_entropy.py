@@ -22,7 +22,20 @@ Workspace bound (beyond the ``O(N D)`` arrays ``p1, p2`` and ``dp1, dp2``)::
   + 4 * D                                               diag(P)
 
 with ``chunk_rows`` the largest multiple of 128 whose G chunk fits :data:`WORKSPACE_BYTES`
-(32 MiB): see :func:`workspace_bytes`.
+(32 MiB): see :func:`workspace_bytes`. At the paper's shape (N=2048, D=8160, K=80):
+1024 rows per chunk (2048 in bf16), a workspace of 33,717,120 bytes (bf16: 33,978,240)
+against 266,342,400 = 4 D^2 for a single fp32 ``P`` (7.9x smaller). The G chunk stays at
+32 MiB as D grows (fewer rows per chunk) until the 128-row minimum, D > 65,536, after which it
+is 512 D bytes (256 D in bf16): never D^2. Add the ``O(N D)`` arrays: ``p1, p2`` (133,693,440 bytes
+in fp32, half in bf16, freed after the forward) and the saved ``dp1, dp2`` (133,693,440):
+301,104,000 bytes in all (tf32/ieee), 234,518,400 (bf16); see
+:func:`music_loss.kernels.ops.fused_memory_bytes`.
+
+Why Liger style rather than recomputing ``P`` in the backward: at the paper's shape the
+recomputation is a fourth ``N x D x D`` product, 2 N D^2 = 273 GFLOP more per step (+33%),
+while keeping the gradient costs the saved ``dp1, dp2``: 134 MB, ``O(N D)``, half of one
+``P``. Without gradients (evaluation, ``torch.no_grad``) the forward skips ``G`` and the
+two products and costs one product.
 """
 
 from __future__ import annotations
