@@ -337,6 +337,9 @@ def joint_entropy_pass(
     if INTERPRET:
         joint_meta = joint_meta or INTERPRET_JOINT_META
         matmul_meta = matmul_meta or INTERPRET_MATMUL_META
+    if joint_meta is not None and min(joint_meta["BLOCK_A"], joint_meta["BLOCK_B"]) < MIN_TILE:
+        raise ValueError(f"joint_meta tiles must be at least {MIN_TILE} wide (the partial-sum "
+                         f"buffer is sized for that), got {joint_meta}")
     rows_per_chunk = chunk_rows or chunk_rows_for(d, precision)
     dev = p1.device
     p_diag = torch.empty(d, device=dev, dtype=torch.float32)

@@ -323,3 +323,24 @@ def test_joint_entropy_kernel_forward_backward(meta):
         assert relative_error(result.dp2.cpu(), off2) <= tol.grad
     for a, b in zip(h, h64):
         assert _record("joint kernel H", relative_error(a.cpu(), b)) <= tol.loss
+
+
+# ---------------------------------------------------------------------------------------
+# Random small shapes (masking at every edge), ieee against float64.
+# ---------------------------------------------------------------------------------------
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=6, deadline=None)
+@given(n=st.integers(2, 40), s=st.integers(1, 6), k=st.integers(1, 300),
+       chunk=st.sampled_from([16, 48, 0]), seed=st.integers(0, 2**16))
+def test_random_shapes_match_float64(n, s, k, chunk, seed):
+    if s * k > 320:  # keep each example under ~2 s in the interpreter
+        k = max(1, 320 // s)
+    config = LossConfig(segment_dim=k)
+    z1, z2 = _views(n, s * k, seed=seed)
+    got = _triton_terms_and_grads(z1, z2, config, "ieee", chunk_rows=chunk)
+    _compare("ieee random shapes vs float64", got, _float64_truth(z1, z2, config),
+             PRECISION_TOL["ieee"])
