@@ -354,6 +354,18 @@ class TwinEncoder(nn.Module):
         return self.projector(self.backbone(x1)), self.projector(self.backbone(x2))
 
 
+def build_twin(arch: str, projector: str, norm: str, seed: int) -> TwinEncoder:
+    """The initial model of a run: the same weights for the same ``seed`` on every rank.
+
+    Example:
+        >>> a, b = build_twin("resnet18", "64-40", "group", 0), build_twin("resnet18", "64-40", "group", 0)
+        >>> all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
+        True
+    """  # noqa: E501
+    torch.manual_seed(seed)
+    return TwinEncoder(arch, projector, norm)
+
+
 # ---------------------------------------------------------------------------------------
 # Distributed set-up (torchrun: NCCL on GPU, gloo on CPU).
 # ---------------------------------------------------------------------------------------

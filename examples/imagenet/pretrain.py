@@ -48,9 +48,9 @@ from imagenet_common import (  # noqa: E402
     DistEnv,
     GlobalBatchSampler,
     SyntheticImages,
-    TwinEncoder,
     TwoViewDataset,
     all_rng_states,
+    build_twin,
     check_image_folder,
     init_distributed,
     mean_over_ranks,
@@ -323,7 +323,7 @@ def _train(args: argparse.Namespace, env: DistEnv) -> dict[str, Any]:
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)  # noqa: NPY002 - seed the legacy global generator user code uses
     random.seed(args.seed)
-    model: nn.Module = TwinEncoder(args.arch, args.projector, args.norm)
+    model: nn.Module = build_twin(args.arch, args.projector, args.norm, args.seed)
     if args.norm == "batch" and env.distributed:
         if cuda:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
