@@ -90,6 +90,13 @@ def launch(autotuned: Any, raw: Any, grid: Any, fixed: dict[str, Any] | None,
 
 
 @triton.jit
+def lg(x):
+    """``log(max(x, tiny))`` with NaN propagated (a NaN input must give a NaN loss, and
+    ``tl.maximum`` alone may return the non-NaN operand)."""
+    return tl.log(tl.maximum(x, 1.1754943508222875e-38, propagate_nan=tl.PropagateNan.ALL))
+
+
+@triton.jit
 def round_to_bf16(x):
     """fp32 -> the nearest bf16 value (ties to even), kept in fp32 (finite inputs)."""
     bits = x.to(tl.uint32, bitcast=True)

@@ -52,6 +52,7 @@ from music_loss.kernels._common import (
     dot_acc,
     emulate_bf16,
     launch,
+    lg,
     needs_int64,
     operand_dtype,
     round_to_bf16,
@@ -182,7 +183,7 @@ def joint_entropy_kernel(
     valid = mask_a[:, None] & mask_b[None, :]
     is_diag = (offs_a[:, None] == offs_b[None, :]) & valid
     is_off = ((offs_a // K)[:, None] != (offs_b // K)[None, :]) & valid
-    log_joint = tl.log(tl.maximum(joint, 1.1754943508222875e-38))
+    log_joint = lg(joint)
     plogp = joint * log_joint
     diag_sum = tl.sum(tl.sum(tl.where(is_diag, plogp, 0.0), axis=1), axis=0)
     off_sum = tl.sum(tl.sum(tl.where(is_off, plogp, 0.0), axis=1), axis=0)

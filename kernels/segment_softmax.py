@@ -21,7 +21,13 @@ from typing import Any
 import torch
 import triton
 import triton.language as tl
-from music_loss.kernels._common import TINY_F32, needs_int64, next_power_of_2, round_to_bf16
+from music_loss.kernels._common import (
+    TINY_F32,
+    lg,
+    needs_int64,
+    next_power_of_2,
+    round_to_bf16,
+)
 from torch import Tensor
 
 #: Elements of one ``[BLOCK_S, BLOCK_K]`` tile per program (per view).
@@ -52,7 +58,7 @@ def _softmax_tile(z_ptr, row, stride_n, stride_d, col, mask, s_valid, inv_temper
     total = tl.sum(e, axis=1)
     total = tl.where(s_valid, total, 1.0)
     q = e / total[:, None]
-    p = tl.where(mask, tl.maximum(q, eps), 0.0)
+    p = tl.where(mask, tl.maximum(q, eps, propagate_nan=tl.PropagateNan.ALL), 0.0)
     return q, p
 
 
@@ -99,7 +105,7 @@ def segment_softmax_fwd_kernel(
         else:
             tl.store(p2_ptr + row * D + col, p2, mask=mask)
         agreement = tl.sum(p1 * p2, axis=1)
-        log_agreement = tl.where(s_valid, tl.log(tl.maximum(agreement, 1.1754943508222875e-38)),
+        log_agreement = tl.where(s_valid, lg(agreement),
                                  0.0)
         is_local = (row_id >= row_start) & (row_id < row_stop)
         block_sum = tl.where(is_local, tl.sum(log_agreement, axis=0), 0.0)
@@ -164,7 +170,7 @@ def music_loss_bwd_kernel(
     d_agreement = d_agreement * w_inv
     # Diagonal entries: d[P lg P]/dP = lg P + [P >= tiny], dP_aa/dp1[i,a] = p2[i,a] / N.
     p_diag = tl.load(pdiag_ptr + col, mask=mask, other=1.0)
-    g_diag = c_diag * (tl.log(tl.maximum(p_diag, 1.1754943508222875e-38))
+    g_diag = c_diag * (lg(p_diag)
                        + tl.where(p_diag >= 1.1754943508222875e-38, 1.0, 0.0)) * inv_n * w_diag
     dp1 = (d_agreement[:, None] + g_diag) * p2
     dp2 = (d_agreement[:, None] + g_diag) * p1

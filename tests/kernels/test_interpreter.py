@@ -344,3 +344,11 @@ def test_random_shapes_match_float64(n, s, k, chunk, seed):
     got = _triton_terms_and_grads(z1, z2, config, "ieee", chunk_rows=chunk)
     _compare("ieee random shapes vs float64", got, _float64_truth(z1, z2, config),
              PRECISION_TOL["ieee"])
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_input_gives_nan_not_a_finite_number(bad):
+    z1, z2 = _views(9, 40)
+    z1[3, 5] = bad
+    terms = music_loss_triton(z1, z2, LossConfig(segment_dim=20), None, "ieee")
+    assert torch.isnan(terms.loss)
