@@ -244,6 +244,7 @@ def render_plots(meta: dict[str, Any], records: Sequence[dict[str, Any]], out_di
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator
 
     names = []
     device = meta.get("device", "?")
@@ -274,6 +275,9 @@ def render_plots(meta: dict[str, Any], records: Sequence[dict[str, Any]], out_di
                 values = sorted({r[axis] for r in rows})
                 ax.set_xticks(values)
                 ax.set_xticklabels([str(v) for v in values])
+                # Ticks at 1-2-5 of each decade, printed plainly: readable over short spans.
+                ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+                ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
                 ax.minorticks_off()
                 ax.grid(True, which="major", alpha=0.3)
             ax_time.set_title("time (lower is better)")
