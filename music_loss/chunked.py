@@ -7,9 +7,10 @@ used three times while it exists: for its share of ``H_off``, for the gradient f
 backward pass only scales them by ``grad_output``). The diagonal of ``P`` is ``O(N D)`` and
 handled apart from the blocks.
 
-Memory: three ``chunk x D`` buffers plus ``O(N D)`` (probabilities and their gradients);
-saved for backward: ``dz1, dz2`` only, in the inputs' dtype. Work: three ``N x D x D``
-products, the minimum (6 N D^2 FLOPs).
+Memory: three ``chunk x D`` buffers plus four ``N x D`` (probabilities and their gradients,
+which become ``dz1, dz2`` in place: the only tensors saved for backward). The unclamped
+softmax is recomputed from ``z`` and a saved per-segment log-sum-exp rather than kept.
+Work: three ``N x D x D`` products, the minimum (6 N D^2 FLOPs).
 """
 
 from __future__ import annotations
@@ -64,11 +65,6 @@ def _diagonal_blocks(buffer: Tensor, a0: int, a1: int, k: int) -> tuple[slice, T
     return slice(c0, c1), rows[:, None] == cols[None, :]
 
 
-def _segment_softmax(z: Tensor, k: int, temperature: float, dtype: torch.dtype) -> Tensor:
-    n, d = z.shape
-    return torch.softmax(z.to(dtype).view(n, d // k, k) / temperature, dim=-1).view(n, d)
-
-
 class _ChunkedMUSIC(torch.autograd.Function):
     @staticmethod
     def forward(  # type: ignore[override]
@@ -85,10 +81,9 @@ class _ChunkedMUSIC(torch.autograd.Function):
         k = config.segment_dim
         s = d // k
         dtype = compute_dtype(z1.dtype)
-        q1 = _segment_softmax(z1, k, config.temperature, dtype)
-        q2 = _segment_softmax(z2, k, config.temperature, dtype)
-        p1 = q1.clamp_min(config.eps) if config.eps > 0 else q1
-        p2 = q2.clamp_min(config.eps) if config.eps > 0 else q2
+        # Probabilities, keeping only the per-segment log-sum-exp to recompute q later.
+        p1, lse1 = _segment_softmax(z1, k, config.temperature, config.eps, dtype)
+        p2, lse2 = _segment_softmax(z2, k, config.temperature, config.eps, dtype)
         a1, a2 = _operand(p1, precision), _operand(p2, precision)
         c_diag, c_off = config.coefficients(d)
         acc = torch.float64 if z1.device.type != "mps" else torch.float32
@@ -109,10 +104,9 @@ class _ChunkedMUSIC(torch.autograd.Function):
             dp2 = a1 * g_diag
             g_agree = (-config.invariance_weight / ((l1 - l0) * s)
                        / agreement.clamp_min(TINY) * (agreement >= TINY).to(dtype))
-            g_agree = g_agree.repeat_interleave(k, dim=1)
-            dp1[l0:l1] += p2[l0:l1] * g_agree
-            dp2[l0:l1] += p1[l0:l1] * g_agree
-            dp1_t = dp1.t().contiguous()  # rows of dp1^T are written block by block below
+            g_agree = g_agree.unsqueeze(-1)  # (rows, S, 1): broadcast over the bins
+            dp1[l0:l1].view(l1 - l0, s, k).addcmul_(p2[l0:l1].view(l1 - l0, s, k), g_agree)
+            dp2[l0:l1].view(l1 - l0, s, k).addcmul_(p1[l0:l1].view(l1 - l0, s, k), g_agree)
 
         # Off-diagonal blocks, `chunk` rows of P at a time.
         h_off = torch.zeros((), dtype=acc, device=z1.device)
@@ -120,11 +114,11 @@ class _ChunkedMUSIC(torch.autograd.Function):
         # the clamp and its mask can be skipped (two passes over each block).
         floor_binds = config.eps**2 < 2 * TINY
         if s > 1 and c_off != 0.0:
-            a1_t = a1.t().contiguous()
             with _matmul_precision(z1.device, precision):
                 for a0 in range(0, d, chunk):
                     a_end = min(a0 + chunk, d)
-                    block = torch.mm(a1_t[a0:a_end], a2).div_(n)  # P[a0:a_end, :]
+                    rows = a1[:, a0:a_end]  # a strided view: BLAS reads it in place
+                    block = torch.mm(rows.t(), a2).div_(n)  # P[a0:a_end, :]
                     lg_block = block.clamp_min(TINY).log_() if floor_binds else block.log()
                     cols, inside = _diagonal_blocks(block, a0, a_end, k)
                     lg_block[:, cols].masked_fill_(inside, 0.0)
@@ -134,10 +128,11 @@ class _ChunkedMUSIC(torch.autograd.Function):
                                       else lg_block + 1.0)
                         grad_block[:, cols].masked_fill_(inside, 0.0)
                         grad_block = _operand(grad_block, precision)
-                        # dp1^T[a0:a_end] += c G a2^T / N ; dp2 += c a1[:, a0:a_end] G / N
-                        dp1_t[a0:a_end].addmm_(grad_block, a2.t(), alpha=c_off / n)
-                        dp2.addmm_(a1_t[a0:a_end].t(), grad_block, alpha=c_off / n)
+                        # dp1[:, a0:a_end] += c a2 G^T / N ; dp2 += c a1[:, a0:a_end] G / N
+                        dp1[:, a0:a_end].addmm_(a2, grad_block.t(), alpha=c_off / n)
+                        dp2.addmm_(rows, grad_block, alpha=c_off / n)
                     h_off += block.mul_(lg_block).sum(dtype=acc)
+                    del block, lg_block
 
         diag = (c_diag * h_diag).to(dtype)
         off = (c_off * h_off).to(dtype)
@@ -145,8 +140,9 @@ class _ChunkedMUSIC(torch.autograd.Function):
         loss = diag + off + inv
 
         if need_grad:
-            dz1 = _softmax_backward(dp1_t.t(), q1, config, k)
-            dz2 = _softmax_backward(dp2, q2, config, k)
+            del p1, p2, a1, a2
+            dz1 = _softmax_backward_(dp1, z1, lse1, config, dtype)
+            dz2 = _softmax_backward_(dp2, z2, lse2, config, dtype)
             ctx.save_for_backward(dz1.to(z1.dtype), dz2.to(z2.dtype))
         ctx.mark_non_differentiable(diag, off, inv)
         return loss, diag, off, inv
@@ -159,13 +155,35 @@ class _ChunkedMUSIC(torch.autograd.Function):
         return dz1 * scale, dz2 * scale, None, None, None, None, None
 
 
-def _softmax_backward(dp: Tensor, q: Tensor, config: LossConfig, k: int) -> Tensor:
-    """Through the clamp (gradient where q >= eps) and the per-segment softmax."""
-    n, d = q.shape
-    dq = dp * (q >= config.eps).to(q.dtype) if config.eps > 0 else dp
-    dq3, q3 = dq.reshape(n, d // k, k), q.view(n, d // k, k)
-    dx = q3 * (dq3 - (q3 * dq3).sum(-1, keepdim=True))
-    return (dx / config.temperature).view(n, d)
+def _segment_softmax(
+    z: Tensor, k: int, temperature: float, eps: float, dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
+    """Clamped segment softmax ``(N, D)`` and its log-sum-exp ``(N, S, 1)``, in one buffer."""
+    n, d = z.shape
+    logits = z.to(dtype).view(n, d // k, k) / temperature
+    lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+    p = logits.sub_(lse).exp_()
+    if eps > 0:
+        p.clamp_min_(eps)
+    return p.view(n, d), lse
+
+
+def _softmax_backward_(
+    dp: Tensor, z: Tensor, lse: Tensor, config: LossConfig, dtype: torch.dtype
+) -> Tensor:
+    """Through the clamp (gradient where q >= eps) and the segment softmax, in ``dp``'s buffer.
+
+    The unclamped ``q`` is recomputed from ``z`` and the saved log-sum-exp: cheaper in memory
+    than keeping it, and exact where the clamp replaced it.
+    """
+    n, d = dp.shape
+    k = config.segment_dim
+    q = (z.to(dtype).view(n, d // k, k) / config.temperature).sub_(lse).exp_()
+    dq = dp.view(n, d // k, k)
+    if config.eps > 0:
+        dq.masked_fill_(q < config.eps, 0.0)
+    dot = (q * dq).sum(-1, keepdim=True)
+    return dq.sub_(dot).mul_(q).div_(config.temperature).view(n, d)
 
 
 def music_loss_chunked(
