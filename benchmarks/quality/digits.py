@@ -117,6 +117,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: 2 epochs, 1 seed, 2-point sweeps, small D")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--note", action="append", default=[],
+                        help="a line for the report's Notes (e.g. how busy the machine was)")
     args = parser.parse_args(argv)
     args.studies = [s for s in args.studies.split(",") if s]
     args.methods = [m for m in args.methods.split(",") if m]
@@ -174,6 +176,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
                                  "vicreg": {"sim_coeff": 25.0, "std_coeff": 25.0,
                                             "cov_coeff": 1.0}},
         "complete": False,
+        "notes": list(args.note),
     }
     data: dict[str, Any] = {"meta": meta, "records": [], "curves": []}
     total_epochs = sum(cfg.epochs if j.method in METHODS else 0 for j in jobs)
