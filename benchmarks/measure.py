@@ -172,7 +172,8 @@ def measure_cpu(case: Case, budget: Budget) -> dict[str, Any]:
     measurement = timer.blocked_autorange(min_run_time=min_run_time)
     times_ms = [t * 1e3 for t in measurement.times]
     reps = len(times_ms) * measurement.number_per_run
-    return {**_quantiles(times_ms), "repeats": reps, "peak_extra_mib": peak}
+    return {**_quantiles(times_ms), "repeats": reps, "peak_extra_mib": peak,
+            "timer": "torch.utils.benchmark.Timer.blocked_autorange"}
 
 
 # ---------------------------------------------------------------------------------------

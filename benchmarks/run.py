@@ -244,6 +244,8 @@ def run_benchmarks(
             records.append(_record(case, device, f"skipped: needs ~{needed / 2**30:.1f} GiB, "
                                    f"{available / 2**30:.1f} GiB free", **check.as_dict()))
             continue
+        load = hardware.load_average()
+        check_fields = {**check.as_dict(), "load_1min": load[0] if load else None}
         try:
             if gpu:
                 timing = measure_cuda(case, suite.budget, device)
@@ -252,7 +254,7 @@ def run_benchmarks(
             else:
                 timing = measure_cpu(case, suite.budget)
             derived = _derived(case, device, device_name, timing)
-            row = _record(case, device, "ok", **timing, **derived, **check.as_dict())
+            row = _record(case, device, "ok", **timing, **derived, **check_fields)
         except subprocess.TimeoutExpired:
             row = _record(case, device, f"failed: over the {case_timeout_s:.0f} s case limit")
         except Exception as err:
@@ -260,7 +262,7 @@ def run_benchmarks(
                 torch.cuda.empty_cache()
             detail = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
             _log(traceback.format_exc(limit=3))
-            row = _record(case, device, f"failed: {detail[:300]}", **check.as_dict())
+            row = _record(case, device, f"failed: {detail[:300]}", **check_fields)
         records.append(row)
         _log(_format_row(row))
         meta["load_average_end"] = hardware.load_average()
