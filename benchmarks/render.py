@@ -120,7 +120,8 @@ def _case_table(rows: list[dict[str, Any]], with_case: bool) -> list[str]:
         if not _ok(r):
             continue
         frac = r.get("fraction_of_peak")
-        cells = [r["method"],
+        flag = "" if r.get("check_passed", True) else " (float64 check FAILED)"
+        cells = [r["method"] + flag,
                  f"{_fmt(r['median_ms'])} [{_fmt(r['p20_ms'])}, {_fmt(r['p80_ms'])}]",
                  _ratio(r["median_ms"], ref_ms),
                  _fmt(r["peak_extra_mib"]),
