@@ -118,7 +118,10 @@ def test_fused_loss_matches_reference(shape, precision):
     config = LossConfig(segment_dim=k)
     z1, z2 = _views(n, d)
     got = _triton_terms_and_grads(z1, z2, config, precision, chunk_rows=chunk)
-    if precision == "bf16" and DEVICE == "cpu":
+    if precision == "bf16" and DEVICE == "cuda":
+        _compare("bf16 (tensor cores) vs float64", got, _float64_truth(z1, z2, config),
+                 PRECISION_TOL["bf16"])
+    elif precision == "bf16":
         terms, g1, g2 = rounded_oracle(z1.cpu(), z2.cpu(), config)
         _compare("bf16 (emulated) vs rounded oracle", got, (terms, g1, g2),
                  BF16_EMULATED_VS_ROUNDED_ORACLE)
