@@ -349,6 +349,7 @@ def test_random_shapes_match_float64(n, s, k, chunk, seed):
              PRECISION_TOL["ieee"])
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, inf-inf
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_non_finite_input_gives_nan_not_a_finite_number(bad):
     z1, z2 = _views(9, 40)
