@@ -297,6 +297,11 @@ class JointPass(NamedTuple):
     dp2: Tensor
 
 
+def _meta_of(config: triton.Config) -> dict[str, Any]:
+    """A config as the fixed meta-parameters :func:`launch` takes."""
+    return {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
+
+
 def _matmul(a: Tensor, b: Tensor, c: Tensor, alpha: float, accumulate: bool, precision: str,
             meta: dict[str, Any] | None) -> None:
     """``c (+)= alpha * a @ b`` with the Triton product (``c`` fp32, any strides)."""
@@ -338,6 +343,11 @@ def joint_entropy_pass(
     if INTERPRET:
         joint_meta = joint_meta or INTERPRET_JOINT_META
         matmul_meta = matmul_meta or INTERPRET_MATMUL_META
+    elif torch.are_deterministic_algorithms_enabled():
+        # Autotuning picks by timing, so two processes could tile differently and round
+        # differently: deterministic mode pins each kernel's first config instead.
+        joint_meta = joint_meta or _meta_of(configs_for(JOINT_CONFIGS, precision)[0])
+        matmul_meta = matmul_meta or _meta_of(configs_for(MATMUL_CONFIGS, precision)[0])
     if joint_meta is not None and min(joint_meta["BLOCK_A"], joint_meta["BLOCK_B"]) < MIN_TILE:
         raise ValueError(f"joint_meta tiles must be at least {MIN_TILE} wide (the partial-sum "
                          f"buffer is sized for that), got {joint_meta}")
