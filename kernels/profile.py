@@ -1,0 +1,152 @@
+"""Phase-by-phase timing of the fused path on a GPU (for tuning; the benchmark suite in
+``benchmarks/`` is where results against peers live).
+
+Usage (GPU machine)::
+
+    python -m music_loss.kernels.profile --n 2048 --d 8160 --k 80 --precision tf32 bf16 \\
+        --json kernels_profile.json
+
+Prints, per precision: milliseconds of the softmax forward, the joint pass without and
+with the gradient products, the backward kernel, the whole forward+backward, the matmul
+floor (the same three ``N x D x D`` products by ``torch.matmul`` at the same precision), the
+achieved TFLOP/s counting ``6 N D^2``, and the extra peak memory. Under
+``TRITON_INTERPRET=1`` it runs on CPU tensors (a smoke check: the timings mean nothing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from music_loss.kernels._common import INTERPRET, emulate_bf16, operand_dtype
+from music_loss.kernels.joint_entropy import joint_entropy_pass
+from music_loss.kernels.ops import music_loss_triton
+from music_loss.kernels.segment_softmax import music_loss_backward, softmax_forward
+
+from music_loss._config import LossConfig
+
+
+def _timer(fn: Callable[[], Any], device: torch.device, repeats: int) -> float:
+    """Median milliseconds of ``fn`` over ``repeats`` runs after one warm-up."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(1e3 * (time.perf_counter() - t0))
+    return sorted(times)[len(times) // 2]
+
+
+def _matmul_floor(p1: torch.Tensor, p2: torch.Tensor, precision: str) -> Callable[[], Any]:
+    """The three products by torch.matmul at the same operand precision."""
+    if precision == "bf16":
+        a, b = p1.to(torch.bfloat16), p2.to(torch.bfloat16)
+    else:
+        a, b = p1.float(), p2.float()
+
+    def run() -> Any:
+        previous = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
+        try:
+            joint = a.T @ b
+            return b @ joint.T, a @ joint
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = previous
+
+    return run
+
+
+def profile(n: int, d: int, k: int, precision: str, repeats: int = 5,
+            device: str | None = None) -> dict[str, Any]:
+    """Time each phase at one shape and precision; returns a JSON-ready dict.
+
+    Example:
+        >>> import os
+        >>> if os.environ.get("TRITON_INTERPRET") == "1":
+        ...     row = profile(16, 40, 20, "ieee", repeats=1)
+        ...     assert row["fused_fwd_bwd_ms"] > 0
+    """
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() and not INTERPRET
+                                  else "cpu"))
+    gen = torch.Generator(device=dev).manual_seed(0)
+    z1 = torch.randn(n, d, device=dev, generator=gen)
+    z2 = z1 + torch.randn(n, d, device=dev, generator=gen)
+    config = LossConfig(segment_dim=k)
+    c_diag, c_off = config.coefficients(d)
+    out_dtype = operand_dtype(precision)
+    round_bf16 = precision == "bf16" and emulate_bf16()
+    p1, p2, _ = softmax_forward(z1, z2, k, 1.0, 1e-8, out_dtype, None, round_bf16)
+    assert p2 is not None
+    joint = joint_entropy_pass(p1, p2, k, c_off, precision, True)
+    grad_terms = torch.tensor([1.0, 0, 0, 0], device=dev)
+    rows = (0, n)
+
+    def fused() -> None:
+        a = z1.detach().requires_grad_(True)
+        b = z2.detach().requires_grad_(True)
+        music_loss_triton(a, b, config, None, precision).loss.backward()
+
+    row: dict[str, Any] = {
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu (interpreter)",
+        "n": n, "d": d, "k": k, "precision": precision,
+        "softmax_fwd_ms": _timer(lambda: softmax_forward(z1, z2, k, 1.0, 1e-8, out_dtype, None,
+                                                         round_bf16), dev, repeats),
+        "joint_no_grad_ms": _timer(lambda: joint_entropy_pass(p1, p2, k, c_off, precision,
+                                                              False), dev, repeats),
+        "joint_with_grad_ms": _timer(lambda: joint_entropy_pass(p1, p2, k, c_off, precision,
+                                                                True), dev, repeats),
+        "backward_kernel_ms": _timer(lambda: music_loss_backward(
+            z1, z2, joint.dp1, joint.dp2, joint.p_diag, grad_terms, k, 1.0, 1e-8, c_diag,
+            -1.0 / (n * (d // k)), rows, True), dev, repeats),
+        "matmul_floor_ms": _timer(_matmul_floor(p1, p2, precision), dev, repeats),
+    }
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    row["fused_fwd_bwd_ms"] = _timer(fused, dev, repeats)
+    if dev.type == "cuda":
+        row["extra_peak_bytes"] = torch.cuda.max_memory_allocated() - before
+    flops = 6 * n * d * d
+    row["fused_tflops"] = flops / (row["fused_fwd_bwd_ms"] * 1e-3) / 1e12
+    row["fused_over_floor"] = row["fused_fwd_bwd_ms"] / row["matmul_floor_ms"]
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--n", type=int, default=2048)
+    parser.add_argument("--d", type=int, default=8160)
+    parser.add_argument("--k", type=int, default=80)
+    parser.add_argument("--precision", nargs="+", default=["tf32", "bf16"],
+                        choices=["ieee", "tf32", "bf16"])
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--json", default=None, help="write the rows to this JSON file")
+    args = parser.parse_args(argv)
+    rows = []
+    for precision in args.precision:
+        row = profile(args.n, args.d, args.k, precision, args.repeats)
+        rows.append(row)
+        print(" ".join(f"{key}={value:.3g}" if isinstance(value, float) else f"{key}={value}"
+                       for key, value in row.items()), flush=True)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(rows, fh, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
