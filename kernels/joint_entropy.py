@@ -45,6 +45,8 @@ from typing import Any, NamedTuple
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
+
 from music_loss.kernels._common import (
     INTERPRET,
     TINY_F32,
@@ -57,7 +59,6 @@ from music_loss.kernels._common import (
     operand_dtype,
     round_to_bf16,
 )
-from torch import Tensor
 
 #: Bytes of the ``G`` chunk workspace the launcher aims for (rounded to 128-row chunks).
 WORKSPACE_BYTES = 32 * 2**20

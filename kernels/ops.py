@@ -21,12 +21,12 @@ import contextlib
 from typing import Any
 
 import torch
-from music_loss.kernels._common import check_precision, emulate_bf16, operand_dtype
-from music_loss.kernels.joint_entropy import joint_entropy_pass
-from music_loss.kernels.segment_softmax import music_loss_backward, softmax_forward
 from torch import Tensor
 
 from music_loss._config import LossConfig, MUSICTerms
+from music_loss.kernels._common import check_precision, emulate_bf16, operand_dtype
+from music_loss.kernels.joint_entropy import joint_entropy_pass
+from music_loss.kernels.segment_softmax import music_loss_backward, softmax_forward
 
 _NAMESPACE = "music_loss"
 

@@ -22,12 +22,12 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+
+from music_loss._config import LossConfig
 from music_loss.kernels._common import INTERPRET, emulate_bf16, operand_dtype
 from music_loss.kernels.joint_entropy import joint_entropy_pass
 from music_loss.kernels.ops import music_loss_triton
 from music_loss.kernels.segment_softmax import music_loss_backward, softmax_forward
-
-from music_loss._config import LossConfig
 
 
 def _timer(fn: Callable[[], Any], device: torch.device, repeats: int) -> float:

@@ -21,6 +21,8 @@ from typing import Any
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
+
 from music_loss.kernels._common import (
     TINY_F32,
     lg,
@@ -28,7 +30,6 @@ from music_loss.kernels._common import (
     next_power_of_2,
     round_to_bf16,
 )
-from torch import Tensor
 
 #: Elements of one ``[BLOCK_S, BLOCK_K]`` tile per program (per view).
 _TILE_ELEMENTS = 2048

@@ -31,8 +31,12 @@ from music_loss.reference import (
     segment_softmax_reference,
 )
 from tests.kernels._oracle import rounded_oracle
-from tests.kernels._tolerances import BF16_EMULATED_VS_ROUNDED_ORACLE
-from tests.tolerances import DTYPE_TOL, PRECISION_TOL, relative_error
+from tests.tolerances import (
+    BF16_EMULATED_VS_ROUNDED_ORACLE,
+    DTYPE_TOL,
+    PRECISION_TOL,
+    relative_error,
+)
 
 kernels = pytest.importorskip("music_loss.kernels")
 from music_loss.kernels import _common  # noqa: E402
