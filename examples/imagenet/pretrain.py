@@ -10,7 +10,8 @@ Run with torchrun (NCCL + SyncBatchNorm + bf16 autocast + channels_last on GPU, 
 
     torchrun --nproc_per_node 8 examples/imagenet/pretrain.py --data /path/to/imagenet
     torchrun --nproc_per_node 2 examples/imagenet/pretrain.py --synthetic --device cpu \\
-        --arch resnet18 --image-size 32 --projector 512-480 --batch-size 16 --epochs 2
+        --synthetic-images 64 --arch resnet18 --image-size 32 --projector 512-480 \\
+        --batch-size 16 --epochs 2 --warmup-epochs 1 --norm group
 
 Every epoch (and every ``--ckpt-every-steps``) writes ``checkpoint.pt``; a new run with the same
 ``--output-dir`` resumes exactly where it stopped (model, optimizer, schedule step, sampler
