@@ -98,11 +98,12 @@ def paired(records: Sequence[dict[str, Any]], study: str, better: dict[str, Any]
     return mean, std, wins, ties
 
 
-def verdict(mean: float, std: float, n: int) -> str:
+def verdict(mean: float, std: float, n: int, strict: bool) -> str:
+    """Whether ``better > worse`` (``strict``) or ``better >= worse`` holds over the seeds."""
     if n == 0 or not np.isfinite(mean):
         return "not measured"
     if abs(mean) <= TIE_POINTS:
-        return "tie"
+        return "tie: does not hold" if strict else "tie: holds"
     # The difference counts when it exceeds its own seed-to-seed spread.
     if mean > 0:
         return "holds" if mean > std else "holds weakly (within seed spread)"
@@ -115,11 +116,12 @@ def ordering_lines(records: Sequence[dict[str, Any]]) -> list[str]:
 
     def add(claim: str, setting: str, study: str, better: dict[str, Any],
             worse: dict[str, Any]) -> None:
+        strict = " > " in claim
         for key, name in ACCURACIES:
             seeds = len(select(records, study, **better))
             mean, std, wins, ties = paired(records, study, better, worse, key)
             lines.append(f"| {claim} | {setting} | {name} | {mean:+.1f} ± {std:.1f} | "
-                         f"{wins}/{ties} of {seeds} | {verdict(mean, std, seeds)} |")
+                         f"{wins}/{ties} of {seeds} | {verdict(mean, std, seeds, strict)} |")
 
     main = select(records, "main", method="music_blocks")
     if main:
