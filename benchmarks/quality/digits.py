@@ -120,6 +120,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--note", action="append", default=[],
                         help="a line for the report's Notes (e.g. how busy the machine was)")
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     args.studies = [s for s in args.studies.split(",") if s]
     args.methods = [m for m in args.methods.split(",") if m]
     for study in args.studies:
@@ -146,7 +147,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the study; returns the results dict that was written as JSON."""
     args = parse_args(argv)
+    threads_before = torch.get_num_threads()
     torch.set_num_threads(args.threads)
+    try:
+        return _run(args)
+    finally:
+        torch.set_num_threads(threads_before)  # leave a calling process (pytest) as it was
+
+
+def _run(args: argparse.Namespace) -> dict[str, Any]:
     cfg = replace(TrainConfig(), epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                   backend=args.backend)
     jobs = plan(args)
@@ -159,8 +168,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "threads": args.threads,
-        "command": "python -m benchmarks.quality.digits " + " ".join(sys.argv[1:] if argv is None
-                                                                    else argv),
+        "command": "python -m benchmarks.quality.digits " + " ".join(args.argv),
         "studies": args.studies,
         "seeds": args.seeds,
         "sweep_seeds": args.sweep_seeds,
