@@ -281,7 +281,8 @@ def main(argv: list[str] | None = None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cpu, cuda or cuda:N (default: cuda when available)")
-    parser.add_argument("--suite", default="quick", choices=["quick", "full", "gpu-core", "smoke"])
+    parser.add_argument("--suite", default="quick",
+                        choices=["quick", "full", "gpu-core", "headline", "smoke"])
     parser.add_argument("--only", default=None,
                         help=f"comma-separated peers to run, from: {', '.join(ALL_PEERS)}")
     parser.add_argument("--out", default=str(REPO_ROOT / "benchmarks" / "results"),

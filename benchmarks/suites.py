@@ -7,6 +7,7 @@
 * ``gpu-core`` (CUDA, about 10 minutes on one H100): the ``full`` sweeps in tf32 and bf16,
   ``torch.compile`` only at the paper's shape (each shape compiles anew), plus the paper's
   shape in ieee fp32 for the MUSIC paths and the floor.
+* ``headline``: the N=512, D=8160 forward+backward case alone (a replicate, minutes).
 * ``smoke``: tiny shapes for the tests.
 """
 
@@ -92,6 +93,13 @@ def gpu_core_suite() -> Suite:
                  "shape, ieee at the paper's shape")
 
 
+def headline_suite() -> Suite:
+    cases = _grid(ALL_PEERS, [512], [8160], ["ieee"], [FB])
+    return Suite("headline", tuple(cases), Budget(warmup_s=0.3, time_s=2.0, min_reps=3,
+                                                  max_reps=20),
+                 "CPU: SPEC 6's CPU case alone (N=512, D=8160, forward+backward), a replicate")
+
+
 def smoke_suite() -> Suite:
     cases = _grid(ALL_PEERS, [32], [160, 240], ["ieee"], [FB]) + _grid(
         ALL_PEERS, [32], [240], ["ieee"], [FWD])
@@ -108,4 +116,6 @@ def get_suite(name: str, gpu: bool) -> Suite:
         return gpu_core_suite()
     if name == "smoke":
         return smoke_suite()
+    if name == "headline":
+        return headline_suite()
     raise ValueError(f"unknown suite {name!r}; choose quick, full, gpu-core or smoke")
