@@ -113,7 +113,15 @@ class _ChunkedMUSIC(torch.autograd.Function):
         # Every entry of P is at least eps^2: with the default eps the floor never binds and
         # the clamp and its mask can be skipped (two passes over each block).
         floor_binds = config.eps**2 < 2 * TINY
+        # d(P lg P)/dP = lg P + [P >= tiny] (torch.clamp_min's gradient). Where the floor never
+        # binds, the "+1" part of G contributes c/N times the off-block row sums of the other
+        # view, O(N D) in all: adding it here lets the block products use lg P as G directly,
+        # saving a buffer and a pass per block (not in bf16 mode, which rounds G itself).
+        hoist_one = need_grad and not floor_binds and precision != "bf16"
         if s > 1 and c_off != 0.0:
+            if hoist_one:
+                dp1.add_(_off_block_sums(a2, k), alpha=c_off / n)
+                dp2.add_(_off_block_sums(a1, k), alpha=c_off / n)
             with _matmul_precision(z1.device, precision):
                 for a0 in range(0, d, chunk):
                     a_end = min(a0 + chunk, d)
@@ -123,11 +131,13 @@ class _ChunkedMUSIC(torch.autograd.Function):
                     cols, inside = _diagonal_blocks(block, a0, a_end, k)
                     lg_block[:, cols].masked_fill_(inside, 0.0)
                     if need_grad:
-                        # d(P lg P)/dP = lg P + [P >= tiny]  (torch.clamp_min's gradient)
-                        grad_block = ((block >= TINY).to(dtype).add_(lg_block) if floor_binds
-                                      else lg_block + 1.0)
-                        grad_block[:, cols].masked_fill_(inside, 0.0)
-                        grad_block = _operand(grad_block, precision)
+                        if hoist_one:
+                            grad_block = lg_block
+                        else:
+                            grad_block = ((block >= TINY).to(dtype).add_(lg_block) if floor_binds
+                                          else lg_block + 1.0)
+                            grad_block[:, cols].masked_fill_(inside, 0.0)
+                            grad_block = _operand(grad_block, precision)
                         # dp1[:, a0:a_end] += c a2 G^T / N ; dp2 += c a1[:, a0:a_end] G / N
                         dp1[:, a0:a_end].addmm_(a2, grad_block.t(), alpha=c_off / n)
                         dp2.addmm_(rows, grad_block, alpha=c_off / n)
@@ -153,6 +163,14 @@ class _ChunkedMUSIC(torch.autograd.Function):
         dz1, dz2 = ctx.saved_tensors
         scale = grad_loss.to(dz1.dtype)
         return dz1 * scale, dz2 * scale, None, None, None, None, None
+
+
+def _off_block_sums(p: Tensor, k: int) -> Tensor:
+    """``out[i, a] = sum of p[i, b] over the b outside a's segment``, ``(N, D)``."""
+    n, d = p.shape
+    segment_sums = p.view(n, d // k, k).sum(-1, keepdim=True)  # (N, S, 1)
+    total = segment_sums.sum(1, keepdim=True)  # (N, 1, 1)
+    return (total - segment_sums).expand(n, d // k, k).reshape(n, d)
 
 
 def _segment_softmax(
