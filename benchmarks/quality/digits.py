@@ -9,7 +9,8 @@ paper's Tables 7 and 8); logs the :mod:`music_loss.metrics` diagnostics during t
 
 Usage::
 
-    python -m benchmarks.quality.digits                 # default study: 6.9 min on 2 quiet cores
+    python -m benchmarks.quality.digits                 # default study (60 epochs): ~14 min on
+                                                        # 2 quiet cores (30 epochs took 6.9)
     python -m benchmarks.quality.digits --quick         # smoke run, about a minute
     python -m benchmarks.quality.digits --studies main --seeds 0 1 2 3 4 --epochs 60
     python -m benchmarks.quality.report benchmarks/results/quality-digits.json   # re-render

@@ -46,7 +46,7 @@ MUSIC_METHODS = tuple(m for m in METHODS if m.startswith("music"))
 class TrainConfig:
     """The budget and optimiser every method shares."""
 
-    epochs: int = 30
+    epochs: int = 60
     batch_size: int = 256
     lr: float = 2e-3
     weight_decay: float = 1e-5
