@@ -152,8 +152,15 @@ def cpu_peak_extra_mib(step: Callable[[], None]) -> float | None:
     return max(0.0, (peak - before) * 1024 / MIB)
 
 
-def measure_cpu(case: Case, budget: Budget) -> dict[str, Any]:
-    """Warm up, measure peak extra RSS of one call, then time single calls."""
+def measure_cpu(case: Case, budget: Budget, what: str = "both") -> dict[str, Any]:
+    """Warm up, measure peak extra RSS of one call (``what`` in memory/both), then time
+    single calls (``what`` in time/both).
+
+    ``benchmarks.run`` measures memory and time in two fresh processes: memory under
+    ``MALLOC_MMAP_THRESHOLD_`` (freed buffers leave the process, so the peak is the call's
+    own), time under the default allocator (the low threshold turns every large allocation
+    into fresh page faults, which would charge the allocator to the method).
+    """
     from torch.utils.benchmark import Timer
 
     step = build_step(case, torch.device("cpu"))
@@ -163,8 +170,12 @@ def measure_cpu(case: Case, budget: Budget) -> dict[str, Any]:
         if time.perf_counter() - warm_start >= budget.warmup_s:
             break
     t0 = time.perf_counter()
-    peak = cpu_peak_extra_mib(step)
+    peak = cpu_peak_extra_mib(step) if what != "time" else None
+    if what == "time":
+        step()
     last = time.perf_counter() - t0  # a post-warm-up call: sizes the repetitions
+    if what == "memory":
+        return {"peak_extra_mib": peak}
     # blocked_autorange: one more call to size its blocks (single calls here unless a call
     # is under ~2 ms), then blocks until min_run_time; bounded to [min_reps, max_reps] calls.
     min_run_time = min(budget.max_reps * last, max(budget.min_reps * last * 0.98, budget.time_s))

@@ -84,9 +84,17 @@ def _memory_available_bytes(device: torch.device) -> float | None:
 
 
 def _run_child(case: Case, budget: Budget, timeout_s: float) -> dict[str, Any]:
-    """Measure a CPU case in a fresh interpreter; return its timing/memory dict or raise."""
-    payload = json.dumps({"case": dataclasses.asdict(case), "budget": dataclasses.asdict(budget)})
-    env = {**os.environ, **CHILD_ENV}
+    """Measure a CPU case in two fresh interpreters (memory, then time); merge or raise."""
+    memory = _run_child_once(case, budget, timeout_s, "memory")
+    timing = _run_child_once(case, budget, timeout_s, "time")
+    return {**timing, "peak_extra_mib": memory["peak_extra_mib"]}
+
+
+def _run_child_once(case: Case, budget: Budget, timeout_s: float, what: str) -> dict[str, Any]:
+    payload = json.dumps({"case": dataclasses.asdict(case), "budget": dataclasses.asdict(budget),
+                          "what": what})
+    # The low mmap threshold makes the memory reading exact but slows large allocations.
+    env = {**os.environ, **CHILD_ENV} if what == "memory" else dict(os.environ)
     proc = subprocess.run([sys.executable, "-m", "benchmarks.run", "--child", payload],
                           cwd=REPO_ROOT, env=env, capture_output=True, text=True,
                           timeout=timeout_s)
@@ -104,7 +112,7 @@ def child_main(payload: str) -> None:
     """Entry point of the per-case CPU subprocess: print one marked JSON line."""
     spec = json.loads(payload)
     case, budget = Case(**spec["case"]), Budget(**spec["budget"])
-    result = measure_cpu(case, budget)
+    result = measure_cpu(case, budget, spec.get("what", "both"))
     print(RESULT_MARKER + json.dumps(result), flush=True)
 
 
