@@ -31,11 +31,14 @@ _MAX_BUFFER = 1 << 23
 
 
 def default_chunk_size(n: int, d: int) -> int:
-    """Rows of ``P`` per block: about ``N D / 2`` elements, clamped to [1 Mi, 8 Mi] elements,
-    and at most ``D / 24`` rows (at least 32) so the three block buffers stay under 1/8 of
-    one ``D x D`` matrix."""
+    """Rows of ``P`` per block: about ``N D / 2`` elements, clamped to [1 Mi, 8 Mi] elements.
+
+    Each block buffer then stays within the ``O(N D)`` arrays the backend holds anyway (and
+    at most 32 MiB in float32), while blocks stay large enough that the per-block passes
+    over the ``N x D`` gradient accumulators do not dominate when ``N`` is large.
+    """
     budget = min(max(n * d // 2, _MIN_BUFFER), _MAX_BUFFER)
-    return max(1, min(d, budget // d, max(32, d // 24)))
+    return max(1, min(d, budget // d))
 
 
 @contextlib.contextmanager
