@@ -119,6 +119,13 @@ def _check_pair(z1: Any, z2: Any, segment_dim: int, *, min_rows: int = 2) -> Non
                          f"{z1.shape[0]}; the loss is a statistic of the batch")
 
 
+def _check_process_group() -> None:
+    if not is_distributed_ready():
+        raise ValueError("gather_distributed=True needs an initialised process group; call "
+                         "torch.distributed.init_process_group first (e.g. under torchrun), "
+                         "or pass gather_distributed=False")
+
+
 def _check_finite(z1: Tensor, z2: Tensor) -> None:
     # Host sync: only when the caller asks for it (check_finite=True).
     if not bool(torch.isfinite(z1).all()) or not bool(torch.isfinite(z2).all()):
@@ -363,10 +370,7 @@ def music_loss(
 
     local_rows: tuple[int, int] | None = None
     if gather_distributed:
-        if not is_distributed_ready():
-            raise ValueError("gather_distributed=True needs an initialised process group; call "
-                             "torch.distributed.init_process_group first (e.g. under torchrun), "
-                             "or pass gather_distributed=False")
+        _check_process_group()
         dim = z1.shape[1]
         both, local_rows = gather_rows(torch.cat([z1, z2], dim=1), process_group)
         z1, z2 = both[:, :dim], both[:, dim:]

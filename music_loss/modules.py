@@ -7,8 +7,13 @@ from typing import Any
 from torch import Tensor, nn
 
 from music_loss._config import BACKENDS, PRECISIONS, MUSICTerms
-from music_loss.distributed import is_distributed_ready
-from music_loss.functional import _check_choice, make_config, music_loss, segment_softmax
+from music_loss.functional import (
+    _check_choice,
+    _check_process_group,
+    make_config,
+    music_loss,
+    segment_softmax,
+)
 
 
 class MUSICLoss(nn.Module):
@@ -75,10 +80,8 @@ class MUSICLoss(nn.Module):
                     normalization)
         _check_choice("backend", backend, BACKENDS)
         _check_choice("precision", precision, PRECISIONS)
-        if gather_distributed and not is_distributed_ready():
-            raise ValueError("gather_distributed=True needs an initialised process group; call "
-                             "torch.distributed.init_process_group before building the loss, "
-                             "or pass gather_distributed=False")
+        if gather_distributed:
+            _check_process_group()
         self.segment_dim = segment_dim
         self.temperature = temperature
         self.eps = eps
