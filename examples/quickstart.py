@@ -21,7 +21,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import StandardScaler
 from torch import nn
-from tqdm import tqdm
+from _progress import progress_bar  # sibling module: a tqdm bar on a terminal, plain lines in logs
 
 from music_loss import MUSICLoss
 
@@ -125,7 +125,7 @@ def main() -> None:
 
     print(f"MUSIC pretraining on {len(x_train)} digits (D={args.dim}, K={args.segment_dim}, "
           f"S={args.dim // args.segment_dim}), {args.epochs} epochs")
-    bar = tqdm(total=steps, unit="step")
+    bar = progress_bar(steps, "step", every_seconds=5)
     for _ in range(args.epochs):
         encoder.train()
         head.train()

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import platform
 import sys
 import time
@@ -33,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
+from examples._progress import PlainProgress, progress_bar
 
 from benchmarks.quality.data import DigitsSplit, load_split
 from benchmarks.quality.report import write_report
@@ -117,7 +118,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--name", default="quality-digits", help="results file stem")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: 2 epochs, 1 seed, 2-point sweeps, small D")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar or periodic progress lines")
     parser.add_argument("--note", action="append", default=[],
                         help="a line for the report's Notes (e.g. how busy the machine was)")
     args = parser.parse_args(argv)
@@ -190,7 +191,9 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     data: dict[str, Any] = {"meta": meta, "records": [], "curves": []}
     total_epochs = sum(cfg.epochs if j.method in METHODS else 0 for j in jobs)
     start = time.perf_counter()
-    bar = tqdm(total=total_epochs, unit="epoch", disable=args.no_progress, dynamic_ncols=True)
+    # A bar on a terminal, plain periodic lines in logs; --no-progress keeps only the results.
+    bar = (PlainProgress(total_epochs, "epoch", every_seconds=math.inf) if args.no_progress
+           else progress_bar(total_epochs, "epoch"))
     for i, job in enumerate(jobs, 1):
         bar.set_description(f"[{i}/{len(jobs)}] {job.method} seed={job.seed} "
                             f"K={job.segment_dim} D={job.d}")
