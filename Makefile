@@ -1,7 +1,11 @@
 # Two commands do all the set-up on a fresh machine:
 #   make demo   - create .venv with the pinned stack if missing, run the quickstart
 #   make test   - create .venv with the pinned stack if missing, run the test suite
-PYTHON ?= python3.11
+# The interpreter for a new .venv: python3.11 (the tested one), else python3 if it is 3.10 or
+# newer (requires-python); `make PYTHON=/path/to/python3.12 ...` chooses another.
+ifndef PYTHON
+PYTHON := $(shell command -v python3.11 2>/dev/null || { python3 -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null && command -v python3; })
+endif
 VENV   ?= .venv
 # The tested stack (torch 2.14.1 brings triton 3.8). Runtime requirements in pyproject.toml
 # are looser: no older than what was tested.
@@ -9,11 +13,13 @@ STACK  := torch==2.14.1 torchvision==0.29.1
 BIN    := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint gpu-test aot env clean
+.PHONY: demo test lint gpu-test aot env docs clean
 
 env: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
+	@test -x $(BIN)/python || test -n "$(PYTHON)" || { echo "make: found neither python3.11 nor a python3 >= 3.10; run make PYTHON=/path/to/python3.X" >&2; exit 1; }
+	@test -x $(BIN)/python || echo "make: creating $(VENV) with $(PYTHON) ($$($(PYTHON) --version 2>&1))"
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(STACK)
@@ -38,8 +44,16 @@ lint: env
 gpu-test:
 	python -m pytest -m "gpu or slow or not slow" tests -x -q -rs
 
+# The docs site (mkdocs.yml, docs/) into site/; --strict: a broken link or reference fails.
+docs: $(VENV)/.docs-installed
+	$(BIN)/mkdocs build --strict
+
+$(VENV)/.docs-installed: $(VENV)/.installed
+	$(BIN)/python -m pip install -q -e ".[docs]"
+	touch $@
+
 aot: env
 	env -u TRITON_INTERPRET $(BIN)/python -m music_loss.kernels.aot --arch 80 90
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info
+	rm -rf $(VENV) build dist site *.egg-info

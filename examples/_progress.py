@@ -48,7 +48,7 @@ class PlainProgress:
         self.every_seconds = every_seconds
         self.stream = stream if stream is not None else sys.stdout
         self.clock = clock
-        self.count = 0
+        self.count = self.reported = 0
         self.postfix = ""
         self.start = self.last_line = clock()
         self.closed = False
@@ -71,7 +71,7 @@ class PlainProgress:
         print(message, file=self.stream, flush=True)
 
     def close(self) -> None:
-        if not self.closed and self.count:
+        if not self.closed and self.count != self.reported:  # the final count, once
             self._line()
         self.closed = True
 
@@ -88,7 +88,7 @@ class PlainProgress:
         if self.postfix:
             parts.append(f", {self.postfix}")
         print("".join(parts), file=self.stream, flush=True)
-        self.last_line = now
+        self.last_line, self.reported = now, self.count
 
 
 def progress_bar(total: int, unit: str = "it", desc: str = "", *, every_seconds: float = 30.0,

@@ -16,12 +16,12 @@ import time
 
 import numpy as np
 import torch
+from _progress import progress_bar  # sibling module: a tqdm bar on a terminal, plain lines in logs
 from sklearn.datasets import load_digits
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import StandardScaler
 from torch import nn
-from _progress import progress_bar  # sibling module: a tqdm bar on a terminal, plain lines in logs
 
 from music_loss import MUSICLoss
 

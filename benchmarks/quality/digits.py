@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from examples._progress import PlainProgress, progress_bar
 
 from benchmarks.quality.data import DigitsSplit, load_split
 from benchmarks.quality.report import write_report
@@ -46,6 +45,7 @@ from benchmarks.quality.train import (
     evaluate_baseline,
     train_run,
 )
+from examples._progress import PlainProgress, progress_bar
 
 MAIN_METHODS = ("music_blocks", "music_joint", "music_entropy_only", "barlow_twins", "vicreg",
                 "music_invariance_only")
@@ -118,7 +118,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--name", default="quality-digits", help="results file stem")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: 2 epochs, 1 seed, 2-point sweeps, small D")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar or periodic progress lines")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bar or periodic progress lines")
     parser.add_argument("--note", action="append", default=[],
                         help="a line for the report's Notes (e.g. how busy the machine was)")
     args = parser.parse_args(argv)

@@ -17,8 +17,9 @@ import os
 import pytest
 import torch
 
-lightly = pytest.importorskip(
-    "lightly", reason="lightly is not installed: pip install -e '.[integrations]'")
+from tests.integration._extras import require
+
+require("lightly")
 
 import numpy as np  # noqa: E402
 import torch.distributed as dist  # noqa: E402

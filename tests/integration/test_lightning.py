@@ -18,8 +18,9 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("pytorch_lightning",
-                    reason="pytorch-lightning is not installed: pip install -e '.[integrations]'")
+from tests.integration._extras import require
+
+require("pytorch_lightning")
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "lightning" / "train.py"
 
