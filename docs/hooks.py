@@ -1,7 +1,7 @@
 """mkdocs hooks: committed results and MathJax served by the site itself, and includes.
 
 * A page line ``<!-- include: PATH -->`` (PATH from the repository root) is replaced by that
-  file, its headings one level down, so the committed benchmark reports and the ImageNet
+  file, nested under the heading above the line, so the committed benchmark reports and the ImageNet
   README appear as they are, under the page's own title. A missing file fails the build.
 
 * ``benchmarks/results/*.png`` appear as ``benchmarks/<name>.png``, beside the benchmarks
@@ -27,27 +27,30 @@ RESULTS = ROOT / "benchmarks" / "results"
 INCLUDE = re.compile(r"^<!-- include: (\S+) -->$", re.MULTILINE)
 
 
-def _demote_headings(text: str) -> str:
-    """``# A`` -> ``## A`` outside fenced code blocks (a shell comment is not a heading)."""
+def _demote_headings(text: str, by: int) -> str:
+    """Move headings ``by`` levels down, outside fenced code (a shell comment is no heading)."""
     lines, in_fence = [], False
     for line in text.splitlines():
         if line.lstrip().startswith(("```", "~~~")):
             in_fence = not in_fence
-        elif not in_fence and re.match(r"#{1,5} ", line):
-            line = "#" + line
+        elif not in_fence and re.match(r"#{1,6} ", line):
+            hashes = len(line) - len(line.lstrip("#"))
+            line = "#" * min(6, hashes + by) + line[hashes:]
         lines.append(line)
     return "\n".join(lines) + "\n"
 
 
-def _include(match: re.Match[str]) -> str:
-    path = ROOT / match.group(1)
-    if not path.is_file():
-        raise FileNotFoundError(f"docs include: {match.group(1)} does not exist")
-    return _demote_headings(path.read_text())
-
-
 def on_page_markdown(markdown: str, **_: object) -> str:
-    return INCLUDE.sub(_include, markdown)
+    """Replace each include line by its file, nested under the heading above the line."""
+
+    def include(match: re.Match[str]) -> str:
+        path = ROOT / match.group(1)
+        if not path.is_file():
+            raise FileNotFoundError(f"docs include: {match.group(1)} does not exist")
+        above = re.findall(r"^(#{1,6}) ", markdown[: match.start()], flags=re.MULTILINE)
+        return _demote_headings(path.read_text(), len(above[-1]) if above else 1)
+
+    return INCLUDE.sub(include, markdown)
 
 
 def _mathjax_script() -> Path:
