@@ -45,8 +45,9 @@ gpu-test:
 	python -m pytest -m "gpu or slow or not slow" tests -x -q -rs
 
 # The docs site (mkdocs.yml, docs/) into site/; --strict: a broken link or reference fails.
+# NO_MKDOCS_2_WARNING silences a release notice of mkdocs-material, not a build warning.
 docs: $(VENV)/.docs-installed
-	$(BIN)/mkdocs build --strict
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 $(VENV)/.docs-installed: $(VENV)/.installed
 	$(BIN)/python -m pip install -q -e ".[docs]"
