@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import inspect
 import io
 import json
 import os
@@ -89,6 +90,11 @@ def _spec(kernel: str, variant: str, fn: Any, types: dict[str, str], constexprs:
     chunk offsets and strides are multiples of 16 there). Without it bf16 loads are not
     vectorised and the software pipeliner skips them."""
     constexprs = {**constexprs, **{name: 1 for name in unit}}
+    for param in fn.params:  # a constexpr left out compiles with its default, never as i32
+        if param.is_constexpr and param.name not in constexprs:
+            if param.default is inspect.Parameter.empty:
+                raise ValueError(f"{kernel}: constexpr {param.name} needs a value")
+            constexprs[param.name] = param.default
     signature: dict[str, str] = {}
     attrs: dict[tuple[int, ...], list[list[Any]]] = {}
     for index, name in enumerate(fn.arg_names):
@@ -126,7 +132,8 @@ def kernel_specs(quick: bool = False) -> list[KernelSpec]:
         label = _config_label(cfg.kwargs, cfg.num_warps, cfg.num_stages)
         for prec in [p for p in precisions if cfg in je.configs_for(je.JOINT_CONFIGS, p)]:
             op = "*bf16" if prec == "bf16" else "*fp32"
-            const = {**cfg.kwargs, "WRITE_G": True, "PRECISION": prec, "EMULATE_BF16": False}
+            const = {**cfg.kwargs, "WRITE_G": True, "PRECISION": prec, "EMULATE_BF16": False,
+                     "EMULATE_TF32": False, "ROUND_TF32": True}
             specs.append(_spec("joint_entropy", prec, je.joint_entropy_kernel,
                                {"p1_ptr": op, "p2_ptr": op, "g_ptr": op}, const,
                                cfg.num_warps, cfg.num_stages, label,
@@ -144,7 +151,7 @@ def kernel_specs(quick: bool = False) -> list[KernelSpec]:
             for prec in modes if layout == "NN" else nt_modes:
                 op = "*bf16" if prec == "bf16" else "*fp32"
                 const = {**cfg.kwargs, "ACCUMULATE": layout == "NN", "PRECISION": prec,
-                         "EMULATE_BF16": False, "USE_INT64": False}
+                         "EMULATE_BF16": False, "USE_INT64": False, "EMULATE_TF32": False}
                 specs.append(_spec("grad_product", f"{prec},{layout}", je.scaled_matmul_kernel,
                                    {"a_ptr": op, "b_ptr": op}, const, cfg.num_warps,
                                    cfg.num_stages, label, unit,
@@ -152,7 +159,7 @@ def kernel_specs(quick: bool = False) -> list[KernelSpec]:
     # int64 offsets (N * D >= 2**31) in the largest product config.
     big = je.MATMUL_CONFIGS[-1]
     const = {**big.kwargs, "ACCUMULATE": True, "PRECISION": "bf16", "EMULATE_BF16": False,
-             "USE_INT64": True}
+             "USE_INT64": True, "EMULATE_TF32": False}
     specs.append(_spec("grad_product", "bf16,NN,int64", je.scaled_matmul_kernel,
                        {"a_ptr": "*bf16", "b_ptr": "*bf16"}, const, big.num_warps,
                        big.num_stages, _config_label(big.kwargs, big.num_warps, big.num_stages),
@@ -162,15 +169,20 @@ def kernel_specs(quick: bool = False) -> list[KernelSpec]:
         meta = ss.softmax_blocks(k, _NUM_SEGMENTS[k])
         warps = meta.pop("num_warps")
         label = f"K={k} " + _config_label(meta, warps, 1)
-        variants = ([("fp32", False), ("bf16", False), ("bf16", True)] if k == 80
-                    else [("fp32", False)])
-        for z_dtype, int64 in variants:
+        # (z dtype, int64 offsets, p stored rounded to tf32: the tf32 mode's operands)
+        variants = ([("fp32", False, False), ("fp32", False, True), ("bf16", False, False),
+                     ("bf16", True, False)] if k == 80 else [("fp32", False, False)])
+        for z_dtype, int64, round_tf32 in variants:
             z_type = "*" + z_dtype
-            variant = z_dtype + (",int64" if int64 else "")
-            const = {**meta, "TWO_VIEWS": True, "ROUND_BF16": False, "USE_INT64": int64}
+            variant = z_dtype + (",int64" if int64 else "") + (",tf32-round" if round_tf32
+                                                               else "")
+            const = {**meta, "TWO_VIEWS": True, "ROUND_BF16": False, "USE_INT64": int64,
+                     "ROUND_TF32": round_tf32, "EMULATE_TF32": False}
             specs.append(_spec("softmax_fwd", variant, ss.segment_softmax_fwd_kernel,
                                {"z1_ptr": z_type, "z2_ptr": z_type, "p1_ptr": z_type,
                                 "p2_ptr": z_type}, const, warps, 1, label, unit_z))
+            if round_tf32:
+                continue
             const = {**meta, "HAS_OFF": True, "USE_INT64": int64}
             specs.append(_spec("loss_bwd", variant, ss.music_loss_bwd_kernel,
                                {"z1_ptr": z_type, "z2_ptr": z_type, "dz1_ptr": z_type,

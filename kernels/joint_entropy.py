@@ -53,11 +53,13 @@ from music_loss.kernels._common import (
     check_precision,
     dot_acc,
     emulate_bf16,
+    emulate_tf32,
     launch,
     lg,
     needs_int64,
     operand_dtype,
     round_to_bf16,
+    round_to_tf32,
 )
 
 #: Bytes of the ``G`` chunk workspace the launcher aims for (rounded to 128-row chunks).
@@ -149,13 +151,14 @@ def joint_entropy_kernel(
     inv_n, c_off,
     WRITE_G: tl.constexpr, PRECISION: tl.constexpr, EMULATE_BF16: tl.constexpr,
     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
-    GROUP_A: tl.constexpr,
+    GROUP_A: tl.constexpr, EMULATE_TF32: tl.constexpr = False, ROUND_TF32: tl.constexpr = True,
 ):
     """One ``[BLOCK_A, BLOCK_B]`` tile of rows ``row_begin + [0, num_rows)`` of ``P``.
 
     Writes ``partial[0, pid] = sum P lg P`` over the tile's diagonal entries and
     ``partial[1, pid]`` over its off-block entries, ``pdiag[a] = P[a, a]``, and (``WRITE_G``)
-    ``G[a - row_begin, b] = c_off (lg P + [P >= tiny])`` on off blocks, 0 elsewhere.
+    ``G[a - row_begin, b] = c_off (lg P + [P >= tiny])`` on off blocks, 0 elsewhere (an
+    operand of the tf32 products: stored rounded to nearest tf32 there, ``ROUND_TF32``).
     Pointer increments along the batch are 64-bit, so ``N * D >= 2**31`` is safe here.
     """
     pid = tl.program_id(0)
@@ -175,7 +178,7 @@ def joint_entropy_kernel(
         mask_n = offs_n < N - n0
         a = tl.load(a_ptrs, mask=mask_a[:, None] & mask_n[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=mask_n[:, None] & mask_b[None, :], other=0.0)
-        acc = dot_acc(a, b, acc, PRECISION, EMULATE_BF16)
+        acc = dot_acc(a, b, acc, PRECISION, EMULATE_BF16, EMULATE_TF32)
         a_ptrs += BLOCK_N * stride_p1n
         b_ptrs += BLOCK_N * stride_p2n
 
@@ -196,6 +199,8 @@ def joint_entropy_kernel(
         grad = tl.where(is_off, grad, 0.0)
         if PRECISION == "bf16" and EMULATE_BF16:
             grad = round_to_bf16(grad)  # what a bf16 store does on a GPU
+        if PRECISION == "tf32" and ROUND_TF32:
+            grad = round_to_tf32(grad, EMULATE_TF32)
         g_ptrs = g_ptr + local_a[:, None] * stride_g + offs_b[None, :]
         tl.store(g_ptrs, grad, mask=valid)
 
@@ -207,7 +212,7 @@ def scaled_matmul_kernel(
     ACCUMULATE: tl.constexpr, PRECISION: tl.constexpr, EMULATE_BF16: tl.constexpr,
     USE_INT64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
+    GROUP_M: tl.constexpr, EMULATE_TF32: tl.constexpr = False,
 ):
     """``C = alpha * A @ B`` (``+ C`` when ``ACCUMULATE``), fp32 accumulate and store.
 
@@ -231,7 +236,7 @@ def scaled_matmul_kernel(
         mask_k = offs_k < K - k0
         a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        acc = dot_acc(a, b, acc, PRECISION, EMULATE_BF16)
+        acc = dot_acc(a, b, acc, PRECISION, EMULATE_BF16, EMULATE_TF32)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
     acc = acc * alpha
@@ -313,13 +318,14 @@ def _matmul(a: Tensor, b: Tensor, c: Tensor, alpha: float, accumulate: bool, pre
            a, b, c, m, n, k, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
            c.stride(0), c.stride(1), alpha,
            ACCUMULATE=accumulate, PRECISION=precision, EMULATE_BF16=emulate_bf16(),
-           USE_INT64=needs_int64(a, b, c))
+           USE_INT64=needs_int64(a, b, c), EMULATE_TF32=emulate_tf32())
 
 
 def joint_entropy_pass(
     p1: Tensor, p2: Tensor, segment_dim: int, c_off: float, precision: str,
     write_grad: bool, chunk_rows: int | None = None,
     joint_meta: dict[str, Any] | None = None, matmul_meta: dict[str, Any] | None = None,
+    round_tf32: bool = True,
 ) -> JointPass:
     """Entropy sums of ``P = p1^T p2 / N`` and, if asked, the off-block gradient products.
 
@@ -333,6 +339,8 @@ def joint_entropy_pass(
         chunk_rows: Rows of ``P`` per chunk (default :func:`chunk_rows_for`).
         joint_meta: Pin the joint kernel's config (interpreter default: a fixed one).
         matmul_meta: Pin the products' config.
+        round_tf32: In tf32 mode, store ``G`` rounded to nearest tf32 (``False`` only to
+            measure the truncation bias; ``p1, p2`` are rounded by the softmax kernel).
 
     Returns:
         A :class:`JointPass`.
@@ -371,7 +379,8 @@ def joint_entropy_pass(
                       p1, p2, workspace if write_grad else p_diag, p_diag, partial,
                       n, d, segment_dim, a0, rows, p1.stride(0), p2.stride(0), d, slots,
                       1.0 / n, c_off,
-                      WRITE_G=write_grad, PRECISION=precision, EMULATE_BF16=emulate_bf16())
+                      WRITE_G=write_grad, PRECISION=precision, EMULATE_BF16=emulate_bf16(),
+                      EMULATE_TF32=emulate_tf32(), ROUND_TF32=round_tf32)
         tiles = triton.cdiv(rows, used["BLOCK_A"]) * triton.cdiv(d, used["BLOCK_B"])
         sums.append(partial[:, :tiles].sum(dim=1, dtype=torch.float64))
         if write_grad:

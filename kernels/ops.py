@@ -68,7 +68,8 @@ def _fused_forward_impl(
     s = d // segment_dim
     p1, p2, inv_partials = softmax_forward(z1, z2, segment_dim, temperature, eps,
                                            operand_dtype(precision), (row_start, row_stop),
-                                           round_bf16=precision == "bf16" and emulate_bf16())
+                                           round_bf16=precision == "bf16" and emulate_bf16(),
+                                           round_tf32=precision == "tf32")
     assert p2 is not None and inv_partials is not None
     write_grad = need_grad and _has_off(d, segment_dim, c_off)
     joint = joint_entropy_pass(p1, p2, segment_dim, c_off, precision, write_grad,

@@ -87,7 +87,8 @@ def profile(n: int, d: int, k: int, precision: str, repeats: int = 5,
     c_diag, c_off = config.coefficients(d)
     out_dtype = operand_dtype(precision)
     round_bf16 = precision == "bf16" and emulate_bf16()
-    p1, p2, _ = softmax_forward(z1, z2, k, 1.0, 1e-8, out_dtype, None, round_bf16)
+    round_tf32 = precision == "tf32"
+    p1, p2, _ = softmax_forward(z1, z2, k, 1.0, 1e-8, out_dtype, None, round_bf16, round_tf32)
     assert p2 is not None
     joint = joint_entropy_pass(p1, p2, k, c_off, precision, True)
     grad_terms = torch.tensor([1.0, 0, 0, 0], device=dev)
@@ -102,7 +103,7 @@ def profile(n: int, d: int, k: int, precision: str, repeats: int = 5,
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu (interpreter)",
         "n": n, "d": d, "k": k, "precision": precision,
         "softmax_fwd_ms": _timer(lambda: softmax_forward(z1, z2, k, 1.0, 1e-8, out_dtype, None,
-                                                         round_bf16), dev, repeats),
+                                                         round_bf16, round_tf32), dev, repeats),
         "joint_no_grad_ms": _timer(lambda: joint_entropy_pass(p1, p2, k, c_off, precision,
                                                               False), dev, repeats),
         "joint_with_grad_ms": _timer(lambda: joint_entropy_pass(p1, p2, k, c_off, precision,

@@ -25,10 +25,12 @@ from torch import Tensor
 
 from music_loss.kernels._common import (
     TINY_F32,
+    emulate_tf32,
     lg,
     needs_int64,
     next_power_of_2,
     round_to_bf16,
+    round_to_tf32,
 )
 
 #: Elements of one ``[BLOCK_S, BLOCK_K]`` tile per program (per view).
@@ -79,32 +81,42 @@ def _tile_indices(row_id, pid_s, S, K, BLOCK_S: tl.constexpr, BLOCK_K: tl.conste
 
 
 @triton.jit
+def _store_operand(ptrs, p, mask, ROUND_BF16: tl.constexpr, ROUND_TF32: tl.constexpr,
+                   EMULATE_TF32: tl.constexpr):
+    """Store ``p`` as a matmul operand: rounded to bf16 values (emulated bf16 operands) or
+    to the nearest tf32 (tensor cores would truncate it: a downward bias), or as is."""
+    if ROUND_BF16:
+        tl.store(ptrs, round_to_bf16(p), mask=mask)
+    elif ROUND_TF32:
+        tl.store(ptrs, round_to_tf32(p, EMULATE_TF32), mask=mask)
+    else:
+        tl.store(ptrs, p, mask=mask)
+
+
+@triton.jit
 def segment_softmax_fwd_kernel(
     z1_ptr, z2_ptr, p1_ptr, p2_ptr, inv_ptr,
     S, K, D, stride_z1n, stride_z1d, stride_z2n, stride_z2d,
     row_start, row_stop, inv_temperature, eps,
     TWO_VIEWS: tl.constexpr, ROUND_BF16: tl.constexpr, BLOCK_S: tl.constexpr,
-    BLOCK_K: tl.constexpr, USE_INT64: tl.constexpr,
+    BLOCK_K: tl.constexpr, USE_INT64: tl.constexpr, ROUND_TF32: tl.constexpr = False,
+    EMULATE_TF32: tl.constexpr = False,
 ):
     """Program (row, segment block): write ``p`` (both views), and, for two views, the
     block's sum of ``lg(sum_k p1 p2)`` over its segments if the row is local (else 0).
-    ``ROUND_BF16``: store ``p`` rounded to bf16 values in fp32 (emulated bf16 operands)."""
+    ``ROUND_BF16``: store ``p`` rounded to bf16 values in fp32 (emulated bf16 operands);
+    ``ROUND_TF32``: rounded to nearest tf32 (``EMULATE_TF32``: by bit arithmetic, the
+    interpreter). The invariance term uses the unrounded values."""
     row_id = tl.program_id(0)
     pid_s = tl.program_id(1)
     row, col, mask, s_valid = _tile_indices(row_id, pid_s, S, K, BLOCK_S, BLOCK_K, USE_INT64)
     _, p1 = _softmax_tile(z1_ptr, row, stride_z1n, stride_z1d, col, mask, s_valid,
                           inv_temperature, eps)
-    if ROUND_BF16:
-        tl.store(p1_ptr + row * D + col, round_to_bf16(p1), mask=mask)
-    else:
-        tl.store(p1_ptr + row * D + col, p1, mask=mask)
+    _store_operand(p1_ptr + row * D + col, p1, mask, ROUND_BF16, ROUND_TF32, EMULATE_TF32)
     if TWO_VIEWS:
         _, p2 = _softmax_tile(z2_ptr, row, stride_z2n, stride_z2d, col, mask, s_valid,
                               inv_temperature, eps)
-        if ROUND_BF16:
-            tl.store(p2_ptr + row * D + col, round_to_bf16(p2), mask=mask)
-        else:
-            tl.store(p2_ptr + row * D + col, p2, mask=mask)
+        _store_operand(p2_ptr + row * D + col, p2, mask, ROUND_BF16, ROUND_TF32, EMULATE_TF32)
         agreement = tl.sum(p1 * p2, axis=1)
         log_agreement = tl.where(s_valid, lg(agreement),
                                  0.0)
@@ -190,14 +202,14 @@ def music_loss_bwd_kernel(
 def softmax_forward(
     z1: Tensor, z2: Tensor | None, segment_dim: int, temperature: float, eps: float,
     out_dtype: torch.dtype = torch.float32, local_rows: tuple[int, int] | None = None,
-    round_bf16: bool = False,
+    round_bf16: bool = False, round_tf32: bool = False,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """Segment softmax of one or two views; with two, the invariance partial sums too.
 
     Returns:
         ``(p1, p2, inv_partials)``: ``p`` as contiguous ``(N, D)`` arrays of ``out_dtype``
         (fp32 values rounded once on store; ``round_bf16``: to bf16 values, kept in
-        ``out_dtype``), and an ``(N, blocks)`` fp32 array whose sum is
+        ``out_dtype``; ``round_tf32``: to the nearest tf32 values, for tf32 products), and an ``(N, blocks)`` fp32 array whose sum is
         ``sum_{local i, s} lg(sum_k p1 p2)`` (``None`` for one view).
 
     Example:
@@ -220,7 +232,8 @@ def softmax_forward(
         z1, zb, p1, p2 if p2 is not None else p1, inv if inv is not None else p1,
         s, segment_dim, d, z1.stride(0), z1.stride(1), zb.stride(0), zb.stride(1),
         start, stop, 1.0 / temperature, eps,
-        TWO_VIEWS=two, ROUND_BF16=round_bf16, USE_INT64=needs_int64(z1, zb, p1), **meta,
+        TWO_VIEWS=two, ROUND_BF16=round_bf16, USE_INT64=needs_int64(z1, zb, p1),
+        ROUND_TF32=round_tf32, EMULATE_TF32=emulate_tf32(), **meta,
     )
     return p1, p2, inv
 
