@@ -8,6 +8,7 @@ must agree with what the decorators saw.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any
 
@@ -65,6 +66,18 @@ def check_precision(precision: str) -> str:
                          f"got {precision!r}; resolve 'auto' with "
                          "music_loss._dispatch.resolve_precision first")
     return precision
+
+
+def device_of(tensor: Tensor) -> Any:
+    """Launch on ``tensor``'s GPU, not the current one (Triton launches on the current device).
+
+    Example:
+        >>> import torch
+        >>> with device_of(torch.zeros(1)):
+        ...     pass
+    """
+    return (torch.cuda.device(tensor.device) if tensor.device.type == "cuda"
+            else contextlib.nullcontext())
 
 
 def needs_int64(*tensors: Tensor) -> bool:

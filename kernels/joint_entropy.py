@@ -51,6 +51,7 @@ from music_loss.kernels._common import (
     INTERPRET,
     TINY_F32,
     check_precision,
+    device_of,
     dot_acc,
     emulate_bf16,
     emulate_tf32,
@@ -255,7 +256,10 @@ _joint_autotuned: Any = None if INTERPRET else triton.autotune(
     prune_configs_by={"early_config_prune": _prune},
 )(joint_entropy_kernel)
 _matmul_autotuned: Any = None if INTERPRET else triton.autotune(
-    configs=MATMUL_CONFIGS, key=["M", "N", "K", "PRECISION", "ACCUMULATE"],
+    # The strides are in the key: the same sizes with transposed operands (dp1's NT layout
+    # against dp2's NN) are different kernels for the memory system.
+    configs=MATMUL_CONFIGS, key=["M", "N", "K", "PRECISION", "ACCUMULATE", "stride_am",
+                                 "stride_ak", "stride_bk", "stride_bn"],
     prune_configs_by={"early_config_prune": _prune}, restore_value=["c_ptr"],
 )(scaled_matmul_kernel)
 
@@ -283,6 +287,40 @@ def workspace_bytes(dim: int, precision: str, chunk_rows: int | None = None) -> 
     g_chunk = rows * dim * operand_dtype(precision).itemsize
     partials = 2 * 4 * triton.cdiv(rows, MIN_TILE) * triton.cdiv(dim, MIN_TILE)
     return g_chunk + partials + 4 * dim
+
+
+def launches_per_step(dim: int, precision: str, chunk_rows: int | None = None) -> int:
+    """Triton launches of one forward+backward of the fused loss (gradients needed): the
+    softmax forward, per chunk of rows of ``P`` the joint kernel and the two gradient
+    products, and the backward kernel (ATen's small ops, e.g. the partial sums, not counted).
+
+    Example:
+        >>> launches_per_step(8160, "tf32")  # 8 chunks of 1024 rows (bf16 on a GPU: 4, 14)
+        26
+    """
+    rows = chunk_rows or chunk_rows_for(dim, precision)
+    return 2 + 3 * triton.cdiv(dim, rows)
+
+
+def gradient_phase_bytes(n: int, dim: int, precision: str, chunk_rows: int | None = None) -> int:
+    """Compulsory global-memory bytes of the gradient phase of one step: per chunk, the ``G``
+    store, and each product reading its operands once and writing its output once (``dp2``
+    read-modify-written from the second chunk on). Tile re-reads (served by L2 or not) are
+    not counted: a lower bound of the traffic, from the launch plan, not a measurement.
+
+    Example:
+        >>> round(gradient_phase_bytes(2048, 8160, "tf32") / 1e9, 2)
+        2.47
+    """
+    rows = chunk_rows or chunk_rows_for(dim, precision)
+    op = operand_dtype(precision).itemsize
+    total = 0
+    for a0 in range(0, dim, rows):
+        r = min(rows, dim - a0)
+        total += r * dim * op                                   # G chunk written
+        total += n * dim * op + r * dim * op + n * r * 4        # dp1[:, a0:a1] = p2 G^T / N
+        total += n * r * op + r * dim * op + n * dim * 4 * (2 if a0 else 1)  # dp2 (+)= p1 G
+    return total
 
 
 class JointPass(NamedTuple):
@@ -444,5 +482,6 @@ def joint_entropy_triton(p1: Tensor, p2: Tensor, segment_dim: int,
         ...     assert float(h_diag) <= 0 and float(h_off) <= 0
     """
     check_precision(precision)
-    out: tuple[Tensor, Tensor] = JointEntropyFunction.apply(p1, p2, segment_dim, precision)
+    with device_of(p1):
+        out: tuple[Tensor, Tensor] = JointEntropyFunction.apply(p1, p2, segment_dim, precision)
     return out

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from music_loss.kernels._common import (
     TINY_F32,
+    device_of,
     emulate_tf32,
     lg,
     needs_int64,
@@ -316,7 +317,8 @@ def segment_softmax_triton(z: Tensor, segment_dim: int, temperature: float = 1.0
     if z.dim() != 2 or z.shape[1] % segment_dim != 0:
         raise ValueError(f"z must be (N, D) with D a multiple of segment_dim={segment_dim}, "
                          f"got shape {tuple(z.shape)}")
-    out: Tensor = SegmentSoftmaxFunction.apply(z, segment_dim, temperature, eps)
+    with device_of(z):
+        out: Tensor = SegmentSoftmaxFunction.apply(z, segment_dim, temperature, eps)
     return out
 
 
