@@ -344,7 +344,10 @@ def _probe_conflicts(reg: Any, shared: Any, shape: list[int], dtype: str, arch: 
             triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": 4})
     finally:
         knobs.compilation.always_compile = previous
-    return int(re.search(r"@@CONFLICTS (\d+)", out.getvalue()).group(1))
+    printed = re.search(r"@@CONFLICTS (\d+)", out.getvalue())
+    if printed is None:
+        raise RuntimeError("the bank-conflict probe printed nothing")
+    return int(printed.group(1))
 
 
 def smem_bank_conflicts(ttgir: str, arch: int, num_warps: int) -> int | None:
