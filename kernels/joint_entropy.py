@@ -57,6 +57,7 @@ from music_loss.kernels._common import (
     emulate_tf32,
     launch,
     lg,
+    lg_fast,
     needs_int64,
     operand_dtype,
     round_to_bf16,
@@ -188,7 +189,10 @@ def joint_entropy_kernel(
     valid = mask_a[:, None] & mask_b[None, :]
     is_diag = (offs_a[:, None] == offs_b[None, :]) & valid
     is_off = ((offs_a // K)[:, None] != (offs_b // K)[None, :]) & valid
-    log_joint = lg(joint)
+    if PRECISION == "ieee":
+        log_joint = lg(joint)
+    else:  # the SFU's log: its 2^-22 is far inside the tf32 / bf16 budgets
+        log_joint = lg_fast(joint, EMULATE_TF32 or EMULATE_BF16)
     plogp = joint * log_joint
     diag_sum = tl.sum(tl.sum(tl.where(is_diag, plogp, 0.0), axis=1), axis=0)
     off_sum = tl.sum(tl.sum(tl.where(is_off, plogp, 0.0), axis=1), axis=0)
