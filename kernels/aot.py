@@ -137,23 +137,31 @@ def kernel_specs(quick: bool = False) -> list[KernelSpec]:
         label = _config_label(cfg.kwargs, cfg.num_warps, cfg.num_stages)
         for prec in [p for p in precisions if cfg in je.configs_for(je.JOINT_CONFIGS, p)]:
             op = "*bf16" if prec == "bf16" else "*fp32"
+            # tf32 reads the (D, N) transposes (batch-contiguous) and also writes G^T.
+            k_major = prec == "tf32"
             const = {**cfg.kwargs, "WRITE_G": True, "PRECISION": prec, "EMULATE_BF16": False,
-                     "EMULATE_TF32": False, "ROUND_TF32": True}
+                     "EMULATE_TF32": False, "ROUND_TF32": True, "WRITE_GT": k_major,
+                     "USE_INT64": False}
+            unit_p = ("stride_p1n", "stride_p2n") if k_major else ("stride_p1a", "stride_p2b")
             specs.append(_spec("joint_entropy", prec, je.joint_entropy_kernel,
-                               {"p1_ptr": op, "p2_ptr": op, "g_ptr": op}, const,
-                               cfg.num_warps, cfg.num_stages, label,
+                               {"p1_ptr": op, "p2_ptr": op, "g_ptr": op, "gt_ptr": op}, const,
+                               cfg.num_warps, cfg.num_stages, label, unit_p,
                                needs_tensor_cores=prec != "ieee"))
-    # The two products: dp2 += p1[:, a0:a1] @ G (all row-major, "NN") and
-    # dp1[:, a0:a1] = p2 @ G^T (B transposed, "NT"); the latter in tensor-core modes.
+    # The two products: dp2 += p1[:, a0:a1] @ G (row-major "NN" in ieee/bf16; in tf32 it
+    # reads G^T, so B is K-major, "NT") and dp1[:, a0:a1] = p2 @ G^T ("NT"); the latter in
+    # tensor-core modes. Variants name the layout the launcher passes.
     layouts = {"NN": ("stride_ak", "stride_bn", "stride_cn"),
                "NT": ("stride_ak", "stride_bk", "stride_cn")}
     for cfg in je.MATMUL_CONFIGS[:2] if quick else je.MATMUL_CONFIGS:
         label = _config_label(cfg.kwargs, cfg.num_warps, cfg.num_stages)
         for layout, unit in layouts.items():
-            # NT (dp1's layout): once per tensor-core mode, in the first config.
-            nt_modes = precisions[1:] if cfg is je.MATMUL_CONFIGS[0] else ()
             modes = [p for p in precisions if cfg in je.configs_for(je.MATMUL_CONFIGS, p)]
-            for prec in modes if layout == "NN" else nt_modes:
+            # dp2's layout in every config (NN, NT in tf32); dp1's NT once per tensor-core
+            # mode, in the first config (tf32's NT is already there as dp2).
+            first = cfg is je.MATMUL_CONFIGS[0]
+            nn_modes = [p for p in modes if p != "tf32"]
+            nt_modes = [p for p in modes if p == "tf32" or (first and p == "bf16")]
+            for prec in nn_modes if layout == "NN" else nt_modes:
                 op = "*bf16" if prec == "bf16" else "*fp32"
                 const = {**cfg.kwargs, "ACCUMULATE": layout == "NN", "PRECISION": prec,
                          "EMULATE_BF16": False, "USE_INT64": False, "EMULATE_TF32": False}
@@ -182,7 +190,7 @@ def kernel_specs(quick: bool = False) -> list[KernelSpec]:
             variant = z_dtype + (",int64" if int64 else "") + (",tf32-round" if round_tf32
                                                                else "")
             const = {**meta, "TWO_VIEWS": True, "ROUND_BF16": False, "USE_INT64": int64,
-                     "ROUND_TF32": round_tf32, "EMULATE_TF32": False}
+                     "ROUND_TF32": round_tf32, "EMULATE_TF32": False, "WRITE_T": round_tf32}
             specs.append(_spec("softmax_fwd", variant, ss.segment_softmax_fwd_kernel,
                                {"z1_ptr": z_type, "z2_ptr": z_type, "p1_ptr": z_type,
                                 "p2_ptr": z_type}, const, warps, 1, label, unit_z))

@@ -17,19 +17,27 @@ only ``P``'s diagonal (``D`` floats) is kept for it.
 
 Workspace bound (beyond the ``O(N D)`` arrays ``p1, p2`` and ``dp1, dp2``)::
 
-    chunk_rows * D * (4 bytes, or 2 in bf16 mode)      the G chunk
+    chunk_rows * D * (4 bytes, or 2 in bf16 mode)      the G chunk (tf32: twice, G^T too)
   + 2 * 4 * ceil(chunk_rows / 16) * ceil(D / 16)        per-tile partial sums
   + 4 * D                                               diag(P)
 
 with ``chunk_rows`` the largest multiple of 128 whose G chunk fits :data:`WORKSPACE_BYTES`
 (32 MiB): see :func:`workspace_bytes`. At the paper's shape (N=2048, D=8160, K=80):
-1024 rows per chunk (2048 in bf16), a workspace of 33,717,120 bytes (bf16: 33,978,240)
-against 266,342,400 = 4 D^2 for a single fp32 ``P`` (7.9x smaller). The G chunk stays at
+1024 rows per chunk (2048 in bf16), a workspace of 33,717,120 bytes (bf16: 33,978,240;
+tf32: 67,140,480, with the ``G^T`` chunk) against 266,342,400 = 4 D^2 for a single fp32 ``P``
+(7.9x smaller; tf32 4.0x). The G chunk stays at
 32 MiB as D grows (fewer rows per chunk) until the 128-row minimum, D > 65,536, after which it
 is 512 D bytes (256 D in bf16): never D^2. Add the ``O(N D)`` arrays: ``p1, p2`` (133,693,440 bytes
 in fp32, half in bf16, freed after the forward) and the saved ``dp1, dp2`` (133,693,440):
-301,104,000 bytes in all (tf32/ieee), 234,518,400 (bf16); see
+301,104,000 bytes in all (ieee), 234,518,400 (bf16); see
 :func:`music_loss.kernels.ops.fused_memory_bytes`.
+
+tf32 layouts: Hopper's tf32 ``wgmma`` takes only K-major operands (contiguous along the
+reduced dimension), so in tf32 mode the joint product reads ``p1, p2`` transposed, ``(D, N)``
+contiguous, written by the softmax kernel next to ``p1, p2`` (133,693,440 bytes more at the
+paper's shape, freed after the forward), and ``dp2 = p1 G`` reads ``G^T``, written by the
+joint kernel next to ``G`` (33,423,360 bytes more): 468,220,800 bytes in all. ieee and bf16
+(16-bit ``wgmma`` takes either major order) keep the row-major operands.
 
 Why Liger style rather than recomputing ``P`` in the backward: at the paper's shape the
 recomputation is a fourth ``N x D x D`` product, 2 N D^2 = 273 GFLOP more per step (+33%),
@@ -148,20 +156,27 @@ def _grouped_tile(pid, num_m, num_n, GROUP: tl.constexpr):
 
 @triton.jit
 def joint_entropy_kernel(
-    p1_ptr, p2_ptr, g_ptr, pdiag_ptr, partial_ptr,
-    N, D, K, row_begin, num_rows, stride_p1n, stride_p2n, stride_g, stride_partial,
-    inv_n, c_off,
+    p1_ptr, p2_ptr, g_ptr, gt_ptr, pdiag_ptr, partial_ptr,
+    N, D, K, row_begin, num_rows, stride_p1n, stride_p1a, stride_p2n, stride_p2b, stride_g,
+    stride_gt, stride_partial, inv_n, c_off,
     WRITE_G: tl.constexpr, PRECISION: tl.constexpr, EMULATE_BF16: tl.constexpr,
     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
     GROUP_A: tl.constexpr, EMULATE_TF32: tl.constexpr = False, ROUND_TF32: tl.constexpr = True,
+    WRITE_GT: tl.constexpr = False, USE_INT64: tl.constexpr = False,
 ):
     """One ``[BLOCK_A, BLOCK_B]`` tile of rows ``row_begin + [0, num_rows)`` of ``P``.
 
     Writes ``partial[0, pid] = sum P lg P`` over the tile's diagonal entries and
     ``partial[1, pid]`` over its off-block entries, ``pdiag[a] = P[a, a]``, and (``WRITE_G``)
     ``G[a - row_begin, b] = c_off (lg P + [P >= tiny])`` on off blocks, 0 elsewhere (an
-    operand of the tf32 products: stored rounded to nearest tf32 there, ``ROUND_TF32``).
-    Pointer increments along the batch are 64-bit, so ``N * D >= 2**31`` is safe here.
+    operand of the tf32 products: stored rounded to nearest tf32 there, ``ROUND_TF32``);
+    ``WRITE_GT``: also ``G^T`` (``gt[b, a - row_begin]``), the K-major operand of ``dp2``.
+
+    The operands are read through both strides: ``p[n, a]`` at ``n * stride_p1n + a *
+    stride_p1a``. Row-major ``(N, D)`` arrays (ieee, bf16) or their ``(D, N)`` transposes
+    (tf32): Hopper's tf32 ``wgmma`` takes only K-major (batch-contiguous) operands, read from
+    the transposes with 16-byte copies. Pointer increments along the batch are 64-bit and
+    ``USE_INT64`` widens the column offsets (``D * N >= 2**31`` in the transposed layout).
     """
     pid = tl.program_id(0)
     num_a = tl.cdiv(num_rows, BLOCK_A)
@@ -173,8 +188,13 @@ def joint_entropy_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     mask_a = local_a < num_rows
     mask_b = offs_b < D
-    a_ptrs = p1_ptr + offs_a[:, None] + offs_n[None, :] * stride_p1n
-    b_ptrs = p2_ptr + offs_n[:, None] * stride_p2n + offs_b[None, :]
+    cols_a = offs_a
+    cols_b = offs_b
+    if USE_INT64:
+        cols_a = cols_a.to(tl.int64)
+        cols_b = cols_b.to(tl.int64)
+    a_ptrs = p1_ptr + cols_a[:, None] * stride_p1a + offs_n[None, :] * stride_p1n
+    b_ptrs = p2_ptr + offs_n[:, None] * stride_p2n + cols_b[None, :] * stride_p2b
     acc = tl.zeros((BLOCK_A, BLOCK_B), dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
         mask_n = offs_n < N - n0
@@ -208,6 +228,9 @@ def joint_entropy_kernel(
             grad = round_to_tf32(grad, EMULATE_TF32)
         g_ptrs = g_ptr + local_a[:, None] * stride_g + offs_b[None, :]
         tl.store(g_ptrs, grad, mask=valid)
+        if WRITE_GT:
+            gt_ptrs = gt_ptr + cols_b[None, :] * stride_gt + local_a[:, None]
+            tl.store(gt_ptrs, grad, mask=valid)
 
 
 @triton.jit
@@ -284,11 +307,12 @@ def workspace_bytes(dim: int, precision: str, chunk_rows: int | None = None) -> 
     """Upper bound of the joint pass's workspace in bytes, beyond the ``O(N D)`` arrays.
 
     Example:
-        >>> workspace_bytes(8160, "tf32") < 4 * 8160**2 // 7
+        >>> workspace_bytes(8160, "tf32") < 4 * 8160**2 // 3
         True
     """
     rows = min(chunk_rows or chunk_rows_for(dim, precision), dim)
-    g_chunk = rows * dim * operand_dtype(precision).itemsize
+    # tf32: G^T too (dp2's K-major operand), as large as the G chunk.
+    g_chunk = rows * dim * operand_dtype(precision).itemsize * (2 if precision == "tf32" else 1)
     partials = 2 * 4 * triton.cdiv(rows, MIN_TILE) * triton.cdiv(dim, MIN_TILE)
     return g_chunk + partials + 4 * dim
 
@@ -313,15 +337,15 @@ def gradient_phase_bytes(n: int, dim: int, precision: str, chunk_rows: int | Non
     not counted: a lower bound of the traffic, from the launch plan, not a measurement.
 
     Example:
-        >>> round(gradient_phase_bytes(2048, 8160, "tf32") / 1e9, 2)
-        2.47
+        >>> round(gradient_phase_bytes(2048, 8160, "tf32") / 1e9, 2)  # 2.47 without G^T
+        2.74
     """
     rows = chunk_rows or chunk_rows_for(dim, precision)
     op = operand_dtype(precision).itemsize
     total = 0
     for a0 in range(0, dim, rows):
         r = min(rows, dim - a0)
-        total += r * dim * op                                   # G chunk written
+        total += r * dim * op * (2 if precision == "tf32" else 1)  # G (and G^T) written
         total += n * dim * op + r * dim * op + n * r * 4        # dp1[:, a0:a1] = p2 G^T / N
         total += n * r * op + r * dim * op + n * dim * 4 * (2 if a0 else 1)  # dp2 (+)= p1 G
     return total
@@ -367,7 +391,7 @@ def joint_entropy_pass(
     p1: Tensor, p2: Tensor, segment_dim: int, c_off: float, precision: str,
     write_grad: bool, chunk_rows: int | None = None,
     joint_meta: dict[str, Any] | None = None, matmul_meta: dict[str, Any] | None = None,
-    round_tf32: bool = True,
+    round_tf32: bool = True, p1_t: Tensor | None = None, p2_t: Tensor | None = None,
 ) -> JointPass:
     """Entropy sums of ``P = p1^T p2 / N`` and, if asked, the off-block gradient products.
 
@@ -383,6 +407,9 @@ def joint_entropy_pass(
         matmul_meta: Pin the products' config.
         round_tf32: In tf32 mode, store ``G`` rounded to nearest tf32 (``False`` only to
             measure the truncation bias; ``p1, p2`` are rounded by the softmax kernel).
+        p1_t: In tf32 mode, ``p1`` transposed, ``(D, N)`` contiguous (the softmax kernel
+            writes it; made here when ``None``): the joint product's K-major operand.
+        p2_t: Same for ``p2``.
 
     Returns:
         A :class:`JointPass`.
@@ -410,6 +437,23 @@ def joint_entropy_pass(
     dp2 = torch.empty(grad_shape, device=dev, dtype=torch.float32)
     workspace = torch.empty((min(rows_per_chunk, d), d) if write_grad else (0,), device=dev,
                             dtype=p1.dtype)
+    # tf32 (Hopper's tf32 wgmma reads only K-major operands): the joint product reads the
+    # (D, N) transposes, and dp2 = p1 G reads G^T, written next to G by the joint kernel.
+    k_major = precision == "tf32"
+    if k_major:
+        op1 = p1_t if p1_t is not None else p1.t().contiguous()
+        op2 = p2_t if p2_t is not None else p2.t().contiguous()
+        if op1.shape != (d, n) or op2.shape != (d, n) or not (op1.is_contiguous()
+                                                              and op2.is_contiguous()):
+            raise ValueError(f"p1_t and p2_t must be contiguous ({d}, {n}) transposes of p1, "
+                             f"p2, got {tuple(op1.shape)} and {tuple(op2.shape)}")
+        strides = (1, n, 1, n)  # (stride_p1n, stride_p1a, stride_p2n, stride_p2b)
+    else:
+        op1, op2 = p1, p2
+        strides = (p1.stride(0), 1, p2.stride(0), 1)
+    write_gt = write_grad and k_major
+    workspace_t = torch.empty((d, min(rows_per_chunk, d)) if write_gt else (0,), device=dev,
+                              dtype=p1.dtype)
     sums: list[Tensor] = []
     for a0 in range(0, d, rows_per_chunk):
         rows = min(rows_per_chunk, d - a0)
@@ -418,11 +462,13 @@ def joint_entropy_pass(
         grid = lambda cfg, rows=rows: (triton.cdiv(rows, cfg["BLOCK_A"])
                                        * triton.cdiv(d, cfg["BLOCK_B"]),)
         used = launch(_joint_autotuned, joint_entropy_kernel, grid, joint_meta,
-                      p1, p2, workspace if write_grad else p_diag, p_diag, partial,
-                      n, d, segment_dim, a0, rows, p1.stride(0), p2.stride(0), d, slots,
-                      1.0 / n, c_off,
+                      op1, op2, workspace if write_grad else p_diag,
+                      workspace_t if write_gt else p_diag, p_diag, partial,
+                      n, d, segment_dim, a0, rows, *strides, d, max(1, workspace_t.shape[-1]),
+                      slots, 1.0 / n, c_off,
                       WRITE_G=write_grad, PRECISION=precision, EMULATE_BF16=emulate_bf16(),
-                      EMULATE_TF32=emulate_tf32(), ROUND_TF32=round_tf32)
+                      EMULATE_TF32=emulate_tf32(), ROUND_TF32=round_tf32, WRITE_GT=write_gt,
+                      USE_INT64=needs_int64(op1, op2))
         tiles = triton.cdiv(rows, used["BLOCK_A"]) * triton.cdiv(d, used["BLOCK_B"])
         sums.append(partial[:, :tiles].sum(dim=1, dtype=torch.float64))
         if write_grad:
@@ -430,7 +476,8 @@ def joint_entropy_pass(
             # dp1[:, a0:a1] = p2 @ G_chunk^T / N ; dp2 (+)= p1[:, a0:a1] @ G_chunk / N
             _matmul(p2, g_chunk.T, dp1[:, a0:a0 + rows], 1.0 / n, False, precision,
                     matmul_meta)
-            _matmul(p1[:, a0:a0 + rows], g_chunk, dp2, 1.0 / n, a0 > 0, precision,
+            g_operand = workspace_t[:, :rows].T if write_gt else g_chunk  # K-major in tf32
+            _matmul(p1[:, a0:a0 + rows], g_operand, dp2, 1.0 / n, a0 > 0, precision,
                     matmul_meta)
     total = torch.stack(sums).sum(dim=0)
     return JointPass(total[0], total[1], p_diag, dp1, dp2)

@@ -381,9 +381,15 @@ def test_softmax_kernel_rounds_p_to_nearest_tf32():
 
     z1, z2 = _views(13, 240)
     plain1, plain2, _ = softmax_forward(z1, z2, 80, 1.0, 1e-8)
-    rounded1, rounded2, _ = softmax_forward(z1, z2, 80, 1.0, 1e-8, round_tf32=True)
+    # tf32 mode also writes the (D, N) transposes the joint product reads (K-major).
+    transposed = (z1.new_empty(240, 13), z1.new_empty(240, 13))
+    rounded1, rounded2, _ = softmax_forward(z1, z2, 80, 1.0, 1e-8, round_tf32=True,
+                                            out_transposed=transposed)
     assert torch.equal(rounded1, tf32_round(plain1)) and torch.equal(rounded2, tf32_round(plain2))
     assert not torch.equal(rounded1, plain1)  # the rounding did something
+    assert torch.equal(transposed[0], rounded1.T) and torch.equal(transposed[1], rounded2.T)
+    with pytest.raises(ValueError, match="out_transposed"):
+        softmax_forward(z1, z2, 80, 1.0, 1e-8, out_transposed=(rounded1, rounded2))
 
 
 def _tf32_loss(z1, z2, config, round_tf32):
