@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 #: Per-block shared memory limits in bytes (opt-in maximum).
-SMEM_LIMIT: dict[int, int] = {80: 163 * 1024, 90: 227 * 1024}
+SMEM_LIMIT: dict[int, int] = {80: 163 * 1024, 90: 227 * 1024}  # = joint_entropy.SMEM_LIMITS
 
 #: Representative segment sizes for the elementwise kernels' launch heuristics: K = 1, the
 #: paper's 80 (not a power of two), and a wide 2048-bin segment.
@@ -126,8 +126,9 @@ def _config_label(meta: dict[str, Any], num_warps: int, num_stages: int) -> str:
     return f"{blocks} w{num_warps} s{num_stages}"
 
 
-def kernel_specs(quick: bool = False) -> list[KernelSpec]:
-    """Every compile job: all kernels x autotune configs x precision modes (x layouts)."""
+def kernel_specs(quick: bool = False, arch: int = 90) -> list[KernelSpec]:
+    """Every compile job for ``arch``: all kernels x the autotune configs each precision mode
+    uses there (``joint_entropy.configs_for`` with the arch's shared memory) x layouts."""
     from music_loss.kernels import joint_entropy as je
     from music_loss.kernels import segment_softmax as ss
 
@@ -135,7 +136,8 @@ def kernel_specs(quick: bool = False) -> list[KernelSpec]:
     precisions = ("ieee", "tf32", "bf16")
     for cfg in je.JOINT_CONFIGS[:2] if quick else je.JOINT_CONFIGS:
         label = _config_label(cfg.kwargs, cfg.num_warps, cfg.num_stages)
-        for prec in [p for p in precisions if cfg in je.configs_for(je.JOINT_CONFIGS, p)]:
+        for prec in [p for p in precisions
+                     if cfg in je.configs_for(je.JOINT_CONFIGS, p, SMEM_LIMIT[arch])]:
             op = "*bf16" if prec == "bf16" else "*fp32"
             # tf32 reads the (D, N) transposes (batch-contiguous) and also writes G^T.
             k_major = prec == "tf32"
@@ -155,7 +157,8 @@ def kernel_specs(quick: bool = False) -> list[KernelSpec]:
     for cfg in je.MATMUL_CONFIGS[:2] if quick else je.MATMUL_CONFIGS:
         label = _config_label(cfg.kwargs, cfg.num_warps, cfg.num_stages)
         for layout, unit in layouts.items():
-            modes = [p for p in precisions if cfg in je.configs_for(je.MATMUL_CONFIGS, p)]
+            modes = [p for p in precisions
+                     if cfg in je.configs_for(je.MATMUL_CONFIGS, p, SMEM_LIMIT[arch])]
             # dp2's layout in every config (NN, NT in tf32); dp1's NT once per tensor-core
             # mode, in the first config (tf32's NT is already there as dp2).
             first = cfg is je.MATMUL_CONFIGS[0]
@@ -169,8 +172,8 @@ def kernel_specs(quick: bool = False) -> list[KernelSpec]:
                                    {"a_ptr": op, "b_ptr": op}, const, cfg.num_warps,
                                    cfg.num_stages, label, unit,
                                    needs_tensor_cores=prec != "ieee"))
-    # int64 offsets (N * D >= 2**31) in the largest product config.
-    big = je.MATMUL_CONFIGS[-1]
+    # int64 offsets (N * D >= 2**31) in the largest product config of sm_80's bf16.
+    big = je.configs_for(je.MATMUL_CONFIGS, "bf16", SMEM_LIMIT[80])[-1]
     const = {**big.kwargs, "ACCUMULATE": True, "PRECISION": "bf16", "EMULATE_BF16": False,
              "USE_INT64": True, "EMULATE_TF32": False}
     specs.append(_spec("grad_product", "bf16,NN,int64", je.scaled_matmul_kernel,
@@ -531,13 +534,13 @@ def _print_row(row: AotRow) -> None:
 def _compile_job(job: tuple[int, int, bool]) -> AotRow:
     """Worker entry point: rebuild the job list (kernels do not pickle), compile one."""
     index, arch, quick = job
-    return compile_spec(kernel_specs(quick)[index], arch)
+    return compile_spec(kernel_specs(quick, arch)[index], arch)
 
 
 def run(archs: list[int], quick: bool = False, jobs: int = 1) -> list[AotRow]:
     """Compile every job for every arch (``jobs`` processes), printing rows in order."""
-    count = len(kernel_specs(quick))
-    work = [(index, arch, quick) for arch in archs for index in range(count)]
+    work = [(index, arch, quick) for arch in archs
+            for index in range(len(kernel_specs(quick, arch)))]
     print(f"{'kernel':<14} {'variant':<17} {'config':<23} {'arch':<6} "
           f"{'smem':>7} /{'limit':>7} {'regs':>4} {'spill st/ld':<11} {'tc':>5} "
           f"{'mma':<10} {'copy':>5} {'bank':>4} {'epi/e':>5} status", flush=True)

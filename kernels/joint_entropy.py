@@ -79,54 +79,95 @@ CHUNK_MULTIPLE = 128
 #: Smallest tile edge of any config: sizes the partial-sum buffers.
 MIN_TILE = 16
 
-# Per-block shared memory limits (bytes) the configs must fit: sm_80 163 KiB, sm_90 227 KiB.
-SMEM_LIMIT_SM80 = 163 * 1024
+#: Per-block shared memory limits (opt-in, bytes) of the architectures the configs are
+#: filtered for (and the AOT check compiles for): sm_80 163 KiB, sm_90 227 KiB.
+SMEM_LIMITS: dict[int, int] = {80: 163 * 1024, 90: 227 * 1024}
+#: Shared memory kept for the epilogue's scratch (layout conversions, reductions).
+EPILOGUE_SMEM = 16 * 1024
 
 
-def _operand_smem(block_m: int, block_n: int, block_k: int, stages: int) -> int:
-    """Shared memory of the pipelined operand tiles with fp32 operands (the worst case)."""
-    return (block_m + block_n) * block_k * 4 * stages
+def _operand_smem(block_m: int, block_n: int, block_k: int, stages: int, itemsize: int) -> int:
+    """Shared memory of the pipelined operand tiles with ``itemsize``-byte operands."""
+    return (block_m + block_n) * block_k * itemsize * stages
 
 
-#: Autotune configs of the joint kernel. The epilogue (masks, a log, two reductions and the
-#: G store) holds the fp32 accumulator plus several same-shaped temporaries, so configs are
-#: filtered on accumulator registers per thread: 32 (ptxas -v, sm_90: 64 per thread spills
-#: 180-312 bytes in this epilogue, SPEC 5 saw the same at 128x128x64) and on operand staging
-#: fitting sm_80's per-block shared memory.
+def _tile(config: triton.Config) -> tuple[int, int, int]:
+    """``(rows, columns, depth)`` of a joint or product config's tile."""
+    kw = config.kwargs
+    if "BLOCK_A" in kw:
+        return kw["BLOCK_A"], kw["BLOCK_B"], kw["BLOCK_N"]
+    return kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"]
+
+
+#: Operand bytes on a GPU per precision mode (``operand_dtype`` is fp32 for emulated bf16).
+OPERAND_BYTES: dict[str, int] = {"ieee": 4, "tf32": 4, "bf16": 2}
+
+
+def config_smem(config: triton.Config, precision: str) -> int:
+    """Operand staging of ``config`` in ``precision`` on a GPU (4-byte operands, 2 in bf16)."""
+    return _operand_smem(*_tile(config), config.num_stages, OPERAND_BYTES[precision])
+
+
+#: The deepest staging any candidate may use: 2-byte operands on sm_90.
+_MAX_STAGING = max(SMEM_LIMITS.values()) - EPILOGUE_SMEM
+
+#: Autotune configs of the joint kernel (the union over architectures and precisions;
+#: :func:`configs_for` picks those of one). The epilogue (masks, a log, two reductions and
+#: the G store) holds the fp32 accumulator plus several same-shaped temporaries, so configs
+#: are filtered on accumulator registers per thread: 32 (ptxas -v, sm_90: 64 per thread
+#: spills 180-312 bytes in this epilogue, SPEC 5 saw the same at 128x128x64). Wider tiles
+#: go deeper along the batch (``BLOCK_N`` 128, or 4 stages at 64) where the staging fits.
 JOINT_CONFIGS: list[triton.Config] = [
     triton.Config({"BLOCK_A": ba, "BLOCK_B": bb, "BLOCK_N": bn, "GROUP_A": 8},
                   num_warps=warps, num_stages=stages)
     for ba, bb in ((64, 64), (128, 64), (64, 128))
-    for bn, stages in ((32, 4), (64, 3))
+    for bn, stages in ((32, 4), (64, 3), (64, 4), (128, 3))
     for warps in (4, 8)
-    if ba * bb // (32 * warps) == 32
-    and _operand_smem(ba, bb, bn, stages) <= SMEM_LIMIT_SM80 - 16 * 1024
+    if ba * bb // (32 * warps) == 32 and _operand_smem(ba, bb, bn, stages, 2) <= _MAX_STAGING
 ]
 
 #: Autotune configs of the gradient products: a plain epilogue, so up to 64 accumulators
-#: per thread (ptxas -v, sm_90: 128 and more spill).
+#: per thread (ptxas -v, sm_90: 128 and more spill); deeper K steps where they fit.
 MATMUL_CONFIGS: list[triton.Config] = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
                   num_warps=warps, num_stages=stages)
     for bm, bn, warps in ((64, 64, 4), (64, 128, 4), (128, 128, 8))
-    for bk, stages in ((32, 4), (64, 3))
-    if _operand_smem(bm, bn, bk, stages) <= SMEM_LIMIT_SM80 - 16 * 1024
+    for bk, stages in ((32, 4), (64, 3), (64, 4), (128, 3))
+    if _operand_smem(bm, bn, bk, stages, 2) <= _MAX_STAGING
     and (bm, bn, bk) != (64, 64, 32)  # too little work per K step to hide latency
 ]
 
 
-def configs_for(configs: list[triton.Config], precision: str) -> list[triton.Config]:
-    """The configs a precision mode autotunes over.
+def device_smem_limit() -> int:
+    """The current CUDA device's per-block (opt-in) shared memory; sm_80's without CUDA."""
+    if torch.cuda.is_available() and not INTERPRET:
+        return int(torch.cuda.get_device_properties(torch.cuda.current_device())
+                   .shared_memory_per_block_optin)
+    return SMEM_LIMITS[80]
 
-    ``ieee`` runs on FMA units, where the operand tiles are spread over registers: on sm_80
-    (ptxas -v, see ``python -m music_loss.kernels.aot``) every config with a 64-deep K step,
-    and the joint kernel with 4 warps, spilled (84 to 9304 bytes); those are dropped for it.
+
+def configs_for(configs: list[triton.Config], precision: str,
+                smem_limit: int | None = None) -> list[triton.Config]:
+    """The configs a precision mode autotunes over on a device with ``smem_limit`` bytes of
+    shared memory per block (default: the current device's).
+
+    The operand staging (real element size: 4 bytes, 2 in bf16) plus
+    :data:`EPILOGUE_SMEM` must fit the limit. ``ieee`` runs on FMA units, where the
+    operand tiles are spread over registers: on sm_80 (ptxas -v, see ``python -m
+    music_loss.kernels.aot``) every config with a 64-deep K step, and the joint kernel with
+    4 warps, spilled (84 to 9304 bytes); those are dropped for it.
+
+    Example:
+        >>> len(configs_for(JOINT_CONFIGS, "bf16", SMEM_LIMITS[90])) > len(
+        ...     configs_for(JOINT_CONFIGS, "tf32", SMEM_LIMITS[80]))
+        True
     """
+    limit = device_smem_limit() if smem_limit is None else smem_limit
+    fitting = [c for c in configs if config_smem(c, precision) <= limit - EPILOGUE_SMEM]
     if precision != "ieee":
-        return list(configs)
-    depth = lambda c: c.kwargs.get("BLOCK_N", 0) if "BLOCK_A" in c.kwargs else c.kwargs["BLOCK_K"]
-    return [c for c in configs if depth(c) == 32 and ("BLOCK_A" not in c.kwargs
-                                                       or c.num_warps == 8)]
+        return fitting
+    return [c for c in fitting if _tile(c)[2] == 32 and ("BLOCK_A" not in c.kwargs
+                                                         or c.num_warps == 8)]
 
 
 def _prune(configs: list[triton.Config], named_args: dict[str, Any],

@@ -132,3 +132,28 @@ def test_known_violations_pass_only_when_not_worse():
     new.config = "128x128x64 w8 s3"
     assert aot.accept_known([same, worse, new], known) == 1
     assert same.ok and not worse.ok and not new.ok
+
+
+@pytest.mark.parametrize("which", ["JOINT_CONFIGS", "MATMUL_CONFIGS"])
+def test_autotune_configs_fit_each_arch_with_the_real_operand_size(which):
+    """Operand staging (stages x (rows + columns) x depth x element size) plus the epilogue's
+    reserve fits each arch's per-block shared memory; bf16 on sm_90 (2-byte operands, 227 KiB)
+    may use tiles fp32 on sm_80 cannot: the filter is per arch and precision."""
+    from music_loss.kernels import joint_entropy as je
+
+    configs = getattr(je, which)
+    chosen = {}
+    for arch, limit in je.SMEM_LIMITS.items():
+        for precision, itemsize in (("ieee", 4), ("tf32", 4), ("bf16", 2)):
+            picked = je.configs_for(configs, precision, limit)
+            assert picked, (arch, precision)
+            for cfg in picked:
+                kw = cfg.kwargs
+                rows, cols, depth = ((kw["BLOCK_A"], kw["BLOCK_B"], kw["BLOCK_N"])
+                                     if "BLOCK_A" in kw else
+                                     (kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"]))
+                staging = cfg.num_stages * (rows + cols) * depth * itemsize
+                assert staging + je.EPILOGUE_SMEM <= limit, (arch, precision, cfg)
+            chosen[arch, precision] = {str(c) for c in picked}
+    assert chosen[90, "bf16"] > chosen[80, "tf32"]
+    assert chosen[90, "tf32"] > chosen[80, "tf32"]
