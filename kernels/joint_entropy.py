@@ -140,9 +140,10 @@ MATMUL_CONFIGS: list[triton.Config] = [
 
 def device_smem_limit() -> int:
     """The current CUDA device's per-block (opt-in) shared memory; sm_80's without CUDA."""
-    if torch.cuda.is_available() and not INTERPRET:
-        return int(torch.cuda.get_device_properties(torch.cuda.current_device())
-                   .shared_memory_per_block_optin)
+    if torch.cuda.is_available() and not INTERPRET:  # what Triton checks launches against
+        props: Any = triton.runtime.driver.active.utils.get_device_properties(
+            torch.cuda.current_device())
+        return int(props["max_shared_mem"])
     return SMEM_LIMITS[80]
 
 
