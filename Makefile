@@ -13,7 +13,8 @@ STACK  := torch==2.14.1 torchvision==0.29.1
 BIN    := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint gpu-test aot env docs clean
+.PHONY: demo test lint gpu-test gpu-validate gpu-validate-dry-run gpu-stack test-gpu-stack aot \
+	aot-gate env docs clean
 
 env: $(VENV)/.installed
 
@@ -41,8 +42,33 @@ lint: env
 	MYPYPATH=.lint-site $(BIN)/mypy -p music_loss
 
 # On a GPU machine (no internet): pip install --no-build-isolation --no-deps -e . first.
+# No -x: a CPU-side failure must not stop the GPU tests behind it.
+GPU_PYTHON ?= python3
 gpu-test:
-	python -m pytest -m "gpu or slow or not slow" tests -x -q -rs
+	$(GPU_PYTHON) -m pytest -m "gpu or slow or not slow" tests -q -rs
+
+# The whole GPU validation, one rerunnable command (~8 min on one H100; results under
+# benchmarks/results/gpu-validate-<card>-<date>/). CI runs the dry run (CPU, interpreter).
+gpu-validate:
+	$(GPU_PYTHON) -m benchmarks.gpu_validate $(GPU_VALIDATE_ARGS)
+
+gpu-validate-dry-run: env
+	$(BIN)/python -m benchmarks.gpu_validate --dry-run --out $(or $(DRY_RUN_OUT),/tmp/music-loss-gpu-validate-dry-run) --fresh
+
+# The GPU machines' stack (Python 3.12, torch 2.11, torchvision 0.26, triton 3.6) here, on
+# CPU: the kernel and core tests under those versions (interpreter for the kernels).
+GPU_STACK ?= .venv-gpu-stack
+GPU_STACK_TESTS ?= tests/kernels tests/test_backends.py tests/test_reference.py \
+	tests/test_errors.py tests/test_compile.py
+gpu-stack: $(GPU_STACK)/.installed
+
+$(GPU_STACK)/.installed: pyproject.toml
+	../shared/tools/gpu-stack-venv $(GPU_STACK)
+	touch $@
+
+test-gpu-stack: gpu-stack
+	$(GPU_STACK)/bin/python -m pytest -m "not slow" -q -rs -p no:cacheprovider \
+		$(GPU_STACK_TESTS) -k "not aot" $(PYTEST_ARGS)
 
 # The docs site (mkdocs.yml, docs/) into site/; --strict: a broken link or reference fails.
 # NO_MKDOCS_2_WARNING silences a release notice of mkdocs-material, not a build warning.
@@ -55,6 +81,12 @@ $(VENV)/.docs-installed: $(VENV)/.installed
 
 aot: env
 	env -u TRITON_INTERPRET $(BIN)/python -m music_loss.kernels.aot --arch 80 90
+
+# SPEC 5 layer 3 with its gate (exit 1 on a regression), the table kept as JSON.
+AOT_JSON ?= /tmp/music-loss-aot.json
+aot-gate: env
+	env -u TRITON_INTERPRET $(BIN)/python -m music_loss.kernels.aot --arch 80 90 \
+		--json $(AOT_JSON) --jobs 2
 
 clean:
 	rm -rf $(VENV) build dist site *.egg-info

@@ -7,6 +7,8 @@
 * ``gpu-core`` (CUDA, about 10 minutes on one H100): the ``full`` sweeps in tf32 and bf16,
   ``torch.compile`` only at the paper's shape (each shape compiles anew), plus the paper's
   shape in ieee fp32 for the MUSIC paths and the floor.
+* ``gpu-headline`` (CUDA, a few minutes): the paper's shape alone, every peer, tf32 and bf16,
+  forward+backward (``make gpu-validate``'s benchmark step; issue 14's table).
 * ``headline``: the N=512, D=8160 forward+backward case alone (a replicate, minutes).
 * ``smoke``: tiny shapes for the tests.
 """
@@ -93,6 +95,13 @@ def gpu_core_suite() -> Suite:
                  "shape, ieee at the paper's shape")
 
 
+def gpu_headline_suite() -> Suite:
+    cases = _grid(ALL_PEERS, [PAPER_N], [PAPER_D], ["tf32", "bf16"], [FB])
+    return Suite("gpu-headline", tuple(cases), Budget(warmup_s=0.05, time_s=0.25, min_reps=5,
+                                                      max_reps=100),
+                 "CUDA: the paper's shape (N=2048, D=8160, K=80), every peer, tf32 and bf16")
+
+
 def headline_suite() -> Suite:
     cases = _grid(ALL_PEERS, [512], [8160], ["ieee"], [FB])
     return Suite("headline", tuple(cases), Budget(warmup_s=0.3, time_s=2.0, min_reps=3,
@@ -118,4 +127,6 @@ def get_suite(name: str, gpu: bool) -> Suite:
         return smoke_suite()
     if name == "headline":
         return headline_suite()
+    if name == "gpu-headline":
+        return gpu_headline_suite()
     raise ValueError(f"unknown suite {name!r}; choose quick, full, gpu-core or smoke")

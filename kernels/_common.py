@@ -8,6 +8,7 @@ must agree with what the decorators saw.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any
 
@@ -18,6 +19,35 @@ from torch import Tensor
 
 #: True when the kernels were decorated under ``TRITON_INTERPRET=1`` (CPU tensors, numpy).
 INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _patch_interpreter_scalar_index() -> bool:
+    """Make triton < 3.7's interpreter take a runtime scalar as a loop bound with NumPy >= 2.4.
+
+    The interpreter holds a scalar kernel argument as a 1-element 1-D array and defines
+    ``tensor.__index__`` as ``int(array)``; NumPy 2.4 turned that conversion (deprecated since
+    1.25) into ``TypeError: only 0-dimensional arrays can be converted to Python scalars``,
+    so every ``for k in range(0, K, BLOCK_K)`` fails there. Triton 3.8 squeezes the array
+    first; this applies the same one-line change to older interpreters (with NumPy 2.3 the
+    unpatched triton 3.6 interpreter passes the same tests). Returns True if it patched.
+    """
+    major, minor = (int(part) for part in triton.__version__.split(".")[:2])
+    if (major, minor) >= (3, 7):
+        return False
+    from triton.runtime import interpreter
+
+    original = interpreter._patch_lang_tensor
+
+    def patch_lang_tensor(tensor: Any, scope: Any) -> None:
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    interpreter._patch_lang_tensor = patch_lang_tensor
+    return True
+
+
+#: True when triton's interpreter needed :func:`_patch_interpreter_scalar_index`.
+INTERPRETER_PATCHED: bool = INTERPRET and _patch_interpreter_scalar_index()
 
 #: Matmul operand modes (SPEC 2 ``precision``); the accumulator and the epilogue are fp32.
 PRECISION_MODES: tuple[str, ...] = ("ieee", "tf32", "bf16")
@@ -38,6 +68,18 @@ def check_precision(precision: str) -> str:
     return precision
 
 
+def device_of(tensor: Tensor) -> Any:
+    """Launch on ``tensor``'s GPU, not the current one (Triton launches on the current device).
+
+    Example:
+        >>> import torch
+        >>> with device_of(torch.zeros(1)):
+        ...     pass
+    """
+    return (torch.cuda.device(tensor.device) if tensor.device.type == "cuda"
+            else contextlib.nullcontext())
+
+
 def needs_int64(*tensors: Tensor) -> bool:
     """True when the largest element offset of any tensor reaches ``2**31``."""
     for t in tensors:
@@ -53,6 +95,14 @@ def emulate_bf16() -> bool:
     The interpreter also converts fp32 to bf16 by truncation, where GPUs round to nearest
     even, so emulation rounds with :func:`round_to_bf16` and keeps the values in fp32.
     """
+    return INTERPRET
+
+
+def emulate_tf32() -> bool:
+    """The interpreter computes ``input_precision="tf32"`` as exact fp32, while tensor cores
+    drop the low 13 mantissa bits of each fp32 operand (truncation, no rounding). Under the
+    interpreter the kernels therefore truncate the operands themselves and take an fp32 dot,
+    so CPU tests see what a GPU computes (SPEC 1: the truncation bias)."""
     return INTERPRET
 
 
@@ -97,6 +147,22 @@ def lg(x):
 
 
 @triton.jit
+def lg_fast(x, EMULATE: tl.constexpr):
+    """:func:`lg` by the special-function unit: PTX ``lg2.approx.f32`` (one ``MUFU.LG2``;
+    PTX ISA: maximum relative error 2^-22 over the normal range) times ln 2, where
+    libdevice's accurate ``logf`` costs ~50 SASS instructions per entry. For the tf32/bf16
+    modes, whose operands already carry 2^-11 / 2^-9 relative rounding. ``EMULATE`` (the
+    interpreter, which runs no PTX): the accurate log."""
+    y = tl.maximum(x, 1.1754943508222875e-38, propagate_nan=tl.PropagateNan.ALL)
+    if EMULATE:
+        return tl.log(y)
+    else:
+        log2 = tl.inline_asm_elementwise("lg2.approx.f32 $0, $1;", "=r,r", [y],
+                                         dtype=tl.float32, is_pure=True, pack=1)
+        return log2 * 0.6931471805599453
+
+
+@triton.jit
 def round_to_bf16(x):
     """fp32 -> the nearest bf16 value (ties to even), kept in fp32 (finite inputs)."""
     bits = x.to(tl.uint32, bitcast=True)
@@ -106,12 +172,39 @@ def round_to_bf16(x):
 
 
 @triton.jit
-def dot_acc(a, b, acc, PRECISION: tl.constexpr, EMULATE_BF16: tl.constexpr):
+def truncate_to_tf32(x):
+    """fp32 -> tf32 the way tensor cores read an fp32 operand: low 13 mantissa bits dropped."""
+    bits = x.to(tl.uint32, bitcast=True) & 0xFFFFE000
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def round_to_tf32(x, EMULATE: tl.constexpr):
+    """fp32 -> the nearest tf32 value (10 mantissa bits), kept in fp32 (finite inputs).
+
+    On a GPU: PTX ``cvt.rna.tf32.f32`` (what cuBLAS uses; ties away from zero, available
+    from sm_80; the ties-to-even ``cvt.rn`` form needs sm_90). ``EMULATE`` (the
+    interpreter, which runs no PTX): the same operation on the bits - add half an ulp of
+    tf32 to the magnitude, then drop the 13 low bits.
+    """
+    if EMULATE:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x1000) & 0xFFFFE000
+        return bits.to(tl.float32, bitcast=True)
+    else:
+        return tl.inline_asm_elementwise("cvt.rna.tf32.f32 $0, $1;", "=r,r", [x],
+                                         dtype=tl.float32, is_pure=True, pack=1)
+
+
+@triton.jit
+def dot_acc(a, b, acc, PRECISION: tl.constexpr, EMULATE_BF16: tl.constexpr,
+            EMULATE_TF32: tl.constexpr = False):
     """``acc + a @ b`` with fp32 accumulation; operands as the precision mode says.
 
-    ``ieee``: exact fp32 products (FMA units). ``tf32``: tensor cores on fp32 operands.
-    ``bf16``: bf16 operands on tensor cores, or (``EMULATE_BF16``, the interpreter) the same
-    bf16 rounding followed by an exact fp32 dot.
+    ``ieee``: exact fp32 products (FMA units). ``tf32``: tensor cores on fp32 operands, or
+    (``EMULATE_TF32``, the interpreter) the operands truncated as tensor cores read them,
+    then an exact fp32 dot. ``bf16``: bf16 operands on tensor cores, or (``EMULATE_BF16``,
+    the interpreter) the same bf16 rounding followed by an exact fp32 dot.
     """
     if PRECISION == "bf16":
         if EMULATE_BF16:
@@ -120,7 +213,11 @@ def dot_acc(a, b, acc, PRECISION: tl.constexpr, EMULATE_BF16: tl.constexpr):
         else:
             acc = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), acc)
     elif PRECISION == "tf32":
-        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="tf32")
+        if EMULATE_TF32:
+            acc = tl.dot(truncate_to_tf32(a.to(tl.float32)), truncate_to_tf32(b.to(tl.float32)),
+                         acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="tf32")
     else:
         acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     return acc

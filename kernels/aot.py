@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import inspect
 import io
 import json
 import os
@@ -33,7 +34,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 #: Per-block shared memory limits in bytes (opt-in maximum).
-SMEM_LIMIT: dict[int, int] = {80: 163 * 1024, 90: 227 * 1024}
+SMEM_LIMIT: dict[int, int] = {80: 163 * 1024, 90: 227 * 1024}  # = joint_entropy.SMEM_LIMITS
 
 #: Representative segment sizes for the elementwise kernels' launch heuristics: K = 1, the
 #: paper's 80 (not a power of two), and a wide 2048-bin segment.
@@ -73,6 +74,11 @@ class AotRow:
     spill_loads: int = -1
     tensor_core_instructions: int = 0
     needs_tensor_cores: bool = False
+    mma_shape: str | None = None
+    async_copy_min_bytes: int | None = None
+    uses_tma: bool = False
+    smem_bank_conflicts: int | None = None
+    epilogue_instructions_per_entry: float | None = None
     seconds: float = 0.0
     problems: list[str] = field(default_factory=list)
 
@@ -89,6 +95,11 @@ def _spec(kernel: str, variant: str, fn: Any, types: dict[str, str], constexprs:
     chunk offsets and strides are multiples of 16 there). Without it bf16 loads are not
     vectorised and the software pipeliner skips them."""
     constexprs = {**constexprs, **{name: 1 for name in unit}}
+    for param in fn.params:  # a constexpr left out compiles with its default, never as i32
+        if param.is_constexpr and param.name not in constexprs:
+            if param.default is inspect.Parameter.empty:
+                raise ValueError(f"{kernel}: constexpr {param.name} needs a value")
+            constexprs[param.name] = param.default
     signature: dict[str, str] = {}
     attrs: dict[tuple[int, ...], list[list[Any]]] = {}
     for index, name in enumerate(fn.arg_names):
@@ -115,8 +126,9 @@ def _config_label(meta: dict[str, Any], num_warps: int, num_stages: int) -> str:
     return f"{blocks} w{num_warps} s{num_stages}"
 
 
-def kernel_specs(quick: bool = False) -> list[KernelSpec]:
-    """Every compile job: all kernels x autotune configs x precision modes (x layouts)."""
+def kernel_specs(quick: bool = False, arch: int = 90) -> list[KernelSpec]:
+    """Every compile job for ``arch``: all kernels x the autotune configs each precision mode
+    uses there (``joint_entropy.configs_for`` with the arch's shared memory) x layouts."""
     from music_loss.kernels import joint_entropy as je
     from music_loss.kernels import segment_softmax as ss
 
@@ -124,35 +136,46 @@ def kernel_specs(quick: bool = False) -> list[KernelSpec]:
     precisions = ("ieee", "tf32", "bf16")
     for cfg in je.JOINT_CONFIGS[:2] if quick else je.JOINT_CONFIGS:
         label = _config_label(cfg.kwargs, cfg.num_warps, cfg.num_stages)
-        for prec in [p for p in precisions if cfg in je.configs_for(je.JOINT_CONFIGS, p)]:
+        for prec in [p for p in precisions
+                     if cfg in je.configs_for(je.JOINT_CONFIGS, p, SMEM_LIMIT[arch])]:
             op = "*bf16" if prec == "bf16" else "*fp32"
-            const = {**cfg.kwargs, "WRITE_G": True, "PRECISION": prec, "EMULATE_BF16": False}
+            # tf32 reads the (D, N) transposes (batch-contiguous) and also writes G^T.
+            k_major = prec == "tf32"
+            const = {**cfg.kwargs, "WRITE_G": True, "PRECISION": prec, "EMULATE_BF16": False,
+                     "EMULATE_TF32": False, "ROUND_TF32": True, "WRITE_GT": k_major,
+                     "USE_INT64": False}
+            unit_p = ("stride_p1n", "stride_p2n") if k_major else ("stride_p1a", "stride_p2b")
             specs.append(_spec("joint_entropy", prec, je.joint_entropy_kernel,
-                               {"p1_ptr": op, "p2_ptr": op, "g_ptr": op}, const,
-                               cfg.num_warps, cfg.num_stages, label,
+                               {"p1_ptr": op, "p2_ptr": op, "g_ptr": op, "gt_ptr": op}, const,
+                               cfg.num_warps, cfg.num_stages, label, unit_p,
                                needs_tensor_cores=prec != "ieee"))
-    # The two products: dp2 += p1[:, a0:a1] @ G (all row-major, "NN") and
-    # dp1[:, a0:a1] = p2 @ G^T (B transposed, "NT"); the latter in tensor-core modes.
+    # The two products: dp2 += p1[:, a0:a1] @ G (row-major "NN" in ieee/bf16; in tf32 it
+    # reads G^T, so B is K-major, "NT") and dp1[:, a0:a1] = p2 @ G^T ("NT"); the latter in
+    # tensor-core modes. Variants name the layout the launcher passes.
     layouts = {"NN": ("stride_ak", "stride_bn", "stride_cn"),
                "NT": ("stride_ak", "stride_bk", "stride_cn")}
     for cfg in je.MATMUL_CONFIGS[:2] if quick else je.MATMUL_CONFIGS:
         label = _config_label(cfg.kwargs, cfg.num_warps, cfg.num_stages)
         for layout, unit in layouts.items():
-            # NT (dp1's layout): once per tensor-core mode, in the first config.
-            nt_modes = precisions[1:] if cfg is je.MATMUL_CONFIGS[0] else ()
-            modes = [p for p in precisions if cfg in je.configs_for(je.MATMUL_CONFIGS, p)]
-            for prec in modes if layout == "NN" else nt_modes:
+            modes = [p for p in precisions
+                     if cfg in je.configs_for(je.MATMUL_CONFIGS, p, SMEM_LIMIT[arch])]
+            # dp2's layout in every config (NN, NT in tf32); dp1's NT once per tensor-core
+            # mode, in the first config (tf32's NT is already there as dp2).
+            first = cfg is je.MATMUL_CONFIGS[0]
+            nn_modes = [p for p in modes if p != "tf32"]
+            nt_modes = [p for p in modes if p == "tf32" or (first and p == "bf16")]
+            for prec in nn_modes if layout == "NN" else nt_modes:
                 op = "*bf16" if prec == "bf16" else "*fp32"
                 const = {**cfg.kwargs, "ACCUMULATE": layout == "NN", "PRECISION": prec,
-                         "EMULATE_BF16": False, "USE_INT64": False}
+                         "EMULATE_BF16": False, "USE_INT64": False, "EMULATE_TF32": False}
                 specs.append(_spec("grad_product", f"{prec},{layout}", je.scaled_matmul_kernel,
                                    {"a_ptr": op, "b_ptr": op}, const, cfg.num_warps,
                                    cfg.num_stages, label, unit,
                                    needs_tensor_cores=prec != "ieee"))
-    # int64 offsets (N * D >= 2**31) in the largest product config.
-    big = je.MATMUL_CONFIGS[-1]
+    # int64 offsets (N * D >= 2**31) in the largest product config of sm_80's bf16.
+    big = je.configs_for(je.MATMUL_CONFIGS, "bf16", SMEM_LIMIT[80])[-1]
     const = {**big.kwargs, "ACCUMULATE": True, "PRECISION": "bf16", "EMULATE_BF16": False,
-             "USE_INT64": True}
+             "USE_INT64": True, "EMULATE_TF32": False}
     specs.append(_spec("grad_product", "bf16,NN,int64", je.scaled_matmul_kernel,
                        {"a_ptr": "*bf16", "b_ptr": "*bf16"}, const, big.num_warps,
                        big.num_stages, _config_label(big.kwargs, big.num_warps, big.num_stages),
@@ -162,15 +185,20 @@ def kernel_specs(quick: bool = False) -> list[KernelSpec]:
         meta = ss.softmax_blocks(k, _NUM_SEGMENTS[k])
         warps = meta.pop("num_warps")
         label = f"K={k} " + _config_label(meta, warps, 1)
-        variants = ([("fp32", False), ("bf16", False), ("bf16", True)] if k == 80
-                    else [("fp32", False)])
-        for z_dtype, int64 in variants:
+        # (z dtype, int64 offsets, p stored rounded to tf32: the tf32 mode's operands)
+        variants = ([("fp32", False, False), ("fp32", False, True), ("bf16", False, False),
+                     ("bf16", True, False)] if k == 80 else [("fp32", False, False)])
+        for z_dtype, int64, round_tf32 in variants:
             z_type = "*" + z_dtype
-            variant = z_dtype + (",int64" if int64 else "")
-            const = {**meta, "TWO_VIEWS": True, "ROUND_BF16": False, "USE_INT64": int64}
+            variant = z_dtype + (",int64" if int64 else "") + (",tf32-round" if round_tf32
+                                                               else "")
+            const = {**meta, "TWO_VIEWS": True, "ROUND_BF16": False, "USE_INT64": int64,
+                     "ROUND_TF32": round_tf32, "EMULATE_TF32": False, "WRITE_T": round_tf32}
             specs.append(_spec("softmax_fwd", variant, ss.segment_softmax_fwd_kernel,
                                {"z1_ptr": z_type, "z2_ptr": z_type, "p1_ptr": z_type,
                                 "p2_ptr": z_type}, const, warps, 1, label, unit_z))
+            if round_tf32:
+                continue
             const = {**meta, "HAS_OFF": True, "USE_INT64": int64}
             specs.append(_spec("loss_bwd", variant, ss.music_loss_bwd_kernel,
                                {"z1_ptr": z_type, "z2_ptr": z_type, "dz1_ptr": z_type,
@@ -231,6 +259,160 @@ def _ptxas_stats(ptx: str, arch: int) -> tuple[int, int, int]:
     return _parse_ptxas_log(log)
 
 
+# ---------------------------------------------------------------------------------------
+# Static performance facts (SPEC 5 layer 3): read from the compiled code, never timed.
+# ---------------------------------------------------------------------------------------
+_LAYOUT_DEF = re.compile(r"^(#\w+) = #ttg\.(blocked|nvmma_shared|swizzled_shared)<\{(.*)\}>",
+                         re.MULTILINE)
+_SHARED_STORE = re.compile(
+    r"ttg\.(?:async_copy_global_to_local|local_store|local_alloc)\b[^\n]*?"
+    r"tensor<([0-9x]+)x(?:!tt\.ptr<)?(\w+?)>?, (#\w+)>\)? -> (?:!ttg\.memdesc)?<[0-9x]+x\w+, "
+    r"(#\w+)")
+
+
+def mma_shape(ptx: str, arch: int) -> str | None:
+    """The widest tensor-core instruction shape in ``ptx`` (``m64n128k8``), or None."""
+    pattern = r"wgmma\.mma_async\.sync\.aligned\.(m\d+n(\d+)k\d+)" if arch >= 90 else \
+        r"mma\.sync\.aligned\.(m\d+n(\d+)k\d+)"
+    shapes = {(int(n), shape) for shape, n in re.findall(pattern, ptx)}
+    return max(shapes)[1] if shapes else None
+
+
+def async_copy_widths(ptx: str) -> tuple[int | None, bool]:
+    """``(narrowest cp.async copy in bytes or None, uses TMA)`` of ``ptx``.
+
+    The kernels' only global->shared copies are their main loops' operand copies.
+    """
+    uses_tma = "cp.async.bulk.tensor" in ptx
+    sizes = [int(size, 0) for size in re.findall(
+        r"cp\.async\.c[ag]\.shared(?:::cta)?\.global(?:\.L2::\w+)?\s+\[[^\]]+\],\s*\[[^\]]+\],"
+        r"\s*(0x[0-9a-fA-F]+|\d+)", ptx)]
+    return (min(sizes) if sizes else None), uses_tma
+
+
+def _ints(text: str, key: str) -> list[int]:
+    match = re.search(key + r" = \[([0-9, ]+)\]", text)
+    return [int(v) for v in match.group(1).split(",")] if match else []
+
+
+def _gluon_layout(kind: str, body: str) -> Any:
+    """A ttgir layout attribute as the equivalent Gluon layout object (None if unknown)."""
+    from triton.experimental.gluon import language as ttgl
+
+    if kind == "blocked":
+        return ttgl.BlockedLayout(_ints(body, "sizePerThread"), _ints(body, "threadsPerWarp"),
+                                  _ints(body, "warpsPerCTA"), _ints(body, "order"))
+    if kind == "nvmma_shared":
+        width = re.search(r"swizzlingByteWidth = (\d+)", body)
+        bits = re.search(r"elementBitWidth = (\d+)", body)
+        if not (width and bits):
+            return None
+        return ttgl.NVMMASharedLayout(int(width.group(1)), int(bits.group(1)), 2,
+                                      "transposed = true" in body)
+    if kind == "swizzled_shared":
+        vals = {k: int(v) for k, v in re.findall(r"(vec|perPhase|maxPhase) = (\d+)", body)}
+        return ttgl.SwizzledSharedLayout(vals.get("vec", 1), vals.get("perPhase", 1),
+                                         vals.get("maxPhase", 1), _ints(body, "order"))
+    return None
+
+
+_CONFLICTS: dict[tuple[str, ...], int | None] = {}
+
+
+def _probe_conflicts(reg: Any, shared: Any, shape: list[int], dtype: str, arch: int) -> int:
+    """Triton's own counter, ``gluon.language.bank_conflicts``, evaluated at compile time."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as ttgl
+
+    @gluon.jit
+    def probe_f32(REG: ttgl.constexpr, SHARED: ttgl.constexpr, M: ttgl.constexpr,
+                  N: ttgl.constexpr) -> None:
+        ttgl.static_print("@@CONFLICTS", ttgl.bank_conflicts(
+            ttgl.distributed_type(ttgl.float32, [M, N], REG),
+            ttgl.shared_memory_descriptor_type(ttgl.float32, [M, N], SHARED, [M, N])))
+
+    @gluon.jit
+    def probe_bf16(REG: ttgl.constexpr, SHARED: ttgl.constexpr, M: ttgl.constexpr,
+                   N: ttgl.constexpr) -> None:
+        ttgl.static_print("@@CONFLICTS", ttgl.bank_conflicts(
+            ttgl.distributed_type(ttgl.bfloat16, [M, N], REG),
+            ttgl.shared_memory_descriptor_type(ttgl.bfloat16, [M, N], SHARED, [M, N])))
+
+    names = ("REG", "SHARED", "M", "N")
+    src = ASTSource(fn={"f32": probe_f32, "bf16": probe_bf16}[dtype],
+                    signature={n: "constexpr" for n in names},
+                    constexprs=dict(zip(names, (reg, shared, shape[0], shape[1]))))
+    from triton import knobs
+
+    out = io.StringIO()
+    previous = knobs.compilation.always_compile
+    knobs.compilation.always_compile = True  # a cached compile would skip static_print
+    try:
+        with contextlib.redirect_stdout(out):
+            triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": 4})
+    finally:
+        knobs.compilation.always_compile = previous
+    printed = re.search(r"@@CONFLICTS (\d+)", out.getvalue())
+    if printed is None:
+        raise RuntimeError("the bank-conflict probe printed nothing")
+    return int(printed.group(1))
+
+
+def smem_bank_conflicts(ttgir: str, arch: int, num_warps: int) -> int | None:
+    """Worst bank-conflict ways (1 = conflict free) over the register->shared operand stores
+    (``async_copy_global_to_local``, ``local_store``, ``local_alloc`` of a value) in
+    ``ttgir``, by Triton's own counter for each (register layout, shared layout, shape)
+    pair: ``gluon.language.bank_conflicts`` returns the excess accesses per wavefront, so
+    ways = that + 1. None when no such store exists or the counter is unavailable."""
+    layouts = {name: (kind, body) for name, kind, body in _LAYOUT_DEF.findall(ttgir)}
+    worst: int | None = None
+    for shape_text, dtype, reg_name, shared_name in set(_SHARED_STORE.findall(ttgir)):
+        shape = [int(v) for v in shape_text.split("x")]
+        if len(shape) != 2 or reg_name not in layouts or shared_name not in layouts:
+            continue
+        key = (shape_text, dtype, *layouts[reg_name], *layouts[shared_name], str(arch),
+               str(num_warps))
+        if key not in _CONFLICTS:
+            try:
+                reg = _gluon_layout(*layouts[reg_name])
+                shared = _gluon_layout(*layouts[shared_name])
+                _CONFLICTS[key] = (None if reg is None or shared is None
+                                   else _probe_conflicts(reg, shared, shape, dtype, arch) + 1)
+            except Exception:  # an older Triton without the counter: unknown, not zero
+                _CONFLICTS[key] = None
+        ways = _CONFLICTS[key]
+        if ways is not None:
+            worst = ways if worst is None else max(worst, ways)
+    return worst
+
+
+def epilogue_instructions_per_entry(cubin: bytes, arch: int, entries_per_thread: int
+                                    ) -> float | None:
+    """SASS instructions after the last tensor-core instruction (the epilogue, straight-line
+    code plus the pipeline drain), per entry of the tile each thread holds; static count from
+    the bundled ``cuobjdump -sass``. None without the tool or a tensor-core instruction."""
+    from triton.backends.nvidia import compiler as nv
+
+    tool = os.path.join(os.path.dirname(nv.__file__), "bin", "cuobjdump")
+    if not os.path.exists(tool):
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.cubin")
+        with open(path, "wb") as fh:
+            fh.write(cubin)
+        sass = subprocess.run([tool, "-sass", path], capture_output=True, text=True).stdout
+    ops = re.findall(r"^\s+/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", sass,
+                     re.MULTILINE)
+    last = max((i for i, op in enumerate(ops) if op.startswith(("HGMMA", "HMMA"))), default=-1)
+    if last < 0:
+        return None
+    tail = [op for op in ops[last + 1:] if op != "NOP"]
+    return round(len(tail) / entries_per_thread, 1)
+
+
 def compile_spec(spec: KernelSpec, arch: int) -> AotRow:
     """Compile one job for ``sm_<arch>`` and collect the table row."""
     import triton
@@ -258,6 +440,21 @@ def compile_spec(spec: KernelSpec, arch: int) -> AotRow:
     row.shared_bytes = int(compiled.metadata.shared)
     row.tensor_core_instructions = len(re.findall(r"\bwgmma\.mma_async" if arch >= 90
                                                   else r"\bmma\.sync", ptx))
+    if spec.needs_tensor_cores:
+        row.mma_shape = mma_shape(ptx, arch)
+        row.async_copy_min_bytes, row.uses_tma = async_copy_widths(ptx)
+        if row.uses_tma:
+            row.async_copy_min_bytes = None
+        row.smem_bank_conflicts = smem_bank_conflicts(compiled.asm["ttgir"], arch,
+                                                      spec.num_warps)
+        if spec.kernel == "joint_entropy":
+            tile = spec.constexprs["BLOCK_A"] * spec.constexprs["BLOCK_B"]
+            row.epilogue_instructions_per_entry = epilogue_instructions_per_entry(
+                compiled.asm["cubin"], arch, tile // (32 * spec.num_warps))
+    if DUMP_DIR:
+        label = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{spec.variant}-{spec.config}")
+        with open(os.path.join(DUMP_DIR, f"{spec.kernel}-{label}-sm_{arch}.ptx"), "w") as fh:
+            fh.write(ptx)
     stats = _parse_ptxas_log(log.getvalue())
     if stats[0] < 0:
         stats = _ptxas_stats(ptx, arch)
@@ -269,31 +466,84 @@ def compile_spec(spec: KernelSpec, arch: int) -> AotRow:
     if spec.needs_tensor_cores and row.tensor_core_instructions == 0:
         row.ok = False
         row.problems.append("no tensor-core instruction in a tf32/bf16 product")
+    static = static_problems(row)
+    if static:
+        row.ok = False
+        row.problems.extend(static)
     row.seconds = time.perf_counter() - start
     return row
 
 
+#: Where ``--dump-dir`` keeps each compile's PTX (set by :func:`main`, read by workers).
+DUMP_DIR: str | None = os.environ.get("MUSIC_LOSS_AOT_DUMP_DIR")
+
+
+def static_problems(row: AotRow) -> list[str]:
+    """The gate of SPEC 5 layer 3: a tf32/bf16 product on sm_90 must copy its operands with
+    16-byte ``cp.async`` or TMA and store them to shared memory with at most 2-way bank
+    conflicts."""
+    if not (row.needs_tensor_cores and row.arch >= 90):
+        return []
+    problems = []
+    if not row.uses_tma and row.async_copy_min_bytes is not None \
+            and row.async_copy_min_bytes < 16:
+        problems.append(f"{row.async_copy_min_bytes}-byte async copies (< 16, no TMA)")
+    if row.smem_bank_conflicts is not None and row.smem_bank_conflicts > 2:
+        problems.append(f"{row.smem_bank_conflicts}-way shared-memory bank conflicts")
+    return problems
+
+
+def _row_key(row: dict[str, Any]) -> tuple[Any, ...]:
+    return row["kernel"], row["variant"], row["config"], row["arch"]
+
+
+def accept_known(rows: list[AotRow], known: list[dict[str, Any]]) -> int:
+    """Let rows whose only failures are static-gate violations already recorded in ``known``
+    (an earlier ``--json``, e.g. the committed table of today's kernels) pass, unless they got
+    worse (narrower copies, more conflict ways). Returns how many rows it accepted: a ratchet
+    that fails on any regression or new violation, and never on an improvement."""
+    before = {_row_key(r): r for r in known}
+    accepted = 0
+    for row in rows:
+        old = before.get(_row_key(asdict(row)))
+        static = static_problems(row)
+        if row.ok or old is None or not static or len(static) != len(row.problems):
+            continue
+        worse = ((row.async_copy_min_bytes or 16) < (old.get("async_copy_min_bytes") or 16)
+                 or (row.smem_bank_conflicts or 1) > (old.get("smem_bank_conflicts") or 1))
+        if not worse:
+            row.ok = True
+            row.problems = [f"known: {p}" for p in row.problems]
+            accepted += 1
+    return accepted
+
+
 def _print_row(row: AotRow) -> None:
     status = "ok" if row.ok else "FAIL"
-    print(f"{row.kernel:<14} {row.variant:<14} {row.config:<23} sm_{row.arch:<3} "
+    copy = "TMA" if row.uses_tma else ("-" if row.async_copy_min_bytes is None
+                                        else f"{row.async_copy_min_bytes}B")
+    epilogue = ("-" if row.epilogue_instructions_per_entry is None
+                else f"{row.epilogue_instructions_per_entry:.0f}")
+    print(f"{row.kernel:<14} {row.variant:<17} {row.config:<23} sm_{row.arch:<3} "
           f"{row.shared_bytes:>7} /{row.smem_limit:>7} {row.registers:>4} "
           f"{row.spill_stores:>5}/{row.spill_loads:<5} {row.tensor_core_instructions:>5} "
-          f"{status:<4} {'; '.join(row.problems)}", flush=True)
+          f"{row.mma_shape or '-':<10} {copy:>5} {row.smem_bank_conflicts or '-':>4} "
+          f"{epilogue:>5} {status:<4} {'; '.join(row.problems)}", flush=True)
 
 
 def _compile_job(job: tuple[int, int, bool]) -> AotRow:
     """Worker entry point: rebuild the job list (kernels do not pickle), compile one."""
     index, arch, quick = job
-    return compile_spec(kernel_specs(quick)[index], arch)
+    return compile_spec(kernel_specs(quick, arch)[index], arch)
 
 
 def run(archs: list[int], quick: bool = False, jobs: int = 1) -> list[AotRow]:
     """Compile every job for every arch (``jobs`` processes), printing rows in order."""
-    count = len(kernel_specs(quick))
-    work = [(index, arch, quick) for arch in archs for index in range(count)]
-    print(f"{'kernel':<14} {'variant':<14} {'config':<23} {'arch':<6} "
-          f"{'smem':>7} /{'limit':>7} {'regs':>4} {'spill st/ld':<11} {'tc':>5} status",
-          flush=True)
+    work = [(index, arch, quick) for arch in archs
+            for index in range(len(kernel_specs(quick, arch)))]
+    print(f"{'kernel':<14} {'variant':<17} {'config':<23} {'arch':<6} "
+          f"{'smem':>7} /{'limit':>7} {'regs':>4} {'spill st/ld':<11} {'tc':>5} "
+          f"{'mma':<10} {'copy':>5} {'bank':>4} {'epi/e':>5} status", flush=True)
     rows: list[AotRow] = []
     if jobs <= 1:
         for job in work:
@@ -339,13 +589,27 @@ def main(argv: list[str] | None = None) -> int:
                         help="first two configs of each product and K=80 only")
     parser.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1),
                         help="compile processes (default: min(4, CPUs))")
+    parser.add_argument("--dump-dir", default=None,
+                        help="keep each compile's PTX as <kernel>-<variant>-<config>-sm_<arch>.ptx")
+    parser.add_argument("--known", default=None,
+                        help="a previous --json: static-gate violations recorded there (and "
+                             "not worse now) do not fail the run (a ratchet)")
     args = parser.parse_args(argv)
+    if args.dump_dir:
+        os.makedirs(args.dump_dir, exist_ok=True)
+        os.environ["MUSIC_LOSS_AOT_DUMP_DIR"] = os.path.abspath(args.dump_dir)
+        global DUMP_DIR
+        DUMP_DIR = os.environ["MUSIC_LOSS_AOT_DUMP_DIR"]
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("error: unset TRITON_INTERPRET (triton.compile cannot compile interpreted "
               "functions)", file=sys.stderr)
         return 2
     start = time.perf_counter()
     rows = run(args.arch, args.quick, args.jobs)
+    if args.known:
+        with open(args.known) as fh:
+            accepted = accept_known(rows, json.load(fh))
+        print(f"{accepted} rows pass only because {args.known} records the same violations")
     print(summarize(rows))
     failed = [r for r in rows if not r.ok]
     print(f"{len(rows)} compiles in {time.perf_counter() - start:.1f} s; {len(failed)} failed")

@@ -17,19 +17,27 @@ only ``P``'s diagonal (``D`` floats) is kept for it.
 
 Workspace bound (beyond the ``O(N D)`` arrays ``p1, p2`` and ``dp1, dp2``)::
 
-    chunk_rows * D * (4 bytes, or 2 in bf16 mode)      the G chunk
+    chunk_rows * D * (4 bytes, or 2 in bf16 mode)      the G chunk (tf32: twice, G^T too)
   + 2 * 4 * ceil(chunk_rows / 16) * ceil(D / 16)        per-tile partial sums
   + 4 * D                                               diag(P)
 
 with ``chunk_rows`` the largest multiple of 128 whose G chunk fits :data:`WORKSPACE_BYTES`
 (32 MiB): see :func:`workspace_bytes`. At the paper's shape (N=2048, D=8160, K=80):
-1024 rows per chunk (2048 in bf16), a workspace of 33,717,120 bytes (bf16: 33,978,240)
-against 266,342,400 = 4 D^2 for a single fp32 ``P`` (7.9x smaller). The G chunk stays at
+1024 rows per chunk (2048 in bf16), a workspace of 33,717,120 bytes (bf16: 33,978,240;
+tf32: 67,140,480, with the ``G^T`` chunk) against 266,342,400 = 4 D^2 for a single fp32 ``P``
+(7.9x smaller; tf32 4.0x). The G chunk stays at
 32 MiB as D grows (fewer rows per chunk) until the 128-row minimum, D > 65,536, after which it
 is 512 D bytes (256 D in bf16): never D^2. Add the ``O(N D)`` arrays: ``p1, p2`` (133,693,440 bytes
 in fp32, half in bf16, freed after the forward) and the saved ``dp1, dp2`` (133,693,440):
-301,104,000 bytes in all (tf32/ieee), 234,518,400 (bf16); see
+301,104,000 bytes in all (ieee), 234,518,400 (bf16); see
 :func:`music_loss.kernels.ops.fused_memory_bytes`.
+
+tf32 layouts: Hopper's tf32 ``wgmma`` takes only K-major operands (contiguous along the
+reduced dimension), so in tf32 mode the joint product reads ``p1, p2`` transposed, ``(D, N)``
+contiguous, written by the softmax kernel next to ``p1, p2`` (133,693,440 bytes more at the
+paper's shape, freed after the forward), and ``dp2 = p1 G`` reads ``G^T``, written by the
+joint kernel next to ``G`` (33,423,360 bytes more): 468,220,800 bytes in all. ieee and bf16
+(16-bit ``wgmma`` takes either major order) keep the row-major operands.
 
 Why Liger style rather than recomputing ``P`` in the backward: at the paper's shape the
 recomputation is a fourth ``N x D x D`` product, 2 N D^2 = 273 GFLOP more per step (+33%),
@@ -51,13 +59,17 @@ from music_loss.kernels._common import (
     INTERPRET,
     TINY_F32,
     check_precision,
+    device_of,
     dot_acc,
     emulate_bf16,
+    emulate_tf32,
     launch,
     lg,
+    lg_fast,
     needs_int64,
     operand_dtype,
     round_to_bf16,
+    round_to_tf32,
 )
 
 #: Bytes of the ``G`` chunk workspace the launcher aims for (rounded to 128-row chunks).
@@ -67,54 +79,96 @@ CHUNK_MULTIPLE = 128
 #: Smallest tile edge of any config: sizes the partial-sum buffers.
 MIN_TILE = 16
 
-# Per-block shared memory limits (bytes) the configs must fit: sm_80 163 KiB, sm_90 227 KiB.
-SMEM_LIMIT_SM80 = 163 * 1024
+#: Per-block shared memory limits (opt-in, bytes) of the architectures the configs are
+#: filtered for (and the AOT check compiles for): sm_80 163 KiB, sm_90 227 KiB.
+SMEM_LIMITS: dict[int, int] = {80: 163 * 1024, 90: 227 * 1024}
+#: Shared memory kept for the epilogue's scratch (layout conversions, reductions).
+EPILOGUE_SMEM = 16 * 1024
 
 
-def _operand_smem(block_m: int, block_n: int, block_k: int, stages: int) -> int:
-    """Shared memory of the pipelined operand tiles with fp32 operands (the worst case)."""
-    return (block_m + block_n) * block_k * 4 * stages
+def _operand_smem(block_m: int, block_n: int, block_k: int, stages: int, itemsize: int) -> int:
+    """Shared memory of the pipelined operand tiles with ``itemsize``-byte operands."""
+    return (block_m + block_n) * block_k * itemsize * stages
 
 
-#: Autotune configs of the joint kernel. The epilogue (masks, a log, two reductions and the
-#: G store) holds the fp32 accumulator plus several same-shaped temporaries, so configs are
-#: filtered on accumulator registers per thread: 32 (ptxas -v, sm_90: 64 per thread spills
-#: 180-312 bytes in this epilogue, SPEC 5 saw the same at 128x128x64) and on operand staging
-#: fitting sm_80's per-block shared memory.
+def _tile(config: triton.Config) -> tuple[int, int, int]:
+    """``(rows, columns, depth)`` of a joint or product config's tile."""
+    kw = config.kwargs
+    if "BLOCK_A" in kw:
+        return kw["BLOCK_A"], kw["BLOCK_B"], kw["BLOCK_N"]
+    return kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"]
+
+
+#: Operand bytes on a GPU per precision mode (``operand_dtype`` is fp32 for emulated bf16).
+OPERAND_BYTES: dict[str, int] = {"ieee": 4, "tf32": 4, "bf16": 2}
+
+
+def config_smem(config: triton.Config, precision: str) -> int:
+    """Operand staging of ``config`` in ``precision`` on a GPU (4-byte operands, 2 in bf16)."""
+    return _operand_smem(*_tile(config), config.num_stages, OPERAND_BYTES[precision])
+
+
+#: The deepest staging any candidate may use: 2-byte operands on sm_90.
+_MAX_STAGING = max(SMEM_LIMITS.values()) - EPILOGUE_SMEM
+
+#: Autotune configs of the joint kernel (the union over architectures and precisions;
+#: :func:`configs_for` picks those of one). The epilogue (masks, a log, two reductions and
+#: the G store) holds the fp32 accumulator plus several same-shaped temporaries, so configs
+#: are filtered on accumulator registers per thread: 32 (ptxas -v, sm_90: 64 per thread
+#: spills 180-312 bytes in this epilogue, SPEC 5 saw the same at 128x128x64). Wider tiles
+#: go deeper along the batch (``BLOCK_N`` 128, or 4 stages at 64) where the staging fits.
 JOINT_CONFIGS: list[triton.Config] = [
     triton.Config({"BLOCK_A": ba, "BLOCK_B": bb, "BLOCK_N": bn, "GROUP_A": 8},
                   num_warps=warps, num_stages=stages)
     for ba, bb in ((64, 64), (128, 64), (64, 128))
-    for bn, stages in ((32, 4), (64, 3))
+    for bn, stages in ((32, 4), (64, 3), (64, 4), (128, 3))
     for warps in (4, 8)
-    if ba * bb // (32 * warps) == 32
-    and _operand_smem(ba, bb, bn, stages) <= SMEM_LIMIT_SM80 - 16 * 1024
+    if ba * bb // (32 * warps) == 32 and _operand_smem(ba, bb, bn, stages, 2) <= _MAX_STAGING
 ]
 
 #: Autotune configs of the gradient products: a plain epilogue, so up to 64 accumulators
-#: per thread (ptxas -v, sm_90: 128 and more spill).
+#: per thread (ptxas -v, sm_90: 128 and more spill); deeper K steps where they fit.
 MATMUL_CONFIGS: list[triton.Config] = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
                   num_warps=warps, num_stages=stages)
     for bm, bn, warps in ((64, 64, 4), (64, 128, 4), (128, 128, 8))
-    for bk, stages in ((32, 4), (64, 3))
-    if _operand_smem(bm, bn, bk, stages) <= SMEM_LIMIT_SM80 - 16 * 1024
+    for bk, stages in ((32, 4), (64, 3), (64, 4), (128, 3))
+    if _operand_smem(bm, bn, bk, stages, 2) <= _MAX_STAGING
     and (bm, bn, bk) != (64, 64, 32)  # too little work per K step to hide latency
 ]
 
 
-def configs_for(configs: list[triton.Config], precision: str) -> list[triton.Config]:
-    """The configs a precision mode autotunes over.
+def device_smem_limit() -> int:
+    """The current CUDA device's per-block (opt-in) shared memory; sm_80's without CUDA."""
+    if torch.cuda.is_available() and not INTERPRET:  # what Triton checks launches against
+        props: Any = triton.runtime.driver.active.utils.get_device_properties(
+            torch.cuda.current_device())
+        return int(props["max_shared_mem"])
+    return SMEM_LIMITS[80]
 
-    ``ieee`` runs on FMA units, where the operand tiles are spread over registers: on sm_80
-    (ptxas -v, see ``python -m music_loss.kernels.aot``) every config with a 64-deep K step,
-    and the joint kernel with 4 warps, spilled (84 to 9304 bytes); those are dropped for it.
+
+def configs_for(configs: list[triton.Config], precision: str,
+                smem_limit: int | None = None) -> list[triton.Config]:
+    """The configs a precision mode autotunes over on a device with ``smem_limit`` bytes of
+    shared memory per block (default: the current device's).
+
+    The operand staging (real element size: 4 bytes, 2 in bf16) plus
+    :data:`EPILOGUE_SMEM` must fit the limit. ``ieee`` runs on FMA units, where the
+    operand tiles are spread over registers: on sm_80 (ptxas -v, see ``python -m
+    music_loss.kernels.aot``) every config with a 64-deep K step, and the joint kernel with
+    4 warps, spilled (84 to 9304 bytes); those are dropped for it.
+
+    Example:
+        >>> len(configs_for(JOINT_CONFIGS, "bf16", SMEM_LIMITS[90])) > len(
+        ...     configs_for(JOINT_CONFIGS, "tf32", SMEM_LIMITS[80]))
+        True
     """
+    limit = device_smem_limit() if smem_limit is None else smem_limit
+    fitting = [c for c in configs if config_smem(c, precision) <= limit - EPILOGUE_SMEM]
     if precision != "ieee":
-        return list(configs)
-    depth = lambda c: c.kwargs.get("BLOCK_N", 0) if "BLOCK_A" in c.kwargs else c.kwargs["BLOCK_K"]
-    return [c for c in configs if depth(c) == 32 and ("BLOCK_A" not in c.kwargs
-                                                       or c.num_warps == 8)]
+        return fitting
+    return [c for c in fitting if _tile(c)[2] == 32 and ("BLOCK_A" not in c.kwargs
+                                                         or c.num_warps == 8)]
 
 
 def _prune(configs: list[triton.Config], named_args: dict[str, Any],
@@ -144,19 +198,27 @@ def _grouped_tile(pid, num_m, num_n, GROUP: tl.constexpr):
 
 @triton.jit
 def joint_entropy_kernel(
-    p1_ptr, p2_ptr, g_ptr, pdiag_ptr, partial_ptr,
-    N, D, K, row_begin, num_rows, stride_p1n, stride_p2n, stride_g, stride_partial,
-    inv_n, c_off,
+    p1_ptr, p2_ptr, g_ptr, gt_ptr, pdiag_ptr, partial_ptr,
+    N, D, K, row_begin, num_rows, stride_p1n, stride_p1a, stride_p2n, stride_p2b, stride_g,
+    stride_gt, stride_partial, inv_n, c_off,
     WRITE_G: tl.constexpr, PRECISION: tl.constexpr, EMULATE_BF16: tl.constexpr,
     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
-    GROUP_A: tl.constexpr,
+    GROUP_A: tl.constexpr, EMULATE_TF32: tl.constexpr = False, ROUND_TF32: tl.constexpr = True,
+    WRITE_GT: tl.constexpr = False, USE_INT64: tl.constexpr = False,
 ):
     """One ``[BLOCK_A, BLOCK_B]`` tile of rows ``row_begin + [0, num_rows)`` of ``P``.
 
     Writes ``partial[0, pid] = sum P lg P`` over the tile's diagonal entries and
     ``partial[1, pid]`` over its off-block entries, ``pdiag[a] = P[a, a]``, and (``WRITE_G``)
-    ``G[a - row_begin, b] = c_off (lg P + [P >= tiny])`` on off blocks, 0 elsewhere.
-    Pointer increments along the batch are 64-bit, so ``N * D >= 2**31`` is safe here.
+    ``G[a - row_begin, b] = c_off (lg P + [P >= tiny])`` on off blocks, 0 elsewhere (an
+    operand of the tf32 products: stored rounded to nearest tf32 there, ``ROUND_TF32``);
+    ``WRITE_GT``: also ``G^T`` (``gt[b, a - row_begin]``), the K-major operand of ``dp2``.
+
+    The operands are read through both strides: ``p[n, a]`` at ``n * stride_p1n + a *
+    stride_p1a``. Row-major ``(N, D)`` arrays (ieee, bf16) or their ``(D, N)`` transposes
+    (tf32): Hopper's tf32 ``wgmma`` takes only K-major (batch-contiguous) operands, read from
+    the transposes with 16-byte copies. Pointer increments along the batch are 64-bit and
+    ``USE_INT64`` widens the column offsets (``D * N >= 2**31`` in the transposed layout).
     """
     pid = tl.program_id(0)
     num_a = tl.cdiv(num_rows, BLOCK_A)
@@ -168,14 +230,19 @@ def joint_entropy_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     mask_a = local_a < num_rows
     mask_b = offs_b < D
-    a_ptrs = p1_ptr + offs_a[:, None] + offs_n[None, :] * stride_p1n
-    b_ptrs = p2_ptr + offs_n[:, None] * stride_p2n + offs_b[None, :]
+    cols_a = offs_a
+    cols_b = offs_b
+    if USE_INT64:
+        cols_a = cols_a.to(tl.int64)
+        cols_b = cols_b.to(tl.int64)
+    a_ptrs = p1_ptr + cols_a[:, None] * stride_p1a + offs_n[None, :] * stride_p1n
+    b_ptrs = p2_ptr + offs_n[:, None] * stride_p2n + cols_b[None, :] * stride_p2b
     acc = tl.zeros((BLOCK_A, BLOCK_B), dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
         mask_n = offs_n < N - n0
         a = tl.load(a_ptrs, mask=mask_a[:, None] & mask_n[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=mask_n[:, None] & mask_b[None, :], other=0.0)
-        acc = dot_acc(a, b, acc, PRECISION, EMULATE_BF16)
+        acc = dot_acc(a, b, acc, PRECISION, EMULATE_BF16, EMULATE_TF32)
         a_ptrs += BLOCK_N * stride_p1n
         b_ptrs += BLOCK_N * stride_p2n
 
@@ -184,7 +251,10 @@ def joint_entropy_kernel(
     valid = mask_a[:, None] & mask_b[None, :]
     is_diag = (offs_a[:, None] == offs_b[None, :]) & valid
     is_off = ((offs_a // K)[:, None] != (offs_b // K)[None, :]) & valid
-    log_joint = lg(joint)
+    if PRECISION == "ieee":
+        log_joint = lg(joint)
+    else:  # the SFU's log: its 2^-22 is far inside the tf32 / bf16 budgets
+        log_joint = lg_fast(joint, EMULATE_TF32 or EMULATE_BF16)
     plogp = joint * log_joint
     diag_sum = tl.sum(tl.sum(tl.where(is_diag, plogp, 0.0), axis=1), axis=0)
     off_sum = tl.sum(tl.sum(tl.where(is_off, plogp, 0.0), axis=1), axis=0)
@@ -196,8 +266,13 @@ def joint_entropy_kernel(
         grad = tl.where(is_off, grad, 0.0)
         if PRECISION == "bf16" and EMULATE_BF16:
             grad = round_to_bf16(grad)  # what a bf16 store does on a GPU
+        if PRECISION == "tf32" and ROUND_TF32:
+            grad = round_to_tf32(grad, EMULATE_TF32)
         g_ptrs = g_ptr + local_a[:, None] * stride_g + offs_b[None, :]
         tl.store(g_ptrs, grad, mask=valid)
+        if WRITE_GT:
+            gt_ptrs = gt_ptr + cols_b[None, :] * stride_gt + local_a[:, None]
+            tl.store(gt_ptrs, grad, mask=valid)
 
 
 @triton.jit
@@ -207,7 +282,7 @@ def scaled_matmul_kernel(
     ACCUMULATE: tl.constexpr, PRECISION: tl.constexpr, EMULATE_BF16: tl.constexpr,
     USE_INT64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
+    GROUP_M: tl.constexpr, EMULATE_TF32: tl.constexpr = False,
 ):
     """``C = alpha * A @ B`` (``+ C`` when ``ACCUMULATE``), fp32 accumulate and store.
 
@@ -231,7 +306,7 @@ def scaled_matmul_kernel(
         mask_k = offs_k < K - k0
         a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        acc = dot_acc(a, b, acc, PRECISION, EMULATE_BF16)
+        acc = dot_acc(a, b, acc, PRECISION, EMULATE_BF16, EMULATE_TF32)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
     acc = acc * alpha
@@ -250,7 +325,10 @@ _joint_autotuned: Any = None if INTERPRET else triton.autotune(
     prune_configs_by={"early_config_prune": _prune},
 )(joint_entropy_kernel)
 _matmul_autotuned: Any = None if INTERPRET else triton.autotune(
-    configs=MATMUL_CONFIGS, key=["M", "N", "K", "PRECISION", "ACCUMULATE"],
+    # The strides are in the key: the same sizes with transposed operands (dp1's NT layout
+    # against dp2's NN) are different kernels for the memory system.
+    configs=MATMUL_CONFIGS, key=["M", "N", "K", "PRECISION", "ACCUMULATE", "stride_am",
+                                 "stride_ak", "stride_bk", "stride_bn"],
     prune_configs_by={"early_config_prune": _prune}, restore_value=["c_ptr"],
 )(scaled_matmul_kernel)
 
@@ -271,13 +349,48 @@ def workspace_bytes(dim: int, precision: str, chunk_rows: int | None = None) -> 
     """Upper bound of the joint pass's workspace in bytes, beyond the ``O(N D)`` arrays.
 
     Example:
-        >>> workspace_bytes(8160, "tf32") < 4 * 8160**2 // 7
+        >>> workspace_bytes(8160, "tf32") < 4 * 8160**2 // 3
         True
     """
     rows = min(chunk_rows or chunk_rows_for(dim, precision), dim)
-    g_chunk = rows * dim * operand_dtype(precision).itemsize
+    # tf32: G^T too (dp2's K-major operand), as large as the G chunk.
+    g_chunk = rows * dim * operand_dtype(precision).itemsize * (2 if precision == "tf32" else 1)
     partials = 2 * 4 * triton.cdiv(rows, MIN_TILE) * triton.cdiv(dim, MIN_TILE)
     return g_chunk + partials + 4 * dim
+
+
+def launches_per_step(dim: int, precision: str, chunk_rows: int | None = None) -> int:
+    """Triton launches of one forward+backward of the fused loss (gradients needed): the
+    softmax forward, per chunk of rows of ``P`` the joint kernel and the two gradient
+    products, and the backward kernel (ATen's small ops, e.g. the partial sums, not counted).
+
+    Example:
+        >>> launches_per_step(8160, "tf32")  # 8 chunks of 1024 rows (bf16 on a GPU: 4, 14)
+        26
+    """
+    rows = chunk_rows or chunk_rows_for(dim, precision)
+    return 2 + 3 * triton.cdiv(dim, rows)
+
+
+def gradient_phase_bytes(n: int, dim: int, precision: str, chunk_rows: int | None = None) -> int:
+    """Compulsory global-memory bytes of the gradient phase of one step: per chunk, the ``G``
+    store, and each product reading its operands once and writing its output once (``dp2``
+    read-modify-written from the second chunk on). Tile re-reads (served by L2 or not) are
+    not counted: a lower bound of the traffic, from the launch plan, not a measurement.
+
+    Example:
+        >>> round(gradient_phase_bytes(2048, 8160, "tf32") / 1e9, 2)  # 2.47 without G^T
+        2.74
+    """
+    rows = chunk_rows or chunk_rows_for(dim, precision)
+    op = operand_dtype(precision).itemsize
+    total = 0
+    for a0 in range(0, dim, rows):
+        r = min(rows, dim - a0)
+        total += r * dim * op * (2 if precision == "tf32" else 1)  # G (and G^T) written
+        total += n * dim * op + r * dim * op + n * r * 4        # dp1[:, a0:a1] = p2 G^T / N
+        total += n * r * op + r * dim * op + n * dim * 4 * (2 if a0 else 1)  # dp2 (+)= p1 G
+    return total
 
 
 class JointPass(NamedTuple):
@@ -313,13 +426,14 @@ def _matmul(a: Tensor, b: Tensor, c: Tensor, alpha: float, accumulate: bool, pre
            a, b, c, m, n, k, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
            c.stride(0), c.stride(1), alpha,
            ACCUMULATE=accumulate, PRECISION=precision, EMULATE_BF16=emulate_bf16(),
-           USE_INT64=needs_int64(a, b, c))
+           USE_INT64=needs_int64(a, b, c), EMULATE_TF32=emulate_tf32())
 
 
 def joint_entropy_pass(
     p1: Tensor, p2: Tensor, segment_dim: int, c_off: float, precision: str,
     write_grad: bool, chunk_rows: int | None = None,
     joint_meta: dict[str, Any] | None = None, matmul_meta: dict[str, Any] | None = None,
+    round_tf32: bool = True, p1_t: Tensor | None = None, p2_t: Tensor | None = None,
 ) -> JointPass:
     """Entropy sums of ``P = p1^T p2 / N`` and, if asked, the off-block gradient products.
 
@@ -333,6 +447,11 @@ def joint_entropy_pass(
         chunk_rows: Rows of ``P`` per chunk (default :func:`chunk_rows_for`).
         joint_meta: Pin the joint kernel's config (interpreter default: a fixed one).
         matmul_meta: Pin the products' config.
+        round_tf32: In tf32 mode, store ``G`` rounded to nearest tf32 (``False`` only to
+            measure the truncation bias; ``p1, p2`` are rounded by the softmax kernel).
+        p1_t: In tf32 mode, ``p1`` transposed, ``(D, N)`` contiguous (the softmax kernel
+            writes it; made here when ``None``): the joint product's K-major operand.
+        p2_t: Same for ``p2``.
 
     Returns:
         A :class:`JointPass`.
@@ -360,6 +479,23 @@ def joint_entropy_pass(
     dp2 = torch.empty(grad_shape, device=dev, dtype=torch.float32)
     workspace = torch.empty((min(rows_per_chunk, d), d) if write_grad else (0,), device=dev,
                             dtype=p1.dtype)
+    # tf32 (Hopper's tf32 wgmma reads only K-major operands): the joint product reads the
+    # (D, N) transposes, and dp2 = p1 G reads G^T, written next to G by the joint kernel.
+    k_major = precision == "tf32"
+    if k_major:
+        op1 = p1_t if p1_t is not None else p1.t().contiguous()
+        op2 = p2_t if p2_t is not None else p2.t().contiguous()
+        if op1.shape != (d, n) or op2.shape != (d, n) or not (op1.is_contiguous()
+                                                              and op2.is_contiguous()):
+            raise ValueError(f"p1_t and p2_t must be contiguous ({d}, {n}) transposes of p1, "
+                             f"p2, got {tuple(op1.shape)} and {tuple(op2.shape)}")
+        strides = (1, n, 1, n)  # (stride_p1n, stride_p1a, stride_p2n, stride_p2b)
+    else:
+        op1, op2 = p1, p2
+        strides = (p1.stride(0), 1, p2.stride(0), 1)
+    write_gt = write_grad and k_major
+    workspace_t = torch.empty((d, min(rows_per_chunk, d)) if write_gt else (0,), device=dev,
+                              dtype=p1.dtype)
     sums: list[Tensor] = []
     for a0 in range(0, d, rows_per_chunk):
         rows = min(rows_per_chunk, d - a0)
@@ -368,10 +504,13 @@ def joint_entropy_pass(
         grid = lambda cfg, rows=rows: (triton.cdiv(rows, cfg["BLOCK_A"])
                                        * triton.cdiv(d, cfg["BLOCK_B"]),)
         used = launch(_joint_autotuned, joint_entropy_kernel, grid, joint_meta,
-                      p1, p2, workspace if write_grad else p_diag, p_diag, partial,
-                      n, d, segment_dim, a0, rows, p1.stride(0), p2.stride(0), d, slots,
-                      1.0 / n, c_off,
-                      WRITE_G=write_grad, PRECISION=precision, EMULATE_BF16=emulate_bf16())
+                      op1, op2, workspace if write_grad else p_diag,
+                      workspace_t if write_gt else p_diag, p_diag, partial,
+                      n, d, segment_dim, a0, rows, *strides, d, max(1, workspace_t.shape[-1]),
+                      slots, 1.0 / n, c_off,
+                      WRITE_G=write_grad, PRECISION=precision, EMULATE_BF16=emulate_bf16(),
+                      EMULATE_TF32=emulate_tf32(), ROUND_TF32=round_tf32, WRITE_GT=write_gt,
+                      USE_INT64=needs_int64(op1, op2))
         tiles = triton.cdiv(rows, used["BLOCK_A"]) * triton.cdiv(d, used["BLOCK_B"])
         sums.append(partial[:, :tiles].sum(dim=1, dtype=torch.float64))
         if write_grad:
@@ -379,7 +518,8 @@ def joint_entropy_pass(
             # dp1[:, a0:a1] = p2 @ G_chunk^T / N ; dp2 (+)= p1[:, a0:a1] @ G_chunk / N
             _matmul(p2, g_chunk.T, dp1[:, a0:a0 + rows], 1.0 / n, False, precision,
                     matmul_meta)
-            _matmul(p1[:, a0:a0 + rows], g_chunk, dp2, 1.0 / n, a0 > 0, precision,
+            g_operand = workspace_t[:, :rows].T if write_gt else g_chunk  # K-major in tf32
+            _matmul(p1[:, a0:a0 + rows], g_operand, dp2, 1.0 / n, a0 > 0, precision,
                     matmul_meta)
     total = torch.stack(sums).sum(dim=0)
     return JointPass(total[0], total[1], p_diag, dp1, dp2)
@@ -435,5 +575,6 @@ def joint_entropy_triton(p1: Tensor, p2: Tensor, segment_dim: int,
         ...     assert float(h_diag) <= 0 and float(h_off) <= 0
     """
     check_precision(precision)
-    out: tuple[Tensor, Tensor] = JointEntropyFunction.apply(p1, p2, segment_dim, precision)
+    with device_of(p1):
+        out: tuple[Tensor, Tensor] = JointEntropyFunction.apply(p1, p2, segment_dim, precision)
     return out

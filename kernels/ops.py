@@ -66,14 +66,20 @@ def _fused_forward_impl(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     n, d = z1.shape
     s = d // segment_dim
+    # tf32: the softmax also writes p1, p2 transposed, the joint product's K-major operands.
+    p_t = (z1.new_empty((d, n), dtype=torch.float32),
+           z1.new_empty((d, n), dtype=torch.float32)) if precision == "tf32" else None
     p1, p2, inv_partials = softmax_forward(z1, z2, segment_dim, temperature, eps,
                                            operand_dtype(precision), (row_start, row_stop),
-                                           round_bf16=precision == "bf16" and emulate_bf16())
+                                           round_bf16=precision == "bf16" and emulate_bf16(),
+                                           round_tf32=precision == "tf32",
+                                           out_transposed=p_t)
     assert p2 is not None and inv_partials is not None
     write_grad = need_grad and _has_off(d, segment_dim, c_off)
     joint = joint_entropy_pass(p1, p2, segment_dim, c_off, precision, write_grad,
-                               chunk_rows or None)
-    del p1, p2
+                               chunk_rows or None, p1_t=p_t[0] if p_t else None,
+                               p2_t=p_t[1] if p_t else None)
+    del p1, p2, p_t
     diag = c_diag * joint.h_diag
     off = c_off * joint.h_off
     inv = -invariance_weight * inv_partials.sum(dtype=torch.float64) / ((row_stop - row_start) * s)
@@ -193,22 +199,27 @@ def fused_memory_bytes(n: int, dim: int, precision: str, need_grad: bool = True,
                        chunk_rows: int | None = None) -> dict[str, int]:
     """Bytes the fused path allocates beyond the inputs and their gradients, by buffer.
 
-    ``p`` (operand dtype) lives during the forward only; ``dp_off`` (fp32) is saved for the
-    backward; the ``G`` chunk, partial sums and ``diag(P)`` are the bounded workspace
-    (:func:`music_loss.kernels.joint_entropy.workspace_bytes`). Nothing is ``D x D``.
+    ``p`` (operand dtype; in tf32 mode also its ``(D, N)`` transposes, the joint product's
+    K-major operands) lives during the forward only; ``dp_off`` (fp32) is saved for the
+    backward; the ``G`` chunk (tf32: and ``G^T``), partial sums and ``diag(P)`` are the
+    bounded workspace (:func:`music_loss.kernels.joint_entropy.workspace_bytes`). Nothing is
+    ``D x D``.
 
     Example:
         >>> plan = fused_memory_bytes(2048, 8160, "tf32")
-        >>> plan["workspace"] < 4 * 8160**2 // 7
-        True
+        >>> plan["workspace"] < 4 * 8160**2 // 3, plan["p1_p2_transposed"], plan["peak"]
+        (True, 133693440, 468220800)
     """
     from music_loss.kernels.joint_entropy import workspace_bytes
 
     check_precision(precision)
     p_bytes = 2 * n * dim * operand_dtype(precision).itemsize
+    # tf32: the (D, N) transposes of p1, p2 (the joint product's K-major operands).
+    p_transposed = p_bytes if precision == "tf32" else 0
     saved = 2 * n * dim * 4 if need_grad else 0
     workspace = workspace_bytes(dim, precision, chunk_rows) if need_grad else (
         workspace_bytes(dim, precision, chunk_rows)
-        - min(chunk_rows or dim, dim) * dim * operand_dtype(precision).itemsize)
-    return {"p1_p2": p_bytes, "saved_dp_off": saved, "workspace": workspace,
-            "peak": p_bytes + saved + workspace}
+        - min(chunk_rows or dim, dim) * dim * operand_dtype(precision).itemsize
+        * (2 if precision == "tf32" else 1))
+    return {"p1_p2": p_bytes, "p1_p2_transposed": p_transposed, "saved_dp_off": saved,
+            "workspace": workspace, "peak": p_bytes + p_transposed + saved + workspace}

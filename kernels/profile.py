@@ -87,9 +87,14 @@ def profile(n: int, d: int, k: int, precision: str, repeats: int = 5,
     c_diag, c_off = config.coefficients(d)
     out_dtype = operand_dtype(precision)
     round_bf16 = precision == "bf16" and emulate_bf16()
-    p1, p2, _ = softmax_forward(z1, z2, k, 1.0, 1e-8, out_dtype, None, round_bf16)
+    round_tf32 = precision == "tf32"
+    # tf32: the softmax also writes the transposes the joint product reads (as in ops.py).
+    p_t = (z1.new_empty((d, n)), z1.new_empty((d, n))) if round_tf32 else None
+    p1, p2, _ = softmax_forward(z1, z2, k, 1.0, 1e-8, out_dtype, None, round_bf16, round_tf32,
+                                p_t)
     assert p2 is not None
-    joint = joint_entropy_pass(p1, p2, k, c_off, precision, True)
+    p1_t, p2_t = p_t if p_t else (None, None)
+    joint = joint_entropy_pass(p1, p2, k, c_off, precision, True, p1_t=p1_t, p2_t=p2_t)
     grad_terms = torch.tensor([1.0, 0, 0, 0], device=dev)
     rows = (0, n)
 
@@ -102,11 +107,13 @@ def profile(n: int, d: int, k: int, precision: str, repeats: int = 5,
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu (interpreter)",
         "n": n, "d": d, "k": k, "precision": precision,
         "softmax_fwd_ms": _timer(lambda: softmax_forward(z1, z2, k, 1.0, 1e-8, out_dtype, None,
-                                                         round_bf16), dev, repeats),
+                                                         round_bf16, round_tf32, p_t),
+                                 dev, repeats),
         "joint_no_grad_ms": _timer(lambda: joint_entropy_pass(p1, p2, k, c_off, precision,
-                                                              False), dev, repeats),
+                                                              False, p1_t=p1_t, p2_t=p2_t), dev, repeats),
         "joint_with_grad_ms": _timer(lambda: joint_entropy_pass(p1, p2, k, c_off, precision,
-                                                                True), dev, repeats),
+                                                                True, p1_t=p1_t, p2_t=p2_t),
+                                     dev, repeats),
         "backward_kernel_ms": _timer(lambda: music_loss_backward(
             z1, z2, joint.dp1, joint.dp2, joint.p_diag, grad_terms, k, 1.0, 1e-8, c_diag,
             -1.0 / (n * (d // k)), rows, True), dev, repeats),

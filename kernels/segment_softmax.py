@@ -25,10 +25,13 @@ from torch import Tensor
 
 from music_loss.kernels._common import (
     TINY_F32,
+    device_of,
+    emulate_tf32,
     lg,
     needs_int64,
     next_power_of_2,
     round_to_bf16,
+    round_to_tf32,
 )
 
 #: Elements of one ``[BLOCK_S, BLOCK_K]`` tile per program (per view).
@@ -79,32 +82,49 @@ def _tile_indices(row_id, pid_s, S, K, BLOCK_S: tl.constexpr, BLOCK_K: tl.conste
 
 
 @triton.jit
+def _store_operand(ptrs, p, mask, ROUND_BF16: tl.constexpr, ROUND_TF32: tl.constexpr,
+                   EMULATE_TF32: tl.constexpr):
+    """Store ``p`` as a matmul operand: rounded to bf16 values (emulated bf16 operands) or
+    to the nearest tf32 (tensor cores would truncate it: a downward bias), or as is."""
+    if ROUND_BF16:
+        tl.store(ptrs, round_to_bf16(p), mask=mask)
+    elif ROUND_TF32:
+        tl.store(ptrs, round_to_tf32(p, EMULATE_TF32), mask=mask)
+    else:
+        tl.store(ptrs, p, mask=mask)
+
+
+@triton.jit
 def segment_softmax_fwd_kernel(
-    z1_ptr, z2_ptr, p1_ptr, p2_ptr, inv_ptr,
-    S, K, D, stride_z1n, stride_z1d, stride_z2n, stride_z2d,
+    z1_ptr, z2_ptr, p1_ptr, p2_ptr, inv_ptr, pt1_ptr, pt2_ptr,
+    N, S, K, D, stride_z1n, stride_z1d, stride_z2n, stride_z2d,
     row_start, row_stop, inv_temperature, eps,
     TWO_VIEWS: tl.constexpr, ROUND_BF16: tl.constexpr, BLOCK_S: tl.constexpr,
-    BLOCK_K: tl.constexpr, USE_INT64: tl.constexpr,
+    BLOCK_K: tl.constexpr, USE_INT64: tl.constexpr, ROUND_TF32: tl.constexpr = False,
+    EMULATE_TF32: tl.constexpr = False, WRITE_T: tl.constexpr = False,
 ):
     """Program (row, segment block): write ``p`` (both views), and, for two views, the
     block's sum of ``lg(sum_k p1 p2)`` over its segments if the row is local (else 0).
-    ``ROUND_BF16``: store ``p`` rounded to bf16 values in fp32 (emulated bf16 operands)."""
+    ``ROUND_BF16``: store ``p`` rounded to bf16 values in fp32 (emulated bf16 operands);
+    ``ROUND_TF32``: rounded to nearest tf32 (``EMULATE_TF32``: by bit arithmetic, the
+    interpreter). The invariance term uses the unrounded values. ``WRITE_T``: also ``p``
+    transposed, ``(D, N)`` contiguous (``pt[col, row]``, the same rounded values): the tf32
+    joint product's K-major operands. Those stores are strided (one row per program)."""
     row_id = tl.program_id(0)
     pid_s = tl.program_id(1)
     row, col, mask, s_valid = _tile_indices(row_id, pid_s, S, K, BLOCK_S, BLOCK_K, USE_INT64)
     _, p1 = _softmax_tile(z1_ptr, row, stride_z1n, stride_z1d, col, mask, s_valid,
                           inv_temperature, eps)
-    if ROUND_BF16:
-        tl.store(p1_ptr + row * D + col, round_to_bf16(p1), mask=mask)
-    else:
-        tl.store(p1_ptr + row * D + col, p1, mask=mask)
+    _store_operand(p1_ptr + row * D + col, p1, mask, ROUND_BF16, ROUND_TF32, EMULATE_TF32)
+    if WRITE_T:
+        _store_operand(pt1_ptr + col * N + row, p1, mask, ROUND_BF16, ROUND_TF32, EMULATE_TF32)
     if TWO_VIEWS:
         _, p2 = _softmax_tile(z2_ptr, row, stride_z2n, stride_z2d, col, mask, s_valid,
                               inv_temperature, eps)
-        if ROUND_BF16:
-            tl.store(p2_ptr + row * D + col, round_to_bf16(p2), mask=mask)
-        else:
-            tl.store(p2_ptr + row * D + col, p2, mask=mask)
+        _store_operand(p2_ptr + row * D + col, p2, mask, ROUND_BF16, ROUND_TF32, EMULATE_TF32)
+        if WRITE_T:
+            _store_operand(pt2_ptr + col * N + row, p2, mask, ROUND_BF16, ROUND_TF32,
+                           EMULATE_TF32)
         agreement = tl.sum(p1 * p2, axis=1)
         log_agreement = tl.where(s_valid, lg(agreement),
                                  0.0)
@@ -190,15 +210,18 @@ def music_loss_bwd_kernel(
 def softmax_forward(
     z1: Tensor, z2: Tensor | None, segment_dim: int, temperature: float, eps: float,
     out_dtype: torch.dtype = torch.float32, local_rows: tuple[int, int] | None = None,
-    round_bf16: bool = False,
+    round_bf16: bool = False, round_tf32: bool = False,
+    out_transposed: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """Segment softmax of one or two views; with two, the invariance partial sums too.
 
     Returns:
         ``(p1, p2, inv_partials)``: ``p`` as contiguous ``(N, D)`` arrays of ``out_dtype``
         (fp32 values rounded once on store; ``round_bf16``: to bf16 values, kept in
-        ``out_dtype``), and an ``(N, blocks)`` fp32 array whose sum is
-        ``sum_{local i, s} lg(sum_k p1 p2)`` (``None`` for one view).
+        ``out_dtype``; ``round_tf32``: to the nearest tf32 values, for tf32 products), and an ``(N, blocks)`` fp32 array whose sum is
+        ``sum_{local i, s} lg(sum_k p1 p2)`` (``None`` for one view). ``out_transposed``
+        (two views): two contiguous ``(D, N)`` arrays of ``out_dtype`` that also receive
+        ``p1, p2`` transposed (the tf32 joint product's K-major operands).
 
     Example:
         >>> import os, torch
@@ -216,11 +239,19 @@ def softmax_forward(
     inv = torch.empty(grid, device=z1.device, dtype=torch.float32) if two else None
     start, stop = local_rows if local_rows is not None else (0, n)
     zb = z2 if z2 is not None else z1
+    if out_transposed is not None and (
+            not two or any(t.shape != (d, n) or not t.is_contiguous() or t.dtype != out_dtype
+                           for t in out_transposed)):
+        raise ValueError(f"out_transposed must be two contiguous ({d}, {n}) {out_dtype} "
+                         "arrays, and needs two views")
+    pt1, pt2 = out_transposed if out_transposed is not None else (p1, p1)
     segment_softmax_fwd_kernel[grid](
-        z1, zb, p1, p2 if p2 is not None else p1, inv if inv is not None else p1,
-        s, segment_dim, d, z1.stride(0), z1.stride(1), zb.stride(0), zb.stride(1),
+        z1, zb, p1, p2 if p2 is not None else p1, inv if inv is not None else p1, pt1, pt2,
+        n, s, segment_dim, d, z1.stride(0), z1.stride(1), zb.stride(0), zb.stride(1),
         start, stop, 1.0 / temperature, eps,
-        TWO_VIEWS=two, ROUND_BF16=round_bf16, USE_INT64=needs_int64(z1, zb, p1), **meta,
+        TWO_VIEWS=two, ROUND_BF16=round_bf16, USE_INT64=needs_int64(z1, zb, p1),
+        ROUND_TF32=round_tf32, EMULATE_TF32=emulate_tf32(),
+        WRITE_T=out_transposed is not None, **meta,
     )
     return p1, p2, inv
 
@@ -303,7 +334,8 @@ def segment_softmax_triton(z: Tensor, segment_dim: int, temperature: float = 1.0
     if z.dim() != 2 or z.shape[1] % segment_dim != 0:
         raise ValueError(f"z must be (N, D) with D a multiple of segment_dim={segment_dim}, "
                          f"got shape {tuple(z.shape)}")
-    out: Tensor = SegmentSoftmaxFunction.apply(z, segment_dim, temperature, eps)
+    with device_of(z):
+        out: Tensor = SegmentSoftmaxFunction.apply(z, segment_dim, temperature, eps)
     return out
 
 

@@ -42,6 +42,11 @@ PRECISION_TOL: dict[str, Tol] = {
 #: fp32 accumulation and rare one-ulp differences in where a value rounds.
 BF16_EMULATED_VS_ROUNDED_ORACLE = Tol(loss=1e-5, grad=1e-4)
 
+#: tf32 mode under the interpreter (operands rounded to tf32 where stored, then truncated as
+#: tensor cores read them, fp32 dot) against the float64 oracle rounding the same operands:
+#: fp32 accumulation and one-ulp differences in where a value rounds, as for bf16.
+TF32_EMULATED_VS_ROUNDED_ORACLE = BF16_EMULATED_VS_ROUNDED_ORACLE
+
 
 def relative_error(got: Tensor, want: Tensor) -> float:
     """``||got - want||_F / ||want||_F`` in float64 (absolute when ``want`` is zero)."""

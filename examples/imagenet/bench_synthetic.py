@@ -27,8 +27,6 @@ import torch.distributed as dist
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-import pretrain  # noqa: E402
-
 CONFIGS = {
     "music-triton": ["--loss", "music", "--backend", "triton"],
     "music-torch": ["--loss", "music", "--backend", "torch"],
@@ -51,6 +49,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
     parser.add_argument("--output-dir", type=Path, default=HERE / "runs" / "bench_synthetic")
     args = parser.parse_args(argv)
+    try:  # pretrain needs torchvision; import it only when a benchmark runs (--help works)
+        import pretrain
+    except ImportError as err:
+        raise SystemExit(f"bench_synthetic needs torchvision for the ResNet step: {err}; "
+                         "install it (pip install torchvision)") from err
     unknown = set(args.configs.split(",")) - set(CONFIGS)
     if unknown:
         parser.error(f"unknown --configs {sorted(unknown)}; choose from {list(CONFIGS)}")

@@ -57,12 +57,18 @@ def test_compiled_training_step_on_triton_path_matches_float64():
         assert relative_error(got, p64.grad) <= tol.grad
 
 
+# The AOT static gate (SPEC 5 layer 3) is strict: since the tf32 products read K-major
+# operands every sm_90 tf32/bf16 product meets it, so no known-violation ratchet
+# (``--known``, ``aot.accept_known``) is passed any more.
+
+
 def test_aot_compile_check_sm80_sm90(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out_json = tmp_path / "aot.json"
     proc = subprocess.run(
         [sys.executable, "-m", "music_loss.kernels.aot", "--arch", "80", "90",
-         "--json", str(out_json)],
+         "--json", str(out_json), "--dump-dir",
+         str(tmp_path / "ptx")],
         env=env, capture_output=True, text=True, timeout=1200)
     print(proc.stdout[-3000:])
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
@@ -73,3 +79,79 @@ def test_aot_compile_check_sm80_sm90(tmp_path):
     joint_tc = [r for r in rows if r["kernel"] == "joint_entropy" and r["variant"] != "ieee"]
     assert joint_tc and all(r["tensor_core_instructions"] > 0 for r in joint_tc)
     assert all(r["shared_bytes"] <= r["smem_limit"] for r in rows)
+    products = [r for r in rows if r["needs_tensor_cores"]]
+    assert all(r["mma_shape"] for r in products)
+    assert all(r["uses_tma"] or r["async_copy_min_bytes"] for r in products)
+    assert all(r["smem_bank_conflicts"] for r in products if r["arch"] == 90)
+    assert all(r["epilogue_instructions_per_entry"] for r in joint_tc)
+    assert len(list((tmp_path / "ptx").glob("joint_entropy-*-sm_90.ptx"))) >= 2
+
+
+_PTX = """
+    cp.async.ca.shared.global [%r1+0], [%rd2+0], 0x4, %r100;
+    cp.async.cg.shared.global [%r3+0], [%rd4+0], 16, %r101;
+    wgmma.mma_async.sync.aligned.m64n64k8.f32.tf32.tf32 {%f1}, %rd5, %rd6, 1, 1, 1;
+    wgmma.mma_async.sync.aligned.m64n128k8.f32.tf32.tf32 {%f1}, %rd5, %rd6, 1, 1, 1;
+"""
+
+
+def test_static_facts_are_read_from_the_ptx_and_gated():
+    from music_loss.kernels import aot
+
+    assert aot.mma_shape(_PTX, 90) == "m64n128k8"
+    assert aot.mma_shape(_PTX, 80) is None
+    assert aot.async_copy_widths(_PTX) == (4, False)
+    assert aot.async_copy_widths("cp.async.bulk.tensor.2d.shared::cluster") == (None, True)
+    row = aot.AotRow("joint_entropy", "tf32", "64x64x32 w4 s4", 90, ok=True,
+                     needs_tensor_cores=True, async_copy_min_bytes=4, smem_bank_conflicts=8)
+    assert len(aot.static_problems(row)) == 2
+    row.async_copy_min_bytes, row.smem_bank_conflicts = 16, 2
+    assert aot.static_problems(row) == []
+    row.arch = 80  # the gate is for sm_90
+    row.async_copy_min_bytes = 4
+    assert aot.static_problems(row) == []
+
+
+def test_known_violations_pass_only_when_not_worse():
+    from dataclasses import asdict
+
+    from music_loss.kernels import aot
+
+    def failing(copy: int, ways: int) -> aot.AotRow:
+        row = aot.AotRow("grad_product", "tf32,NN", "64x64x64 w4 s3", 90, ok=True,
+                         needs_tensor_cores=True, async_copy_min_bytes=copy,
+                         smem_bank_conflicts=ways)
+        row.problems = aot.static_problems(row)
+        row.ok = not row.problems
+        return row
+
+    known = [asdict(failing(4, 8))]
+    same, worse, new = failing(4, 8), failing(4, 16), failing(4, 8)
+    new.config = "128x128x64 w8 s3"
+    assert aot.accept_known([same, worse, new], known) == 1
+    assert same.ok and not worse.ok and not new.ok
+
+
+@pytest.mark.parametrize("which", ["JOINT_CONFIGS", "MATMUL_CONFIGS"])
+def test_autotune_configs_fit_each_arch_with_the_real_operand_size(which):
+    """Operand staging (stages x (rows + columns) x depth x element size) plus the epilogue's
+    reserve fits each arch's per-block shared memory; bf16 on sm_90 (2-byte operands, 227 KiB)
+    may use tiles fp32 on sm_80 cannot: the filter is per arch and precision."""
+    from music_loss.kernels import joint_entropy as je
+
+    configs = getattr(je, which)
+    chosen = {}
+    for arch, limit in je.SMEM_LIMITS.items():
+        for precision, itemsize in (("ieee", 4), ("tf32", 4), ("bf16", 2)):
+            picked = je.configs_for(configs, precision, limit)
+            assert picked, (arch, precision)
+            for cfg in picked:
+                kw = cfg.kwargs
+                rows, cols, depth = ((kw["BLOCK_A"], kw["BLOCK_B"], kw["BLOCK_N"])
+                                     if "BLOCK_A" in kw else
+                                     (kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"]))
+                staging = cfg.num_stages * (rows + cols) * depth * itemsize
+                assert staging + je.EPILOGUE_SMEM <= limit, (arch, precision, cfg)
+            chosen[arch, precision] = {str(c) for c in picked}
+    assert chosen[90, "bf16"] > chosen[80, "tf32"]
+    assert chosen[90, "tf32"] > chosen[80, "tf32"]
