@@ -345,22 +345,21 @@ def test_example_doctests():
 # ---------------------------------------------------------------------------------------
 @pytest.mark.distributed
 def test_check_parity(tmp_path):
+    """Every leg, Triton required (CI has the interpreter): a skipped leg fails here."""
     report = tmp_path / "parity.json"
     done = subprocess.run([sys.executable, str(EXAMPLE / "check_parity.py"), "--workdir",
-                           str(tmp_path / "work"), "--json", str(report)],
+                           str(tmp_path / "work"), "--json", str(report), "--require-triton"],
                           capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     results = json.loads(report.read_text())
     names = [r["comparison"] for r in results["results"]]
     assert results["ok"] and all(r["ok"] for r in results["results"])
-    assert any(n.startswith("torch vs reference") for n in names)
+    assert not results["notes"], results["notes"]  # nothing skipped
+    assert any(n.startswith("torch vs reference (1 process, float64") for n in names)
+    assert any(n.startswith("triton (interpreter) vs reference") for n in names)
     for loss in ("music", "barlow-twins", "vicreg"):
         assert any(n.startswith(f"{loss}: 2 gloo ranks") for n in names)
-    resumed = [r for r in results["results"] if r["comparison"].startswith("resumed")]
-    resumed += [r for r in results["results"] if r["comparison"].startswith("2 ranks resumed")]
+    resumed = [r for r in results["results"] if "resumed at step 3" in r["comparison"]]
     assert len(resumed) == 2
     for r in resumed:
         assert r["param_rel_diff"] == 0.0 and r["loss_rel_diff"] == 0.0 and r["steps"] == 4
-    # Triton is either compared or reported as skipped with its reason, never silent.
-    assert (any(n.startswith("triton") for n in names)
-            or any(n.startswith("triton: SKIPPED (") for n in results["notes"]))
