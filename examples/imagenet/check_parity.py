@@ -263,7 +263,8 @@ class Parity:
     def __init__(self, args: argparse.Namespace, work: Path, data: Path) -> None:
         self.args, self.work, self.data = args, work, data
         self.cuda = args.device == "cuda"
-        self.gpus = torch.cuda.device_count() if self.cuda else 0
+        self.gpus = (args.gpus if args.gpus is not None else torch.cuda.device_count()) \
+            if self.cuda else 0
         self.results: list[dict[str, Any]] = []
         self.notes: list[str] = []
         self.plan: list[str] = []
@@ -379,8 +380,8 @@ class Parity:
         # The uninterrupted run: the backend leg's (float64, backend torch) when it ran.
         single_ref = self.run("torch", "backend", backend="torch")
         resumed = self.work / "resumed"
-        self.plan.append(f"run resumed: the same as resume-uninterrupted, stopped after step "
-                         f"3, then resumed ({resumed})")
+        self.plan.append(f"run resumed: the same as run torch, stopped after step 3, then "
+                         f"resumed ({resumed})")
         if not self.args.dry_run:
             shutil.rmtree(resumed, ignore_errors=True)
             run_pipeline(pipeline_args(self.data, resumed,
@@ -492,6 +493,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                         help="cuda: bf16 autocast, fused kernels vs reference, SyncBatchNorm "
                              "and NCCL on 2+ GPUs")
+    parser.add_argument("--gpus", type=int, default=None,
+                        help="with --device cuda: GPUs (ranks) to use; default all visible")
     parser.add_argument("--dry-run", action="store_true",
                         help="print the runs and comparisons, train nothing")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -550,6 +553,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"check_parity.py --device {args.device} would run (nothing trained):")
         for line in parity.plan:
             print(f"  {line}")
+        for note in parity.notes:
+            print(f"  {note}")
+        if args.workdir is None:
+            shutil.rmtree(work, ignore_errors=True)
         return 0
     results, notes = parity.results, parity.notes
     if args.require_triton and "triton" in args.legs:

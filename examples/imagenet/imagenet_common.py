@@ -402,8 +402,18 @@ def init_distributed(device: str = "auto") -> DistEnv:
     else:
         where = torch.device(device)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if where.type == "cuda" else "gloo",
-                                device_id=where if where.type == "cuda" else None)
+        backend = "nccl" if where.type == "cuda" else "gloo"
+        device_id = where if where.type == "cuda" else None
+        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+        if restart is None:
+            dist.init_process_group(backend, device_id=device_id)
+        else:
+            # Under torchrun the ranks of a restarted group meet in the agent's store, which
+            # still holds the dead group's addresses (seen with --standalone: the new ranks
+            # dial the killed rank's port and time out): one key prefix per attempt.
+            store, _, _ = next(dist.rendezvous("env://"))
+            dist.init_process_group(backend, store=dist.PrefixStore(f"attempt_{restart}", store),
+                                    rank=rank, world_size=world, device_id=device_id)
     return DistEnv(rank, world, local_rank, where)
 
 
