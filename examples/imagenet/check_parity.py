@@ -331,7 +331,6 @@ class Parity:
         if self.cuda:
             self.notes.append("triton: compared in the backend leg (on the GPU)")
             return
-        reference = self.run("reference-fp32", "triton", backend="reference")
         out = self.work / "triton"
         status = self.work / "triton_status.json"
         argv = pipeline_args(self.data, out, **self.options("triton", backend="triton"))
@@ -348,6 +347,8 @@ class Parity:
             if reason:
                 self.notes.append(f"triton: SKIPPED ({reason})")
                 return
+        # After the Triton run: a skip costs no reference run.
+        reference = self.run("reference-fp32", "triton", backend="reference")
         self.compare("triton (interpreter) vs reference (1 process, float32, BatchNorm)",
                      "triton", out, reference, "batch")
 

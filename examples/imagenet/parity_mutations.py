@@ -67,7 +67,7 @@ def scale_grad(x: Tensor, scale: float) -> Tensor:
     """``x`` unchanged forward, its gradient times ``scale`` backward.
 
     Example:
-        >>> x = torch.ones(2, requires_grad=True)
+        >>> x = torch.ones(2, dtype=torch.float64, requires_grad=True)
         >>> scale_grad(x, 1.01).sum().backward()
         >>> x.grad.tolist()
         [1.01, 1.01]

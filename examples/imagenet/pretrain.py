@@ -320,9 +320,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     check_args(args)
     owns_group = not (dist.is_available() and dist.is_initialized())
     env = init_distributed(args.device)
+    # --deterministic changes process-wide switches: put them back for in-process callers.
+    saved = (torch.are_deterministic_algorithms_enabled(),
+             torch.is_deterministic_algorithms_warn_only_enabled(),
+             torch.backends.cudnn.benchmark)
     try:
         return _train(args, env)
     finally:
+        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+        torch.backends.cudnn.benchmark = saved[2]
         if owns_group and env.distributed and dist.is_initialized():
             dist.destroy_process_group()
 
