@@ -22,11 +22,13 @@ sys.path.insert(0, str(EXAMPLE))
 
 def check_parity(tmp_path: Path, *options: str,
                  env: dict[str, str] | None = None) -> tuple[int, dict, str]:
-    """Run check_parity.py with ``options``; return its exit code, JSON report and output."""
+    """Run check_parity.py with ``options``; return its exit code, JSON report and output.
+
+    No ``--workdir``: the script's temporary folder (GBs of float64 checkpoints) is removed.
+    """
     report = tmp_path / "parity.json"
     done = subprocess.run(
-        [sys.executable, str(EXAMPLE / "check_parity.py"), "--workdir", str(tmp_path / "w"),
-         "--json", str(report), *options],
+        [sys.executable, str(EXAMPLE / "check_parity.py"), "--json", str(report), *options],
         capture_output=True, text=True, timeout=600, cwd=ROOT, env={**os.environ, **(env or {})})
     results = json.loads(report.read_text()) if report.exists() else {}
     return done.returncode, results, done.stdout + done.stderr
@@ -79,20 +81,29 @@ def test_an_exception_in_a_leg_is_a_fail(tmp_path):
     assert row["verdict"] == "FAIL" and "injected failure" in row["error"]
 
 
-def test_triton_missing_is_a_skip_with_reason_and_fails_when_required(tmp_path):
+def _without_triton(tmp_path: Path) -> dict[str, str]:
+    """An environment whose ``import triton`` fails (a shadowing package that raises)."""
     shadow = tmp_path / "shadow"
     (shadow / "triton").mkdir(parents=True)
     (shadow / "triton" / "__init__.py").write_text("raise ImportError('no triton here')\n")
-    env = {"PYTHONPATH": os.pathsep.join([str(shadow), str(ROOT)])}
+    return {"PYTHONPATH": os.pathsep.join([str(shadow), str(ROOT)])}
+
+
+SKIPPED = "triton: SKIPPED (Triton or its interpreter cannot be imported (no triton here))"
+
+
+def test_triton_missing_is_a_skip_with_reason_and_fails_when_required(tmp_path):
     code, results, output = check_parity(tmp_path, "--legs", "triton", "--require-triton",
-                                         env=env)
-    skipped = ("triton: SKIPPED (Triton or its interpreter cannot be imported (no triton "
-               "here))")
-    assert results["notes"][0] == skipped, output[-3000:]
+                                         env=_without_triton(tmp_path))
+    assert results["notes"][0] == SKIPPED, output[-3000:]
     assert code == 1 and "a FAIL under --require-triton" in output
-    # Not required: a skip with its reason, and the other legs decide.
-    code, results, output = check_parity(tmp_path, "--legs", "triton,backend", env=env)
-    assert code == 0 and results["notes"] == [skipped], output[-3000:]
+
+
+@pytest.mark.slow
+def test_triton_missing_is_only_a_skip_when_not_required(tmp_path):
+    code, results, output = check_parity(tmp_path, "--legs", "triton,backend",
+                                         env=_without_triton(tmp_path))
+    assert code == 0 and results["notes"] == [SKIPPED], output[-3000:]
 
 
 def test_cuda_mode_dry_run_prints_its_plan(capsys):

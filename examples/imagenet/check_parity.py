@@ -187,6 +187,12 @@ def compare(name: str, kind: str, run: Path, ref: Path, norm: str) -> dict[str, 
             "final_loss": la[-1], "verdict": "PASS" if ok else "FAIL", "ok": ok}
 
 
+def slim(out: Path) -> None:
+    """Drop what no comparison reads (a float64 run's backbone.pt is ~90 MB)."""
+    (out / "backbone.pt").unlink(missing_ok=True)
+    shutil.rmtree(out / "tensorboard", ignore_errors=True)
+
+
 def failed_row(name: str, err: BaseException) -> dict[str, Any]:
     """A comparison that could not be made because a run raised: a FAIL, with the reason."""
     reason = f"{type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err) else ''}"
@@ -297,6 +303,7 @@ class Parity:
         shutil.rmtree(out, ignore_errors=True)
         print(f"  run {name} ...", file=sys.stderr, flush=True)
         run_pipeline(argv, mutation)
+        slim(out)
         self._done[name] = out
         return out
 
@@ -322,8 +329,8 @@ class Parity:
             self.compare("triton vs reference (1 GPU, bf16 autocast, BatchNorm)",
                          "cuda-backend", fused, reference, "batch")
             return
-        reference = self.run("reference", "backend", backend="reference")
         tested = self.run("torch", "backend", mutation, backend="torch")
+        reference = self.run("reference", "backend", backend="reference")
         self.compare("torch vs reference (1 process, float64, BatchNorm)", "backend", tested,
                      reference, "batch")
 
@@ -343,6 +350,7 @@ class Parity:
             spawn({"triton": True, "status": str(status),
                    "runs": [{"argv": argv, "mutation": self.args.mutation}]}, self.work,
                   "triton", env_extra={"TRITON_INTERPRET": "1"})
+            slim(out)
             reason = json.loads(status.read_text())["skipped"]
             if reason:
                 self.notes.append(f"triton: SKIPPED ({reason})")
@@ -420,6 +428,8 @@ class Parity:
             shutil.rmtree(path, ignore_errors=True)
         print(f"  run {world} ranks ({name}, torchrun) ...", file=sys.stderr, flush=True)
         spawn({"runs": runs, "device": self.args.device}, self.work, name, ranks=world)
+        for run in runs:
+            slim(Path(run["argv"][run["argv"].index("--output-dir") + 1]))
 
 
 def print_table(results: list[dict[str, Any]]) -> None:
@@ -549,6 +559,8 @@ def main(argv: list[str] | None = None) -> int:
                 parity.leg(leg, getattr(parity, leg))
     finally:
         torch.set_num_threads(threads)
+        if args.workdir is None:  # a temporary folder: several GB of float64 checkpoints
+            shutil.rmtree(work, ignore_errors=True)
 
     if args.dry_run:
         print(f"check_parity.py --device {args.device} would run (nothing trained):")
@@ -556,8 +568,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {line}")
         for note in parity.notes:
             print(f"  {note}")
-        if args.workdir is None:
-            shutil.rmtree(work, ignore_errors=True)
         return 0
     results, notes = parity.results, parity.notes
     if args.require_triton and "triton" in args.legs:
@@ -571,15 +581,14 @@ def main(argv: list[str] | None = None) -> int:
         print(note)
     ok = bool(results) and all(r["ok"] for r in results) and not triton_skip_fails
     elapsed = time.perf_counter() - start
-    print(f"{'ALL PASS' if ok else 'FAILED'} in {elapsed:.0f} s (workdir {work})"
+    print(f"{'ALL PASS' if ok else 'FAILED'} in {elapsed:.0f} s"
+          + (f" (workdir {work})" if args.workdir else "")
           + (f" [mutation {args.mutation}]" if args.mutation else ""))
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"ok": ok, "results": results, "notes": notes,
                                      "legs": args.legs, "mutation": args.mutation,
                                      "elapsed_s": elapsed, "tolerances": TOLERANCES},
                                     indent=2))
-    if args.workdir is None:
-        shutil.rmtree(work, ignore_errors=True)
     return 0 if ok else 1
 
 
