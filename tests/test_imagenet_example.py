@@ -1,8 +1,10 @@
 """The ImageNet example (``examples/imagenet``): its pieces, its errors, and its parity run.
 
-``test_check_parity`` is the CI twin of ``check_parity.py``: the real pipeline on generated
-JPEGs, torch (and triton, when it runs) vs reference, 2 gloo ranks vs 1 process for the
-three losses, and a pre-empted + resumed run vs an uninterrupted one.
+``test_check_parity`` is the CI twin of ``check_parity.py --require-triton``: the real
+pipeline on generated JPEGs, torch vs reference (float64), triton vs reference (float32; a
+skipped Triton leg fails), 2 gloo ranks vs 1 process for the three losses (float64), and a
+pre-empted + resumed run vs an uninterrupted one. ``test_imagenet_parity_sensitivity.py``
+shows that each of those comparisons fails on an injected error.
 """
 
 from __future__ import annotations
