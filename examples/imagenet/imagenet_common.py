@@ -402,8 +402,18 @@ def init_distributed(device: str = "auto") -> DistEnv:
     else:
         where = torch.device(device)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if where.type == "cuda" else "gloo",
-                                device_id=where if where.type == "cuda" else None)
+        backend = "nccl" if where.type == "cuda" else "gloo"
+        device_id = where if where.type == "cuda" else None
+        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+        if restart is None:
+            dist.init_process_group(backend, device_id=device_id)
+        else:
+            # Under torchrun the ranks of a restarted group meet in the agent's store, which
+            # still holds the dead group's addresses (seen with --standalone: the new ranks
+            # dial the killed rank's port and time out): one key prefix per attempt.
+            store, _, _ = next(dist.rendezvous("env://"))
+            dist.init_process_group(backend, store=dist.PrefixStore(f"attempt_{restart}", store),
+                                    rank=rank, world_size=world, device_id=device_id)
     return DistEnv(rank, world, local_rank, where)
 
 
@@ -446,9 +456,131 @@ def all_rng_states(env: DistEnv) -> list[dict[str, Any]]:
     return states
 
 
-def save_atomic(obj: Any, path: Path) -> None:
-    """``torch.save`` to a temporary name then rename: a crash never leaves half a file."""
+# ---------------------------------------------------------------------------------------
+# Checkpoint files: atomic saves, loads that never run pickled code, injected faults.
+# ---------------------------------------------------------------------------------------
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded safely (or at all)."""
+
+
+def _numpy_rng_globals() -> list[Any]:
+    """What a pickled ``np.random.get_state()`` needs: an ndarray of uint32 and its dtype."""
+    multiarray = getattr(np, "_core", None) or np.core  # numpy 2 renamed numpy.core
+    names: list[Any] = [multiarray.multiarray._reconstruct, np.ndarray, np.dtype]
+    dtypes = getattr(np, "dtypes", None)  # numpy >= 1.25 pickles the dtype's class
+    if dtypes is not None:
+        names.append(dtypes.UInt32DType)
+    return names
+
+
+def load_checkpoint(path: str | Path) -> Any:
+    """``torch.load(path, weights_only=True)``: tensors, containers, numbers and strings only.
+
+    The example's files hold nothing else besides numpy's random state (a uint32 ndarray),
+    which is allow-listed. Any other pickled object (a class, a function: code that a
+    downloaded file could run when unpickled) is refused, naming the file.
+
+    Raises:
+        CheckpointError: the file holds objects outside the allow-list, or is not a
+            checkpoint (truncated, not a torch file).
+
+    Example:
+        >>> import tempfile
+        >>> path = Path(tempfile.mkdtemp()) / "ok.pt"
+        >>> torch.save({"step": 3, "w": torch.ones(2)}, path)
+        >>> load_checkpoint(path)["step"]
+        3
+    """
+    import pickle
+
+    path = Path(path)
+    try:
+        with torch.serialization.safe_globals(_numpy_rng_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        first = str(err).strip().splitlines()[-1][:300]
+        raise CheckpointError(
+            f"{path} holds objects outside the checkpoint allow-list (tensors, containers, "
+            f"numbers, strings, numpy random state), so it was not unpickled: loading it "
+            f"could run code. Only load files you trust; re-save the weights as plain "
+            f"tensors. Detail: {first}") from None
+    except (RuntimeError, EOFError, OSError) as err:
+        raise CheckpointError(f"{path} is not a readable checkpoint ({type(err).__name__}: "
+                              f"{str(err)[:200]})") from None
+
+
+#: Test-only fault injection read by ``pretrain.py`` (``tests/test_imagenet_fault.py``):
+#: ``kill-at-step:RANK:STEP`` SIGKILLs rank RANK right after its optimizer step STEP;
+#: ``kill-in-save:STEP`` SIGKILLs rank 0 half-way through writing the checkpoint of step
+#: STEP. Only on a job's first attempt (torchrun's TORCHELASTIC_RESTART_COUNT 0), so the
+#: restarted job runs through.
+FAULT_ENV = "MUSIC_EXAMPLE_FAULT"
+
+
+def fault_due(point: str, step: int, rank: int = 0) -> bool:
+    """Whether the injected fault of :data:`FAULT_ENV` fires here (``point``, ``step``)."""
+    spec = os.environ.get(FAULT_ENV, "")
+    if not spec or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+        return False
+    kind, *numbers = spec.split(":")
+    try:
+        values = [int(v) for v in numbers]
+    except ValueError:
+        raise ValueError(f"{FAULT_ENV}={spec!r}: expected kill-at-step:RANK:STEP or "
+                         "kill-in-save:STEP") from None
+    if kind == "kill-at-step" and len(values) == 2:
+        return point == "step" and values == [rank, step]
+    if kind == "kill-in-save" and len(values) == 1:
+        return point == "save" and values == [step] and rank == 0
+    raise ValueError(f"{FAULT_ENV}={spec!r}: expected kill-at-step:RANK:STEP or "
+                     "kill-in-save:STEP")
+
+
+def kill_self(why: str) -> None:
+    """SIGKILL this process (an injected fault: no cleanup, no exception handlers)."""
+    import signal
+    import sys
+
+    print(f"injected fault: {why}: SIGKILL pid {os.getpid()}", file=sys.stderr, flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+class _DieHalfway:
+    """A file wrapper that SIGKILLs the process after about half of ``total`` bytes."""
+
+    def __init__(self, file: Any, total: int) -> None:
+        self.file, self.left = file, total // 2
+
+    def write(self, data: Any) -> int:
+        if self.left <= 0:
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            kill_self(f"in the middle of writing {self.file.name}")
+        self.left -= len(data)
+        return self.file.write(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.file, name)
+
+
+def save_atomic(obj: Any, path: Path, step: int | None = None) -> None:
+    """``torch.save`` to a temporary name, flush to disk, then rename over ``path``.
+
+    ``os.replace`` is atomic on POSIX: a crash at any moment leaves either the previous
+    complete ``path`` or the new one, never half a file under that name (the half-written
+    temporary is ignored by resume and overwritten by the next save).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
+    with tmp.open("wb") as f:
+        target: Any = f
+        if step is not None and fault_due("save", step):
+            import io
+
+            size = io.BytesIO()
+            torch.save(obj, size)
+            target = _DieHalfway(f, size.tell())
+        torch.save(obj, target)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)

@@ -1,13 +1,17 @@
-"""The three criteria of ``pretrain.py --loss``, each in its multi-GPU form.
+"""The three criteria of ``pretrain.py --loss``, each computed over the global batch.
 
 * MUSIC: :class:`music_loss.MUSICLoss` with ``gather_distributed=True`` under torchrun
   (entropy on the all-gathered batch, invariance on the local batch; SPEC 3).
-* Barlow Twins (facebookresearch/barlowtwins): the cross-correlation of batch-normalised views
-  divided by the global batch and summed over ranks. Here the sum is an autograd-aware
-  all-reduce and the normalisation uses global statistics (what SyncBatchNorm gives the
-  official code), so gradients equal single-process training on the global batch.
+* Barlow Twins, global-batch form (not the official multi-GPU code): the cross-correlation of
+  batch-normalised views, divided by the global batch and summed over ranks through an
+  autograd-aware all-reduce, with global normalisation statistics. Its gradients equal
+  single-process training on the global batch. The official code
+  (facebookresearch/barlowtwins) all-reduces the cross-correlation with
+  ``torch.distributed.all_reduce``, which autograd does not see: each rank back-propagates
+  only its own rows' part, and after DDP's averaging the gradient is 1/W of the
+  single-process one (W ranks), a rescaling LARS mostly absorbs but plain SGD would not.
 * VICReg (facebookresearch/vicreg): both views all-gathered with gradient
-  (``FullGatherLayer``), then the single-process formula.
+  (``FullGatherLayer``), then the single-process formula, as in the official code.
 
 On one process each equals its single-process formula (``benchmarks/baselines.py``).
 Every criterion returns ``(loss, terms)`` with named float parts for the logs.
@@ -85,6 +89,9 @@ def global_batch_norm(z: Tensor, eps: float = 1e-5) -> Tensor:
 def barlow_twins_loss_distributed(z1: Tensor, z2: Tensor,
                                   lambd: float = 0.0051) -> tuple[Tensor, dict[str, Tensor]]:
     """Barlow Twins ``sum_i (1 - C_ii)^2 + lambd sum_{i!=j} C_ij^2`` over the global batch.
+
+    The all-reduce of ``C`` carries gradient (single-process gradients on any number of
+    ranks), unlike the official code's (1/W of that after DDP averaging; module docstring).
 
     Example:
         >>> z = torch.randn(16, 8)

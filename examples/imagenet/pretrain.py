@@ -3,8 +3,9 @@
 The paper's recipe (MUSIC, section 3) is the default: torchvision ResNet-50 (2048-d), projector
 2048 -> 8192 (BatchNorm, ReLU) -> 8160 without bias, ``segment_dim=80`` (S = 102), LARS
 (momentum 0.9, eta 0.001, weight decay 1e-6; no decay or adaptation on biases and norm
-parameters), lr = batch / 256 x 0.6 with 10 warm-up epochs and a cosine decay to 0.002, the
-VICReg / Barlow Twins asymmetric augmentations, global batch 2048.
+parameters), lr = batch / 256 x 0.6 with 10 warm-up epochs and a cosine decay to 0.001 x the
+peak (the authors' released code and VICReg's; 0.0048 at batch 2048), the VICReg / Barlow
+Twins asymmetric augmentations, global batch 2048.
 
 Run with torchrun (NCCL + SyncBatchNorm + bf16 autocast + channels_last on GPU, gloo on CPU)::
 
@@ -14,9 +15,11 @@ Run with torchrun (NCCL + SyncBatchNorm + bf16 autocast + channels_last on GPU, 
         --batch-size 16 --epochs 2 --warmup-epochs 1 --norm group
 
 Every epoch (and every ``--ckpt-every-steps``) writes ``checkpoint.pt``; a new run with the same
-``--output-dir`` resumes exactly where it stopped (model, optimizer, schedule step, sampler
-position, random state of every rank, grad scaler). Logs: ``metrics.csv`` (loss terms, lr,
-images/s, the loss's share of step time), TensorBoard when installed, ``summary.json``.
+``--output-dir`` resumes where it stopped (model, optimizer, schedule step, sampler position,
+random state of every rank, grad scaler): bit-exactly on CPU, and on GPU with
+``--deterministic`` (cuDNN autotuning may pick other kernels after a restart). Logs:
+``metrics.csv`` (loss terms, lr, images/s, the loss's share of step time), TensorBoard when
+installed, ``summary.json`` (kept as it is when a finished job is run again).
 """
 
 from __future__ import annotations
@@ -53,7 +56,10 @@ from imagenet_common import (  # noqa: E402
     all_rng_states,
     build_twin,
     check_image_folder,
+    fault_due,
     init_distributed,
+    kill_self,
+    load_checkpoint,
     mean_over_ranks,
     parse_projector,
     save_atomic,
@@ -108,10 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--epochs", type=int, default=100)
     opt.add_argument("--batch-size", type=int, default=2048, help="global batch (all ranks)")
     opt.add_argument("--base-lr", type=float, default=0.6, help="lr = batch / 256 x base-lr")
-    opt.add_argument("--final-lr", type=float, default=0.002,
-                     help="lr at the end of the cosine decay (paper: 0.002)")
-    opt.add_argument("--final-lr-ratio", type=float, default=None,
-                     help="end at this fraction of the peak instead (authors' later code: 0.001)")
+    opt.add_argument("--final-lr-ratio", type=float, default=0.001,
+                     help="lr at the end of the cosine decay, as a fraction of the peak (the "
+                          "authors' released code and VICReg's: 0.001)")
+    opt.add_argument("--final-lr", type=float, default=None,
+                     help="an absolute final lr instead of --final-lr-ratio (the paper's text "
+                          "says 0.002, VICReg's sentence)")
     opt.add_argument("--warmup-epochs", type=float, default=10.0)
     opt.add_argument("--weight-decay", type=float, default=1e-6)
     opt.add_argument("--momentum", type=float, default=0.9)
@@ -122,6 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="autocast dtype; auto = bf16 on CUDA, none on CPU")
     run.add_argument("--channels-last", default="auto", choices=("auto", "on", "off"),
                      help="auto = on for CUDA")
+    run.add_argument("--dtype", default="float32", choices=("float32", "float64"),
+                     help="parameters and images (float64: check_parity's well-conditioned "
+                          "comparisons on CPU; needs --amp none)")
+    run.add_argument("--deterministic", action="store_true",
+                     help="cudnn.benchmark off and torch.use_deterministic_algorithms(True): "
+                          "the setting under which a resume continues bit-exactly on GPU")
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--output-dir", type=Path, default=DEFAULT_OUTPUT)
     run.add_argument("--resume", default="auto",
@@ -158,6 +172,11 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError("--warmup-epochs and --workers must be >= 0")
     if args.amp == "fp16" and args.device == "cpu":
         raise ValueError("--amp fp16 needs CUDA; use --amp bf16 or none on CPU")
+    if args.dtype == "float64" and args.amp not in ("none", "auto"):
+        raise ValueError(f"--dtype float64 runs without autocast; drop --amp {args.amp} or "
+                         "pass --amp none")
+    if args.final_lr_ratio < 0 or (args.final_lr is not None and args.final_lr < 0):
+        raise ValueError("--final-lr-ratio and --final-lr must be >= 0")
     if args.resume not in ("auto", "none") and not Path(args.resume).is_file():
         raise ValueError(f"--resume {args.resume} is not a file; pass a checkpoint.pt, 'auto' "
                          "(OUTPUT_DIR/checkpoint.pt when present) or 'none'")
@@ -289,7 +308,8 @@ def save_checkpoint(path: Path, env: DistEnv, model: nn.Module, optimizer: LARS,
         save_atomic({"step": step, "steps_per_epoch": steps_per_epoch,
                      "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                      "scaler": scaler.state_dict() if scaler is not None else None,
-                     "rng": rng, "args": {k: str(v) for k, v in vars(args).items()}}, path)
+                     "rng": rng, "args": {k: str(v) for k, v in vars(args).items()}}, path,
+                    step=step)
     if env.distributed:
         dist.barrier()
 
@@ -300,22 +320,37 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     check_args(args)
     owns_group = not (dist.is_available() and dist.is_initialized())
     env = init_distributed(args.device)
+    # --deterministic changes process-wide switches: put them back for in-process callers.
+    saved = (torch.are_deterministic_algorithms_enabled(),
+             torch.is_deterministic_algorithms_warn_only_enabled(),
+             torch.backends.cudnn.benchmark)
     try:
         return _train(args, env)
     finally:
+        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+        torch.backends.cudnn.benchmark = saved[2]
         if owns_group and env.distributed and dist.is_initialized():
             dist.destroy_process_group()
 
 
 def _train(args: argparse.Namespace, env: DistEnv) -> dict[str, Any]:
     cuda = env.device.type == "cuda"
-    amp = ("bf16" if cuda else "none") if args.amp == "auto" else args.amp
+    dtype = {"float32": torch.float32, "float64": torch.float64}[args.dtype]
+    amp = ("bf16" if cuda and dtype == torch.float32 else "none") if args.amp == "auto" \
+        else args.amp
     if amp == "fp16" and not cuda:
         raise ValueError("--amp fp16 needs CUDA; use --amp bf16 or none")
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
     channels_last = cuda if args.channels_last == "auto" else args.channels_last == "on"
-    if cuda:
-        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels
+    if args.deterministic:
+        # cuBLAS needs a fixed workspace for reproducible results; set before its first use.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.benchmark = False
+        torch.use_deterministic_algorithms(True)
+    elif cuda:
+        # Fixed shapes: let cuDNN pick its fastest kernels (its choice may differ between
+        # runs, so a resume is not bit-exact; --deterministic turns this off).
+        torch.backends.cudnn.benchmark = True
     out: Path = args.output_dir
     if env.main:
         out.mkdir(parents=True, exist_ok=True)
@@ -331,7 +366,7 @@ def _train(args: argparse.Namespace, env: DistEnv) -> dict[str, Any]:
         elif env.main:
             print("note: BatchNorm on CPU ranks uses per-rank statistics (SyncBatchNorm is "
                   "CUDA-only); --norm group makes them split-independent", file=sys.stderr)
-    model.to(env.device)
+    model.to(env.device, dtype)
     if channels_last:
         model.to(memory_format=torch.channels_last)
     plain_model = model
@@ -362,14 +397,14 @@ def _train(args: argparse.Namespace, env: DistEnv) -> dict[str, Any]:
     total_steps = args.epochs * steps_per_epoch
     warmup_steps = round(args.warmup_epochs * steps_per_epoch)
     peak = peak_learning_rate(args.batch_size, args.base_lr)
-    final = peak * args.final_lr_ratio if args.final_lr_ratio is not None else args.final_lr
+    final = args.final_lr if args.final_lr is not None else peak * args.final_lr_ratio
 
     step = 0
     ckpt_path = out / "checkpoint.pt"
     resume = (ckpt_path if args.resume == "auto" and ckpt_path.exists()
               else None if args.resume in ("auto", "none") else Path(args.resume))
     if resume is not None:
-        state = torch.load(resume, map_location="cpu", weights_only=False)
+        state = load_checkpoint(resume)
         if state["steps_per_epoch"] != steps_per_epoch:
             raise ValueError(f"{resume} was written with {state['steps_per_epoch']} steps per "
                              f"epoch, this run has {steps_per_epoch}: same --batch-size and "
@@ -383,6 +418,7 @@ def _train(args: argparse.Namespace, env: DistEnv) -> dict[str, Any]:
         if env.main:
             print(f"resumed from {resume} at step {step} (epoch {step // steps_per_epoch}, "
                   f"batch {step % steps_per_epoch})", file=sys.stderr)
+    started_at = step
     log = MetricsLog(out, env.main, step)
     if env.main:
         print(f"{args.loss} | {args.arch} {args.projector} norm={args.norm} | "
@@ -409,8 +445,8 @@ def _train(args: argparse.Namespace, env: DistEnv) -> dict[str, Any]:
                 timer.reset()
             t_data = time.perf_counter()
             x1, x2 = next(batches)
-            x1 = x1.to(env.device, non_blocking=True, memory_format=fmt)
-            x2 = x2.to(env.device, non_blocking=True, memory_format=fmt)
+            x1 = x1.to(env.device, dtype, non_blocking=True, memory_format=fmt)
+            x2 = x2.to(env.device, dtype, non_blocking=True, memory_format=fmt)
             waited = time.perf_counter() - t_data
             timer.data_s += waited
             window_timer.data_s += waited
@@ -441,13 +477,15 @@ def _train(args: argparse.Namespace, env: DistEnv) -> dict[str, Any]:
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
+            if fault_due("step", step, env.rank):
+                kill_self(f"rank {env.rank} after step {step}")
             timer.steps += 1
             window_timer.steps += 1
             bar.update(1)
 
             if step % args.log_every == 0 or step == min(stop, total_steps):
-                values = mean_over_ranks(torch.stack([loss.detach().float(),
-                                                      *[t.detach().float()
+                values = mean_over_ranks(torch.stack([loss.detach().double(),
+                                                      *[t.detach().double()
                                                         for t in terms.values()]]))
                 numbers = values.tolist()
                 if not all(math.isfinite(v) for v in numbers):
@@ -476,11 +514,20 @@ def _train(args: argparse.Namespace, env: DistEnv) -> dict[str, Any]:
         bar.close()
 
     times = timer.read()
+    summary_path = out / "summary.json"
+    if step == started_at and step >= total_steps and summary_path.exists():
+        # Re-running a finished job trains nothing: keep the summary of the run that did.
+        finished: dict[str, Any] = json.loads(summary_path.read_text())
+        if env.main:
+            print(f"already finished: {step}/{total_steps} steps; kept {summary_path}",
+                  file=sys.stderr)
+        return finished
     summary = {
         "loss_name": args.loss, "backend": args.backend, "arch": args.arch,
         "projector": args.projector, "norm": args.norm, "device": str(env.device),
         "gpu": torch.cuda.get_device_name(env.device) if cuda else None,
         "world_size": env.world_size, "global_batch": args.batch_size, "amp": amp,
+        "dtype": args.dtype, "deterministic": args.deterministic,
         "steps": step, "total_steps": total_steps, "finished": step >= total_steps,
         "timed_steps": timer.steps,
         "images_per_s": args.batch_size / times["step_time_s"] if timer.steps else None,
@@ -490,10 +537,10 @@ def _train(args: argparse.Namespace, env: DistEnv) -> dict[str, Any]:
     }
     if env.main:
         if step >= total_steps and not args.no_save:
-            torch.save({"arch": args.arch, "norm": args.norm,
-                        "state_dict": plain_model.backbone.state_dict()},  # type: ignore[union-attr]
-                       out / "backbone.pt")
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+            save_atomic({"arch": args.arch, "norm": args.norm,
+                         "state_dict": plain_model.backbone.state_dict()},  # type: ignore[union-attr]
+                        out / "backbone.pt")
+        summary_path.write_text(json.dumps(summary, indent=2))
         plot_metrics(log.rows, out / "metrics.png")
         print(f"done: {step}/{total_steps} steps | {summary['images_per_s'] or 0:.1f} images/s "
               f"| loss share of step time {summary['loss_share'] or 0:.1%} | last {last} | "
