@@ -320,6 +320,7 @@ def joint_entropy_pass(
     p1: Tensor, p2: Tensor, segment_dim: int, c_off: float, precision: str,
     write_grad: bool, chunk_rows: int | None = None,
     joint_meta: dict[str, Any] | None = None, matmul_meta: dict[str, Any] | None = None,
+    grad_views: tuple[bool, bool] = (True, True),
 ) -> JointPass:
     """Entropy sums of ``P = p1^T p2 / N`` and, if asked, the off-block gradient products.
 
@@ -333,6 +334,8 @@ def joint_entropy_pass(
         chunk_rows: Rows of ``P`` per chunk (default :func:`chunk_rows_for`).
         joint_meta: Pin the joint kernel's config (interpreter default: a fixed one).
         matmul_meta: Pin the products' config.
+        grad_views: Which of ``dp1``, ``dp2`` to form (with ``write_grad``); the other is
+            returned empty and its gradient product skipped (a view without grad).
 
     Returns:
         A :class:`JointPass`.
@@ -355,9 +358,10 @@ def joint_entropy_pass(
     rows_per_chunk = chunk_rows or chunk_rows_for(d, precision)
     dev = p1.device
     p_diag = torch.empty(d, device=dev, dtype=torch.float32)
-    grad_shape = (n, d) if write_grad else (0,)  # distinct tensors: custom ops forbid aliases
-    dp1 = torch.empty(grad_shape, device=dev, dtype=torch.float32)
-    dp2 = torch.empty(grad_shape, device=dev, dtype=torch.float32)
+    want1, want2 = (write_grad and grad_views[0]), (write_grad and grad_views[1])
+    # distinct tensors: custom ops forbid aliases
+    dp1 = torch.empty((n, d) if want1 else (0,), device=dev, dtype=torch.float32)
+    dp2 = torch.empty((n, d) if want2 else (0,), device=dev, dtype=torch.float32)
     workspace = torch.empty((min(rows_per_chunk, d), d) if write_grad else (0,), device=dev,
                             dtype=p1.dtype)
     sums: list[Tensor] = []
@@ -377,10 +381,12 @@ def joint_entropy_pass(
         if write_grad:
             g_chunk = workspace[:rows]
             # dp1[:, a0:a1] = p2 @ G_chunk^T / N ; dp2 (+)= p1[:, a0:a1] @ G_chunk / N
-            _matmul(p2, g_chunk.T, dp1[:, a0:a0 + rows], 1.0 / n, False, precision,
-                    matmul_meta)
-            _matmul(p1[:, a0:a0 + rows], g_chunk, dp2, 1.0 / n, a0 > 0, precision,
-                    matmul_meta)
+            if want1:
+                _matmul(p2, g_chunk.T, dp1[:, a0:a0 + rows], 1.0 / n, False, precision,
+                        matmul_meta)
+            if want2:
+                _matmul(p1[:, a0:a0 + rows], g_chunk, dp2, 1.0 / n, a0 > 0, precision,
+                        matmul_meta)
     total = torch.stack(sums).sum(dim=0)
     return JointPass(total[0], total[1], p_diag, dp1, dp2)
 

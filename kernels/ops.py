@@ -40,18 +40,19 @@ def _has_off(dim: int, segment_dim: int, c_off: float) -> bool:
 def fused_forward(
     z1: Tensor, z2: Tensor, segment_dim: int, temperature: float, eps: float,
     c_diag: float, c_off: float, invariance_weight: float, row_start: int, row_stop: int,
-    precision: str, chunk_rows: int, need_grad: bool,
+    precision: str, chunk_rows: int, need_grad1: bool, need_grad2: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Terms ``(loss, diag, off, inv)`` as a float32 ``(4,)`` tensor, plus saved gradients.
 
     Returns:
-        ``(terms, dp_off1, dp_off2, p_diag)``; ``dp_off*`` are empty unless ``need_grad``
-        and the off-block term has a nonzero coefficient.
+        ``(terms, dp_off1, dp_off2, p_diag)``; ``dp_off1`` (``dp_off2``) is empty unless
+        ``need_grad1`` (``need_grad2``) and the off-block term has a nonzero coefficient:
+        a view that does not require grad costs no gradient product.
     """
     with _device_of(z1):
         return _fused_forward_impl(z1, z2, segment_dim, temperature, eps, c_diag, c_off,
                                    invariance_weight, row_start, row_stop, precision,
-                                   chunk_rows, need_grad)
+                                   chunk_rows, need_grad1, need_grad2)
 
 
 def _device_of(z: Tensor) -> Any:
@@ -62,7 +63,7 @@ def _device_of(z: Tensor) -> Any:
 def _fused_forward_impl(
     z1: Tensor, z2: Tensor, segment_dim: int, temperature: float, eps: float,
     c_diag: float, c_off: float, invariance_weight: float, row_start: int, row_stop: int,
-    precision: str, chunk_rows: int, need_grad: bool,
+    precision: str, chunk_rows: int, need_grad1: bool, need_grad2: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     n, d = z1.shape
     s = d // segment_dim
@@ -70,9 +71,10 @@ def _fused_forward_impl(
                                            operand_dtype(precision), (row_start, row_stop),
                                            round_bf16=precision == "bf16" and emulate_bf16())
     assert p2 is not None and inv_partials is not None
-    write_grad = need_grad and _has_off(d, segment_dim, c_off)
-    joint = joint_entropy_pass(p1, p2, segment_dim, c_off, precision, write_grad,
-                               chunk_rows or None)
+    has_off = _has_off(d, segment_dim, c_off)
+    joint = joint_entropy_pass(p1, p2, segment_dim, c_off, precision,
+                               (need_grad1 or need_grad2) and has_off, chunk_rows or None,
+                               grad_views=(need_grad1, need_grad2))
     del p1, p2
     diag = c_diag * joint.h_diag
     off = c_off * joint.h_off
@@ -85,13 +87,13 @@ def _fused_forward_impl(
 def _fused_forward_fake(
     z1: Tensor, z2: Tensor, segment_dim: int, temperature: float, eps: float,
     c_diag: float, c_off: float, invariance_weight: float, row_start: int, row_stop: int,
-    precision: str, chunk_rows: int, need_grad: bool,
+    precision: str, chunk_rows: int, need_grad1: bool, need_grad2: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     n, d = z1.shape
     terms = z1.new_empty(4, dtype=torch.float32)
-    grad_shape = (n, d) if need_grad and _has_off(d, segment_dim, c_off) else (0,)
-    dp1 = z1.new_empty(grad_shape, dtype=torch.float32)
-    dp2 = z1.new_empty(grad_shape, dtype=torch.float32)
+    has_off = _has_off(d, segment_dim, c_off)
+    dp1 = z1.new_empty((n, d) if need_grad1 and has_off else (0,), dtype=torch.float32)
+    dp2 = z1.new_empty((n, d) if need_grad2 and has_off else (0,), dtype=torch.float32)
     return terms, dp1, dp2, z1.new_empty(d, dtype=torch.float32)
 
 
@@ -108,7 +110,7 @@ def fused_backward(
         return music_loss_backward(
             z1, z2, dp_off1, dp_off2, p_diag, grad_terms.to(torch.float32).contiguous(),
             segment_dim, temperature, eps, c_diag, inv_coef, (row_start, row_stop),
-            has_off=dp_off1.numel() > 0,
+            has_off=dp_off1.numel() > 0 or dp_off2.numel() > 0,
         )
 
 
@@ -124,23 +126,33 @@ def _fused_backward_fake(
 
 def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
     (z1, z2, segment_dim, temperature, eps, c_diag, c_off, invariance_weight,
-     row_start, row_stop, _precision, _chunk_rows, need_grad) = inputs
+     row_start, row_stop, _precision, _chunk_rows, need_grad1, need_grad2) = inputs
     _terms, dp_off1, dp_off2, p_diag = output
     ctx.save_for_backward(z1, z2, dp_off1, dp_off2, p_diag)
     ctx.params = (segment_dim, temperature, eps, c_diag, c_off, invariance_weight,
                   row_start, row_stop)
-    ctx.need_grad = need_grad
+    ctx.need_grads = (need_grad1, need_grad2)
 
 
 def _backward(ctx: Any, grad_terms: Tensor | None, *_unused: Any) -> tuple[Any, ...]:
-    if not ctx.need_grad:
+    if torch.is_grad_enabled():
+        # create_graph=True: the saved gradient products are constants, so second
+        # derivatives through them would be silently wrong (SPEC 2).
+        raise RuntimeError(
+            "music_loss backend='triton' does not support double backward (create_graph=True "
+            "through the loss, e.g. a gradient penalty): its second derivatives would be "
+            "wrong. Use backend='reference' for that computation.")
+    need1, need2 = ctx.need_grads
+    if not (need1 or need2):
         raise RuntimeError("music_loss::fused_forward ran without gradient bookkeeping "
-                           "(need_grad=False); call it through music_loss_triton")
+                           "(need_grad1=need_grad2=False); call it through music_loss_triton")
     z1, z2, dp_off1, dp_off2, p_diag = ctx.saved_tensors
     if grad_terms is None:
         grad_terms = torch.zeros(4, device=z1.device, dtype=torch.float32)
     dz1, dz2 = fused_backward(z1, z2, dp_off1, dp_off2, p_diag, grad_terms, *ctx.params)
-    return (dz1, dz2) + (None,) * 11
+    # A view that did not require grad has no off-block product: its dz is not computed
+    # from the full gradient and must not be returned.
+    return (dz1 if need1 else None, dz2 if need2 else None) + (None,) * 12
 
 
 fused_forward.register_autograd(_backward, setup_context=_setup_context)
@@ -181,10 +193,11 @@ def music_loss_triton(
     n, d = z1.shape
     start, stop = local_rows if local_rows is not None else (0, n)
     c_diag, c_off = config.coefficients(d)
-    need_grad = torch.is_grad_enabled() and (z1.requires_grad or z2.requires_grad)
+    grad_on = torch.is_grad_enabled()
     terms, _, _, _ = fused_forward(
         z1, z2, config.segment_dim, config.temperature, config.eps, c_diag, c_off,
-        config.invariance_weight, start, stop, precision, chunk_rows or 0, need_grad,
+        config.invariance_weight, start, stop, precision, chunk_rows or 0,
+        grad_on and z1.requires_grad, grad_on and z2.requires_grad,
     )
     return MUSICTerms(terms[0], terms[1], terms[2], terms[3])
 

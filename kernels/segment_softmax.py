@@ -252,8 +252,10 @@ def music_loss_backward(
     grid = (n, triton.cdiv(s, meta["BLOCK_S"]))
     dz1 = torch.empty((n, d), device=z1.device, dtype=z1.dtype)
     dz2 = torch.empty((n, d), device=z2.device, dtype=z2.dtype)
-    off1 = dp_off1 if has_off else p_diag
-    off2 = dp_off2 if has_off else p_diag
+    # A view that needs no gradient has an empty dp_off: read the other view's in its place
+    # (same shape); the caller discards that view's dz.
+    off1 = dp_off1 if dp_off1.numel() else (dp_off2 if has_off else p_diag)
+    off2 = dp_off2 if dp_off2.numel() else (dp_off1 if has_off else p_diag)
     music_loss_bwd_kernel[grid](
         z1, z2, off1, off2, p_diag, grad_terms, dz1, dz2,
         s, segment_dim, d, z1.stride(0), z1.stride(1), z2.stride(0), z2.stride(1),

@@ -10,21 +10,22 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from music_loss._config import TINY, LossConfig, MUSICTerms
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 stays float64; every other floating dtype computes in float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from music_loss._config import TINY, LossConfig, MUSICTerms, compute_dtype
 
 
 def segment_softmax_reference(
     z: Tensor, segment_dim: int, temperature: float = 1.0, eps: float = 0.0
 ) -> Tensor:
-    """``clamp_min(softmax(z.view(N, S, K) / t, -1), eps)`` viewed back as ``(N, D)``."""
+    """``clamp_min(softmax(z.view(N, S, K) / t, -1), eps)`` viewed back as ``(N, D)``.
+
+    The segment's maximum is subtracted before dividing by ``t`` (softmax is shift-invariant,
+    so the value and gradient are unchanged): dividing first rounds logits of size ``|z| / t``
+    (1000 at ``t = 0.05`` and scale 50) and puts that absolute error into every exponent.
+    """
     n, d = z.shape
-    q = torch.softmax(z.to(compute_dtype(z.dtype)).view(n, d // segment_dim, segment_dim)
-                      / temperature, dim=-1)
+    logits = z.to(compute_dtype(z.dtype)).view(n, d // segment_dim, segment_dim)
+    shifted = logits - logits.detach().amax(dim=-1, keepdim=True)
+    q = torch.softmax(shifted / temperature, dim=-1)
     p = torch.clamp_min(q, eps) if eps > 0 else q
     return p.reshape(n, d)
 
