@@ -321,6 +321,7 @@ def joint_entropy_pass(
     write_grad: bool, chunk_rows: int | None = None,
     joint_meta: dict[str, Any] | None = None, matmul_meta: dict[str, Any] | None = None,
     grad_views: tuple[bool, bool] = (True, True),
+    row_range: tuple[int, int] | None = None,
 ) -> JointPass:
     """Entropy sums of ``P = p1^T p2 / N`` and, if asked, the off-block gradient products.
 
@@ -336,6 +337,10 @@ def joint_entropy_pass(
         matmul_meta: Pin the products' config.
         grad_views: Which of ``dp1``, ``dp2`` to form (with ``write_grad``); the other is
             returned empty and its gradient product skipped (a view without grad).
+        row_range: Only the rows ``[start, stop)`` of ``P`` (sharding, SPEC 3): the launcher
+            walks those chunks only, so the sums cover those rows, ``dp1`` is complete in
+            its columns ``start:stop`` (0 elsewhere), ``dp2`` is their partial sum, and
+            ``p_diag`` holds ``P[a, a]`` for ``a`` in the range (0 elsewhere).
 
     Returns:
         A :class:`JointPass`.
@@ -357,16 +362,19 @@ def joint_entropy_pass(
                          f"buffer is sized for that), got {joint_meta}")
     rows_per_chunk = chunk_rows or chunk_rows_for(d, precision)
     dev = p1.device
-    p_diag = torch.empty(d, device=dev, dtype=torch.float32)
+    r0, r1 = row_range if row_range is not None else (0, d)
+    # A partial row range leaves entries unwritten: they must read 0, not garbage.
+    alloc = torch.empty if (r0, r1) == (0, d) else torch.zeros
+    p_diag = alloc(d, device=dev, dtype=torch.float32)
     want1, want2 = (write_grad and grad_views[0]), (write_grad and grad_views[1])
     # distinct tensors: custom ops forbid aliases
-    dp1 = torch.empty((n, d) if want1 else (0,), device=dev, dtype=torch.float32)
-    dp2 = torch.empty((n, d) if want2 else (0,), device=dev, dtype=torch.float32)
+    dp1 = alloc((n, d) if want1 else (0,), device=dev, dtype=torch.float32)
+    dp2 = alloc((n, d) if want2 else (0,), device=dev, dtype=torch.float32)
     workspace = torch.empty((min(rows_per_chunk, d), d) if write_grad else (0,), device=dev,
                             dtype=p1.dtype)
     sums: list[Tensor] = []
-    for a0 in range(0, d, rows_per_chunk):
-        rows = min(rows_per_chunk, d - a0)
+    for a0 in range(r0, r1, rows_per_chunk):
+        rows = min(rows_per_chunk, r1 - a0)
         slots = triton.cdiv(rows, MIN_TILE) * triton.cdiv(d, MIN_TILE)
         partial = torch.empty((2, slots), device=dev, dtype=torch.float32)
         grid = lambda cfg, rows=rows: (triton.cdiv(rows, cfg["BLOCK_A"])
@@ -385,9 +393,11 @@ def joint_entropy_pass(
                 _matmul(p2, g_chunk.T, dp1[:, a0:a0 + rows], 1.0 / n, False, precision,
                         matmul_meta)
             if want2:
-                _matmul(p1[:, a0:a0 + rows], g_chunk, dp2, 1.0 / n, a0 > 0, precision,
+                _matmul(p1[:, a0:a0 + rows], g_chunk, dp2, 1.0 / n, a0 > r0, precision,
                         matmul_meta)
-    total = torch.stack(sums).sum(dim=0)
+    # No rows (a rank that owns no segment): both sums are 0.
+    total = (torch.stack(sums).sum(dim=0) if sums
+             else torch.zeros(2, device=dev, dtype=torch.float64))
     return JointPass(total[0], total[1], p_diag, dp1, dp2)
 
 

@@ -119,8 +119,12 @@ def run_backend(
     backend: Backend,
     precision: Precision,
     chunk_size: int | None,
+    row_range: tuple[int, int] | None = None,
 ) -> MUSICTerms:
     """Resolve ``backend`` and ``precision`` for these inputs and run the backend.
+
+    ``row_range``: the rows of ``P`` whose entropy entries this rank computes when sharding
+    (SPEC 3); ``None``: all of them.
 
     The parts of the result (``diag``, ``off``, ``invariance``) are detached on every backend:
     only ``loss`` carries a gradient (one rule, whatever the backend).
@@ -131,15 +135,16 @@ def run_backend(
     if chosen == "reference":
         from music_loss.reference import music_loss_reference
 
-        terms = music_loss_reference(z1, z2, config, local_rows)
+        terms = music_loss_reference(z1, z2, config, local_rows, row_range)
     elif chosen == "torch":
         from music_loss.chunked import music_loss_chunked
 
         terms = music_loss_chunked(z1, z2, config, local_rows, precision=mode,
-                                   chunk_size=chunk_size)
+                                   chunk_size=chunk_size, row_range=row_range)
     else:
         from music_loss.kernels import music_loss_triton
 
-        terms = music_loss_triton(z1, z2, config, local_rows, precision=mode)
+        terms = music_loss_triton(z1, z2, config, local_rows, precision=mode,
+                                  row_range=row_range)
     return MUSICTerms(terms.loss, terms.diag.detach(), terms.off.detach(),
                       terms.invariance.detach())

@@ -16,6 +16,11 @@ before any rounding to 16 bits). The unclamped softmax is recomputed from ``z`` 
 Work: three ``N x D x D`` products, the minimum (6 N D^2 FLOPs); one fewer when only one
 view requires grad.
 
+Sharding (``row_range``, SPEC 3): only the rows ``A = row_range`` of ``P`` are formed, i.e.
+the entropy entries of those rows (their diagonal entries included), ``dp1[:, A]`` complete
+and the partial ``dp2`` from ``p1[:, A]``: ``6 N D |A|`` FLOPs. Both products are linear in
+``G``, so the partial gradients of the ranks sum to the whole.
+
 Precision is passed in, never set globally: ``tf32`` rounds the CUDA product operands to
 tf32 (nearest-even, as cuBLAS does) so the result does not depend on PyTorch's global
 matmul setting; ``bf16`` rounds them to bf16. Double backward (``create_graph=True``) is
@@ -102,6 +107,7 @@ class _ChunkedMUSIC(torch.autograd.Function):
         precision: str,
         chunk: int,
         need_grads: tuple[bool, bool],
+        row_range: tuple[int, int],
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         n, d = z1.shape
         k = config.segment_dim
@@ -115,8 +121,10 @@ class _ChunkedMUSIC(torch.autograd.Function):
         c_diag, c_off = config.coefficients(d)
         acc = torch.float64 if z1.device.type != "mps" else torch.float32
 
-        # Diagonal entries P[a, a]: O(N D), no block needed.
-        p_diag = (a1 * a2).sum(0) / n
+        # Rows A = [r0, r1) of P (all of them unless sharded); whole segments.
+        r0, r1 = row_range
+        # Diagonal entries P[a, a] of the rows A: O(N |A|), no block needed.
+        p_diag = (a1[:, r0:r1] * a2[:, r0:r1]).sum(0) / n
         lg_diag = p_diag.clamp_min(TINY).log()
         h_diag = (p_diag * lg_diag).sum(dtype=acc)
 
@@ -128,7 +136,9 @@ class _ChunkedMUSIC(torch.autograd.Function):
         # Gradient accumulators dL/dp, only for the views that require grad.
         dp1 = dp2 = None
         if need_grad:
-            g_diag = c_diag / n * (lg_diag + (p_diag >= TINY).to(dtype))
+            # Per column of the view's gradient; zero outside A.
+            g_diag = a1.new_zeros(d)
+            g_diag[r0:r1] = c_diag / n * (lg_diag + (p_diag >= TINY).to(dtype))
             g_agree = (-config.invariance_weight / ((l1 - l0) * s)
                        / agreement.clamp_min(TINY) * (agreement >= TINY).to(dtype))
             g_agree = g_agree.unsqueeze(-1)  # (rows, S, 1): broadcast over the bins
@@ -152,12 +162,13 @@ class _ChunkedMUSIC(torch.autograd.Function):
         if s > 1 and c_off != 0.0:
             _check_ieee_products_possible(z1.device, precision)
             if hoist_one:
+                # dp1[:, A] sums over every column b of P; dp2 over the rows a in A only.
                 if dp1 is not None:
-                    dp1.add_(_off_block_sums(a2, k), alpha=c_off / n)
+                    dp1[:, r0:r1].add_(_off_block_sums(a2, k)[:, r0:r1], alpha=c_off / n)
                 if dp2 is not None:
-                    dp2.add_(_off_block_sums(a1, k), alpha=c_off / n)
-            for a0 in range(0, d, chunk):
-                a_end = min(a0 + chunk, d)
+                    dp2.add_(_off_block_sums(a1, k, (r0 // k, r1 // k)), alpha=c_off / n)
+            for a0 in range(r0, r1, chunk):
+                a_end = min(a0 + chunk, r1)
                 rows = a1[:, a0:a_end]  # a strided view: BLAS reads it in place
                 block = torch.mm(rows.t(), a2).div_(n)  # P[a0:a_end, :]
                 lg_block = block.clamp_min(TINY).log_() if floor_binds else block.log()
@@ -207,15 +218,22 @@ class _ChunkedMUSIC(torch.autograd.Function):
         dtype1, dtype2 = ctx.input_dtypes
         grads = [None if dz is None else (dz * grad_loss.to(dz.dtype)).to(dtype)
                  for dz, dtype in ((dz1, dtype1), (dz2, dtype2))]
-        return grads[0], grads[1], None, None, None, None, None
+        return grads[0], grads[1], None, None, None, None, None, None
 
 
-def _off_block_sums(p: Tensor, k: int) -> Tensor:
-    """``out[i, a] = sum of p[i, b] over the b outside a's segment``, ``(N, D)``."""
+def _off_block_sums(p: Tensor, k: int, segments: tuple[int, int] | None = None) -> Tensor:
+    """``out[i, a] = sum of p[i, b] over the b outside a's segment``, ``(N, D)``; only the
+    ``b`` in ``segments`` ``[s0, s1)`` when given."""
     n, d = p.shape
     segment_sums = p.view(n, d // k, k).sum(-1, keepdim=True)  # (N, S, 1)
-    total = segment_sums.sum(1, keepdim=True)  # (N, 1, 1)
-    return (total - segment_sums).expand(n, d // k, k).reshape(n, d)
+    if segments is None:
+        total = segment_sums.sum(1, keepdim=True)  # (N, 1, 1)
+        return (total - segment_sums).expand(n, d // k, k).reshape(n, d)
+    s0, s1 = segments
+    total = segment_sums[:, s0:s1].sum(1, keepdim=True)
+    outside = total.expand(n, d // k, 1).clone()
+    outside[:, s0:s1] -= segment_sums[:, s0:s1]
+    return outside.expand(n, d // k, k).reshape(n, d)
 
 
 def _segment_softmax(
@@ -261,6 +279,7 @@ def music_loss_chunked(
     local_rows: tuple[int, int] | None = None,
     precision: ResolvedPrecision = "ieee",
     chunk_size: int | None = None,
+    row_range: tuple[int, int] | None = None,
 ) -> MUSICTerms:
     """MUSIC loss holding at most ``chunk_size`` rows of ``P`` at a time.
 
@@ -272,6 +291,9 @@ def music_loss_chunked(
         precision: ``"ieee"``, ``"tf32"`` (CUDA only; CPU computes fp32) or ``"bf16"``
             (operands rounded to bf16, fp32 accumulation).
         chunk_size: Rows of ``P`` per block; :func:`default_chunk_size` when ``None``.
+        row_range: Rows ``(start, stop)`` of ``P`` whose entropy entries this call computes,
+            on segment boundaries (sharding, SPEC 3); ``None``: all ``D``. The entropy parts
+            and their gradient are then this range's share.
 
     Returns:
         :class:`MUSICTerms`; only ``loss`` carries a gradient (the parts are for logging).
@@ -291,6 +313,7 @@ def music_loss_chunked(
     n, d = z1.shape
     chunk = chunk_size if chunk_size is not None else default_chunk_size(n, d)
     rows = local_rows if local_rows is not None else (0, n)
+    owned = row_range if row_range is not None else (0, d)
     # Only the views that require grad get a gradient (target networks, stop-gradient):
     # the other view's N x D x D product is skipped.
     grad_on = torch.is_grad_enabled()
@@ -299,5 +322,5 @@ def music_loss_chunked(
     # otherwise lower every product, gradient products included, to 16 bits.
     with torch.autocast(z1.device.type, enabled=False):
         loss, diag, off, inv = _ChunkedMUSIC.apply(z1, z2, config, rows, precision, chunk,
-                                                   need_grads)
+                                                   need_grads, owned)
     return MUSICTerms(loss, diag, off, inv)

@@ -11,6 +11,14 @@ rows: no size exchange read on the host each step (a stall on GPU and a graph br
 with one small all-gather, cached, and a clear error names the fix when sizes differ.
 ``uneven=True`` supports different sizes by exchanging them every step (a host sync) and
 padding rows to the largest size.
+
+Sharding (SPEC 3, the default under ``gather_distributed=True``): rank ``r`` of ``W`` owns the
+rows ``[s0 K, s1 K)`` of ``P`` with ``s0 = r S // W``, ``s1 = (r + 1) S // W`` (whole segments,
+balanced; a rank owns none when ``S < W``), computes only their entropy entries and the
+matching gradient products, and the gather's backward (a reduce-scatter) sums the ranks'
+partial gradients. The W partial entropy sums are all-reduced (2 scalars, detached) for the
+value. The equal-size collectives are PyTorch's functional collectives, which
+``torch.compile`` traces without a graph break.
 """
 
 from __future__ import annotations
@@ -19,7 +27,13 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 from torch import Tensor
+
+#: The all-gather whose backward is a reduce-scatter (sum): named ``all_gather_single_autograd``
+#: since torch 2.14, ``all_gather_tensor_autograd`` before (deprecated from 2.14).
+_all_gather_autograd: Any = getattr(funcol, "all_gather_single_autograd", None) or getattr(
+    funcol, "all_gather_tensor_autograd")
 
 #: (process group, local rows) pairs whose equal sizes were verified across the group.
 _CHECKED_EQUAL: set[tuple[int, int]] = set()
@@ -56,24 +70,6 @@ def _check_equal_sizes_once(n: int, device: torch.device, group: Any) -> None:
                          "holds the same number of rows, or pass uneven_batches=True "
                          "(exchanges the sizes every step: a host sync)")
     _CHECKED_EQUAL.add(key)
-
-
-class _GatherEqualRows(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, group: Any) -> Tensor:  # type: ignore[override]
-        world = dist.get_world_size(group)
-        out = x.new_empty((world * x.shape[0], *x.shape[1:]))
-        dist.all_gather_into_tensor(out, x.contiguous(), group=group)
-        ctx.group, ctx.rank, ctx.rows = group, dist.get_rank(group), x.shape[0]
-        return out
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
-        # Sum over ranks and keep this rank's rows in one collective.
-        out = grad.new_empty((ctx.rows, *grad.shape[1:]))
-        dist.reduce_scatter_tensor(out, grad.contiguous(), op=dist.ReduceOp.SUM,
-                                   group=ctx.group)
-        return out, None
 
 
 class _GatherRows(torch.autograd.Function):
@@ -114,7 +110,37 @@ def gather_rows(x: Tensor, group: Any = None, *,
     n = x.shape[0]
     if not uneven:
         _check_equal_sizes_once(n, x.device, group)
-        return _GatherEqualRows.apply(x, group), (rank * n, rank * n + n)
+        # Backward: a reduce-scatter (sum over ranks, this rank's rows) in one collective.
+        gathered = _all_gather_autograd(x.contiguous(), 0, _group(group))
+        return gathered, (rank * n, rank * n + n)
     sizes = _rank_sizes(n, x.device, group)
     start = sum(sizes[:rank])
     return _GatherRows.apply(x, sizes, group), (start, start + sizes[rank])
+
+
+def _group(group: Any) -> Any:
+    """The functional collectives take a process group, never ``None``."""
+    return group if group is not None else dist.group.WORLD
+
+
+def owned_segments(num_segments: int, rank: int, world: int) -> tuple[int, int]:
+    """Segments ``[s0, s1)`` whose rows of ``P`` rank ``rank`` of ``world`` owns when sharding.
+
+    Contiguous and balanced (sizes differ by at most one); empty when ``S < W`` leaves this
+    rank without one. Every segment is owned by exactly one rank.
+
+    Example:
+        >>> [owned_segments(5, r, 3) for r in range(3)]
+        [(0, 1), (1, 3), (3, 5)]
+        >>> owned_segments(1, 0, 2), owned_segments(1, 1, 2)
+        ((0, 0), (0, 1))
+    """
+    return rank * num_segments // world, (rank + 1) * num_segments // world
+
+
+def sum_over_ranks(x: Tensor, group: Any = None) -> Tensor:
+    """All-reduce (sum) of a small detached tensor, traceable by ``torch.compile``.
+
+    No host sync: the result is a device tensor the caller keeps in the graph.
+    """
+    return funcol.all_reduce(x.detach(), "sum", _group(group))

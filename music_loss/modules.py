@@ -48,6 +48,9 @@ class MUSICLoss(nn.Module):
             shapes).
         uneven_batches: With ``gather_distributed``, allow different per-rank batch sizes
             (exchanged every step). By default they must be equal (checked once).
+        shard: With ``gather_distributed``, each rank computes only its rows of ``P``
+            (``1/W`` of the loss's work, same values and gradients); ``False``: every rank
+            computes all of ``P``.
 
     The hyperparameters are validated once, here, into an immutable config: a typo fails at
     construction, and each call only checks the views. ``gather_distributed=True`` may be
@@ -86,6 +89,7 @@ class MUSICLoss(nn.Module):
         check_finite: bool = False,
         chunk_size: int | None = None,
         uneven_batches: bool = False,
+        shard: bool = True,
     ) -> None:
         super().__init__()
         self.config: LossConfig = make_config(segment_dim, temperature, eps, diag_weight,
@@ -97,6 +101,7 @@ class MUSICLoss(nn.Module):
         self.check_finite = check_flag("check_finite", check_finite)
         self.chunk_size = check_chunk_size(chunk_size)
         self.uneven_batches = check_flag("uneven_batches", uneven_batches)
+        self.shard = check_flag("shard", shard)
 
     # Read-only views of the config, for code that reads the module's hyperparameters.
     segment_dim = property(lambda self: self.config.segment_dim)
@@ -114,7 +119,7 @@ class MUSICLoss(nn.Module):
             z1, z2, self.config, gather_distributed=self.gather_distributed,
             process_group=self.process_group, backend=self.backend, precision=self.precision,
             check_finite=self.check_finite, chunk_size=self.chunk_size,
-            uneven_batches=self.uneven_batches,
+            uneven_batches=self.uneven_batches, shard=self.shard,
         )
         return terms if return_terms else terms.loss
 
