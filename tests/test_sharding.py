@@ -161,3 +161,44 @@ def test_sharded_triton_interpreter(tmp_path):
         pytest.skip("needs TRITON_INTERPRET=1 (set by tests/conftest.py without a GPU)")
     cases = [(s, "triton", torch.float32) for s in (6, 5, 2)]
     _check(_run(tmp_path, 3, cases), 3, cases)
+
+
+def _compile_worker(rank: int, world: int, init_file: str, out_dir: str, backend: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world)
+    x1, x2, base = _data(world, 5, torch.float64)
+    rows = slice(rank * ROWS_PER_RANK, (rank + 1) * ROWS_PER_RANK)
+    model = _clone(base)
+    loss_fn = MUSICLoss(K, gather_distributed=True, backend=backend)
+
+    def step(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return loss_fn(model(a), model(b))
+
+    # The first call checks the equal batch sizes once (a host sync), eagerly.
+    eager = step(x1[rows], x2[rows])
+    eager.backward()
+    eager_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    compiled = torch.compile(step, fullgraph=True)(x1[rows], x2[rows])
+    compiled.backward()
+    torch.save({"eager": eager.detach(), "compiled": compiled.detach(),
+                "eager_grads": eager_grads,
+                "compiled_grads": [p.grad.clone() for p in model.parameters()]},
+               os.path.join(out_dir, f"compile{rank}.pt"))
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_sharded_step_compiles_fullgraph(tmp_path):
+    """``torch.compile(fullgraph=True)`` traces the gather, the sharded loss and the
+    all-reduce without a graph break, and computes what eager mode computes."""
+    sys.path.insert(0, os.getcwd())
+    mp.spawn(_compile_worker, args=(2, str(tmp_path / "init"), str(tmp_path), "torch"),
+             nprocs=2, join=True)
+    tol = DTYPE_TOL[torch.float64]
+    for rank in range(2):
+        got = torch.load(tmp_path / f"compile{rank}.pt")
+        assert relative_error(got["compiled"], got["eager"]) <= tol.loss
+        for a, b in zip(got["compiled_grads"], got["eager_grads"]):
+            assert relative_error(a, b) <= tol.grad
