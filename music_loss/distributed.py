@@ -32,8 +32,8 @@ from torch import Tensor
 
 #: The all-gather whose backward is a reduce-scatter (sum): named ``all_gather_single_autograd``
 #: since torch 2.14, ``all_gather_tensor_autograd`` before (deprecated from 2.14).
-_all_gather_autograd: Any = getattr(funcol, "all_gather_single_autograd", None) or getattr(
-    funcol, "all_gather_tensor_autograd")
+_all_gather_autograd: Any = (getattr(funcol, "all_gather_single_autograd", None)
+                             or funcol.all_gather_tensor_autograd)
 
 #: (process group, local rows) pairs whose equal sizes were verified across the group.
 _CHECKED_EQUAL: set[tuple[int, int]] = set()
