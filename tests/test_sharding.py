@@ -130,6 +130,59 @@ def _check(ranks: list[dict], world: int, cases) -> None:
               f"max rel err sharded vs unsharded (loss, parts, row grads) {worst_vs_plain:.1e}")
 
 
+# ---------------------------------------------------------------------------------------
+# One process: the ranks' row ranges of P add up to the whole, on every backend
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", ["reference", "torch", "triton"])
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_row_ranges_add_up_to_the_whole(backend, world):
+    """``sum_r`` of the partial entropy parts and of their gradients (row ranges of ``P`` from
+    :func:`owned_segments`, several chunks per range) equals the unsharded loss's. Odd shapes:
+    N = 33, K = 7, S = 5 (not divisible by 2, 3, 4; S < W never here, covered on gloo)."""
+    from music_loss._config import LossConfig
+    from music_loss._dispatch import run_backend
+    from music_loss.distributed import owned_segments
+
+    if backend == "triton":
+        pytest.importorskip("triton")
+        from music_loss.kernels import _common
+
+        if not (torch.cuda.is_available() or _common.INTERPRET):
+            pytest.skip("needs TRITON_INTERPRET=1 before music_loss.kernels is imported")
+    dtype = torch.float32 if backend == "triton" else torch.float64
+    device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    n, k, segments = 33, 7, 5
+    gen = torch.Generator().manual_seed(world)
+    z1 = torch.randn(n, k * segments, generator=gen, dtype=dtype).to(device).requires_grad_()
+    z2 = torch.randn(n, k * segments, generator=gen, dtype=dtype).to(device).requires_grad_()
+    config = LossConfig(segment_dim=k)
+    inv_only = LossConfig(segment_dim=k, diag_weight=0.0, off_weight=0.0)
+
+    def run(cfg, row_range=None):
+        if backend == "triton":
+            from music_loss.kernels import music_loss_triton
+
+            return music_loss_triton(z1, z2, cfg, None, "ieee", chunk_rows=8,
+                                     row_range=row_range)
+        return run_backend(z1, z2, cfg, None, backend, "ieee", 8, row_range=row_range)
+
+    full = run(config)
+    want_grads = torch.autograd.grad(full.loss, (z1, z2))
+    inv_grads = torch.autograd.grad(run(inv_only).loss, (z1, z2))
+    parts = torch.zeros(2, dtype=torch.float64)
+    grads = [-(world - 1) * g for g in inv_grads]  # each share carries the invariance once
+    for rank in range(world):
+        s0, s1 = owned_segments(segments, rank, world)
+        share = run(config, (s0 * k, s1 * k))
+        parts += torch.stack([share.diag, share.off]).detach().double().cpu()
+        grads = [a + b for a, b in zip(grads, torch.autograd.grad(share.loss, (z1, z2)))]
+    tol = DTYPE_TOL[dtype]
+    assert relative_error(parts[0], full.diag) <= tol.loss
+    assert relative_error(parts[1], full.off) <= tol.loss
+    for got, want in zip(grads, want_grads):
+        assert relative_error(got, want) <= tol.grad
+
+
 def _cases(world: int, backends=("reference", "torch"), dtype=torch.float64):
     # S divisible by W, not divisible, S < W (some rank owns no segment).
     segment_counts = (2 * world, 2 * world - 1, world - 1)
