@@ -203,7 +203,7 @@ def render(path: str | Path) -> tuple[Path, Path]:
 def markdown_lines(meta: dict[str, Any], records: list[dict[str, Any]]) -> list[str]:
     base = {r["shard"]: r["step_s_median"] for r in records if r["world"] == 1}
     lines = [
-        f"# Distributed suite: {meta['device']} ({meta.get('cpu_count')} logical cores)",
+        f"# Distributed suite: {meta['device']}",
         "",
         f"{meta['suite_description']}. {meta['date']}; torch {meta['torch']}, music-loss "
         f"{meta['music_loss']} (git {meta['git_sha']}); load average {meta['load_average_start']}"
@@ -229,6 +229,12 @@ def markdown_lines(meta: dict[str, Any], records: list[dict[str, Any]]) -> list[
             f"| {flops / full:.3f} | {r['flops_expected_max'] / 1e9:.1f} | {calls or '-'} "
             f"| {payload} | {r['ring_bytes_sent_per_rank']:,} | {r['step_s_median']:.3f} "
             f"| {r['step_s_median'] / base[r['shard']]:.2f} |")
+    by_mode = {(r["world"], r["shard"]): r["step_s_median"] for r in records}
+    lines.append("")
+    for world in sorted({r["world"] for r in records}):
+        if (world, True) in by_mode and (world, False) in by_mode:
+            lines.append(f"- W={world}: sharded / unsharded step time "
+                         f"{by_mode[(world, True)] / by_mode[(world, False)]:.2f} (same run).")
     cores = meta.get("cpu_count") or 0
     if meta["device_type"] == "cpu" and cores < max(r["world"] for r in records):
         lines += ["", f"W ranks of one thread each share {cores} cores (and the machine is "
@@ -258,11 +264,13 @@ def _plot(meta: dict[str, Any], records: list[dict[str, Any]], png: Path) -> Non
     ax_flops.plot(worlds, [full / w for w in worlds], ":", color="black", label="6ND²/W")
     ax_flops.set(xlabel="ranks W", ylabel="GFLOP per rank per step", xscale="log",
                  yscale="log", title="loss FLOPs per rank (exact)")
+    ticks = sorted({max(r["flops_per_rank"]) / 1e9 for r in records})
+    ax_flops.set_yticks(ticks, [f"{t:.0f}" for t in ticks])
     ax_time.set(xlabel="ranks W", ylabel="s per step (slowest rank, median)", xscale="log",
                 title=f"time ({meta.get('cpu_count')} cores, load {meta['load_average_start'][0]})")
+    ax_flops.minorticks_off()
     for ax in (ax_flops, ax_time):
         ax.set_xticks(worlds, [str(w) for w in worlds])
-        ax.minorticks_off()
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle(f"MUSIC loss, gather_distributed, N={GLOBAL_N} global, D={D}, K={K}: "
@@ -270,3 +278,10 @@ def _plot(meta: dict[str, Any], records: list[dict[str, Any]], png: Path) -> Non
     fig.tight_layout()
     fig.savefig(png, dpi=110)
     plt.close(fig)
+
+
+if __name__ == "__main__":  # re-render: python -m benchmarks.distributed results.json
+    import sys
+
+    for results in sys.argv[1:]:
+        print(*render(results))
