@@ -268,9 +268,9 @@ def _plot(meta: dict[str, Any], records: list[dict[str, Any]], png: Path) -> Non
     ax_flops.set_yticks(ticks, [f"{t:.0f}" for t in ticks])
     ax_time.set(xlabel="ranks W", ylabel="s per step (slowest rank, median)", xscale="log",
                 title=f"time ({meta.get('cpu_count')} cores, load {meta['load_average_start'][0]})")
-    ax_flops.minorticks_off()
     for ax in (ax_flops, ax_time):
         ax.set_xticks(worlds, [str(w) for w in worlds])
+        ax.minorticks_off()
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle(f"MUSIC loss, gather_distributed, N={GLOBAL_N} global, D={D}, K={K}: "
