@@ -141,6 +141,10 @@ def owned_segments(num_segments: int, rank: int, world: int) -> tuple[int, int]:
 def sum_over_ranks(x: Tensor, group: Any = None) -> Tensor:
     """All-reduce (sum) of a small detached tensor, traceable by ``torch.compile``.
 
-    No host sync: the result is a device tensor the caller keeps in the graph.
+    No host sync: the result is a device tensor the caller keeps in the graph. In eager mode
+    the collective returns an ``AsyncCollectiveTensor``; it is waited on here (the stream
+    waits, not the host) so callers get a plain tensor that ``torch.save`` and ``.numpy()``
+    accept.
     """
-    return funcol.all_reduce(x.detach(), "sum", _group(group))
+    out = funcol.all_reduce(x.detach(), "sum", _group(group))
+    return out.wait() if isinstance(out, funcol.AsyncCollectiveTensor) else out
