@@ -233,10 +233,19 @@ def _compile_worker(rank: int, world: int, init_file: str, out_dir: str, backend
     eager.backward()
     eager_grads = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
-    compiled = torch.compile(step, fullgraph=True)(x1[rows], x2[rows])
+    from torch._inductor.compile_fx import compile_fx
+
+    graphs: list[str] = []
+
+    def record_then_inductor(gm: torch.fx.GraphModule, example_inputs: list) -> object:
+        graphs.append(str(gm.graph))
+        return compile_fx(gm, example_inputs)
+
+    compiled = torch.compile(step, fullgraph=True, backend=record_then_inductor)(x1[rows],
+                                                                                x2[rows])
     compiled.backward()
     torch.save({"eager": eager.detach(), "compiled": compiled.detach(),
-                "eager_grads": eager_grads,
+                "eager_grads": eager_grads, "graphs": graphs,
                 "compiled_grads": [p.grad.clone() for p in model.parameters()]},
                os.path.join(out_dir, f"compile{rank}.pt"))
     dist.destroy_process_group()
@@ -245,13 +254,19 @@ def _compile_worker(rank: int, world: int, init_file: str, out_dir: str, backend
 @pytest.mark.slow
 def test_sharded_step_compiles_fullgraph(tmp_path):
     """``torch.compile(fullgraph=True)`` traces the gather, the sharded loss and the
-    all-reduce without a graph break, and computes what eager mode computes."""
+    all-reduce without a graph break and without a host read of a tensor (fullgraph alone
+    lets ``float(t)`` through as a captured scalar), and computes what eager mode computes."""
     sys.path.insert(0, os.getcwd())
     mp.spawn(_compile_worker, args=(2, str(tmp_path / "init"), str(tmp_path), "torch"),
              nprocs=2, join=True)
     tol = DTYPE_TOL[torch.float64]
     for rank in range(2):
         got = torch.load(tmp_path / f"compile{rank}.pt")
+        graph = "\n".join(got["graphs"])
+        assert len(got["graphs"]) == 1
+        assert "all_gather_into_tensor" in graph and "all_reduce" in graph, graph
+        for host_read in ("target=item]", "_local_scalar_dense", "target=tolist]"):
+            assert host_read not in graph, (host_read, graph)
         assert relative_error(got["compiled"], got["eager"]) <= tol.loss
         for a, b in zip(got["compiled_grads"], got["eager_grads"]):
             assert relative_error(a, b) <= tol.grad
