@@ -4,6 +4,7 @@ Usage::
 
     python -m benchmarks.run --device cpu --suite quick --out benchmarks/results/
     python -m benchmarks.run --device cuda --suite gpu-core --out benchmarks/results/
+    python -m benchmarks.run --suite distributed   # sharded vs unsharded, W = 1, 2, 4
     python -m benchmarks.render benchmarks/results/<device>-<date>.json
 
 Each peer is first checked against float64 on a small case at the run's device and
@@ -290,7 +291,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cpu, cuda or cuda:N (default: cuda when available)")
     parser.add_argument("--suite", default="quick",
-                        choices=["quick", "full", "gpu-core", "gpu-headline", "headline", "smoke"])
+                        choices=["quick", "full", "gpu-core", "gpu-headline", "headline", "smoke",
+                                 "distributed"])
     parser.add_argument("--only", default=None,
                         help=f"comma-separated peers to run, from: {', '.join(ALL_PEERS)}")
     parser.add_argument("--out", default=str(REPO_ROOT / "benchmarks" / "results"),
@@ -315,6 +317,11 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--device cuda: no CUDA device is visible; use --device cpu")
     if device.type not in ("cpu", "cuda"):
         parser.error(f"--device {args.device}: only cpu and cuda are supported")
+    if args.suite == "distributed":  # its own runner: W processes per case
+        from benchmarks.distributed import run_suite
+
+        print(f"wrote {run_suite(device, args.out)} (+ .md, .png)")
+        return
     only = [name.strip() for name in args.only.split(",")] if args.only else None
     if args.list:
         suite = get_suite(args.suite, device.type == "cuda")

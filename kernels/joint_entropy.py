@@ -434,6 +434,8 @@ def joint_entropy_pass(
     write_grad: bool, chunk_rows: int | None = None,
     joint_meta: dict[str, Any] | None = None, matmul_meta: dict[str, Any] | None = None,
     round_tf32: bool = True, p1_t: Tensor | None = None, p2_t: Tensor | None = None,
+    grad_views: tuple[bool, bool] = (True, True),
+    row_range: tuple[int, int] | None = None,
 ) -> JointPass:
     """Entropy sums of ``P = p1^T p2 / N`` and, if asked, the off-block gradient products.
 
@@ -452,6 +454,12 @@ def joint_entropy_pass(
         p1_t: In tf32 mode, ``p1`` transposed, ``(D, N)`` contiguous (the softmax kernel
             writes it; made here when ``None``): the joint product's K-major operand.
         p2_t: Same for ``p2``.
+        grad_views: Which of ``dp1``, ``dp2`` to form (with ``write_grad``); the other is
+            returned empty and its gradient product skipped (a view without grad).
+        row_range: Only the rows ``[start, stop)`` of ``P`` (sharding, SPEC 3): the launcher
+            walks those chunks only, so the sums cover those rows, ``dp1`` is complete in
+            its columns ``start:stop`` (0 elsewhere), ``dp2`` is their partial sum, and
+            ``p_diag`` holds ``P[a, a]`` for ``a`` in the range (0 elsewhere).
 
     Returns:
         A :class:`JointPass`.
@@ -473,10 +481,14 @@ def joint_entropy_pass(
                          f"buffer is sized for that), got {joint_meta}")
     rows_per_chunk = chunk_rows or chunk_rows_for(d, precision)
     dev = p1.device
-    p_diag = torch.empty(d, device=dev, dtype=torch.float32)
-    grad_shape = (n, d) if write_grad else (0,)  # distinct tensors: custom ops forbid aliases
-    dp1 = torch.empty(grad_shape, device=dev, dtype=torch.float32)
-    dp2 = torch.empty(grad_shape, device=dev, dtype=torch.float32)
+    r0, r1 = row_range if row_range is not None else (0, d)
+    # A partial row range leaves entries unwritten: they must read 0, not garbage.
+    alloc = torch.empty if (r0, r1) == (0, d) else torch.zeros
+    p_diag = alloc(d, device=dev, dtype=torch.float32)
+    want1, want2 = (write_grad and grad_views[0]), (write_grad and grad_views[1])
+    # distinct tensors: custom ops forbid aliases
+    dp1 = alloc((n, d) if want1 else (0,), device=dev, dtype=torch.float32)
+    dp2 = alloc((n, d) if want2 else (0,), device=dev, dtype=torch.float32)
     workspace = torch.empty((min(rows_per_chunk, d), d) if write_grad else (0,), device=dev,
                             dtype=p1.dtype)
     # tf32 (Hopper's tf32 wgmma reads only K-major operands): the joint product reads the
@@ -493,12 +505,12 @@ def joint_entropy_pass(
     else:
         op1, op2 = p1, p2
         strides = (p1.stride(0), 1, p2.stride(0), 1)
-    write_gt = write_grad and k_major
+    write_gt = want2 and k_major  # G^T only feeds the dp2 product
     workspace_t = torch.empty((d, min(rows_per_chunk, d)) if write_gt else (0,), device=dev,
                               dtype=p1.dtype)
     sums: list[Tensor] = []
-    for a0 in range(0, d, rows_per_chunk):
-        rows = min(rows_per_chunk, d - a0)
+    for a0 in range(r0, r1, rows_per_chunk):
+        rows = min(rows_per_chunk, r1 - a0)
         slots = triton.cdiv(rows, MIN_TILE) * triton.cdiv(d, MIN_TILE)
         partial = torch.empty((2, slots), device=dev, dtype=torch.float32)
         grid = lambda cfg, rows=rows: (triton.cdiv(rows, cfg["BLOCK_A"])
@@ -516,12 +528,16 @@ def joint_entropy_pass(
         if write_grad:
             g_chunk = workspace[:rows]
             # dp1[:, a0:a1] = p2 @ G_chunk^T / N ; dp2 (+)= p1[:, a0:a1] @ G_chunk / N
-            _matmul(p2, g_chunk.T, dp1[:, a0:a0 + rows], 1.0 / n, False, precision,
-                    matmul_meta)
-            g_operand = workspace_t[:, :rows].T if write_gt else g_chunk  # K-major in tf32
-            _matmul(p1[:, a0:a0 + rows], g_operand, dp2, 1.0 / n, a0 > 0, precision,
-                    matmul_meta)
-    total = torch.stack(sums).sum(dim=0)
+            if want1:
+                _matmul(p2, g_chunk.T, dp1[:, a0:a0 + rows], 1.0 / n, False, precision,
+                        matmul_meta)
+            if want2:
+                g_operand = workspace_t[:, :rows].T if write_gt else g_chunk  # K-major in tf32
+                _matmul(p1[:, a0:a0 + rows], g_operand, dp2, 1.0 / n, a0 > r0, precision,
+                        matmul_meta)
+    # No rows (a rank that owns no segment): both sums are 0.
+    total = (torch.stack(sums).sum(dim=0) if sums
+             else torch.zeros(2, device=dev, dtype=torch.float64))
     return JointPass(total[0], total[1], p_diag, dp1, dp2)
 
 

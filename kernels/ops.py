@@ -40,18 +40,21 @@ def _has_off(dim: int, segment_dim: int, c_off: float) -> bool:
 def fused_forward(
     z1: Tensor, z2: Tensor, segment_dim: int, temperature: float, eps: float,
     c_diag: float, c_off: float, invariance_weight: float, row_start: int, row_stop: int,
-    precision: str, chunk_rows: int, need_grad: bool,
+    precision: str, chunk_rows: int, need_grad1: bool, need_grad2: bool,
+    own_start: int, own_stop: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Terms ``(loss, diag, off, inv)`` as a float32 ``(4,)`` tensor, plus saved gradients.
 
     Returns:
-        ``(terms, dp_off1, dp_off2, p_diag)``; ``dp_off*`` are empty unless ``need_grad``
-        and the off-block term has a nonzero coefficient.
+        ``(terms, dp_off1, dp_off2, p_diag)``; ``dp_off1`` (``dp_off2``) is empty unless
+        ``need_grad1`` (``need_grad2``) and the off-block term has a nonzero coefficient:
+        a view that does not require grad costs no gradient product. Only the rows
+        ``[own_start, own_stop)`` of ``P`` are computed (sharding; ``(0, D)``: all).
     """
     with _device_of(z1):
         return _fused_forward_impl(z1, z2, segment_dim, temperature, eps, c_diag, c_off,
                                    invariance_weight, row_start, row_stop, precision,
-                                   chunk_rows, need_grad)
+                                   chunk_rows, need_grad1, need_grad2, own_start, own_stop)
 
 
 def _device_of(z: Tensor) -> Any:
@@ -62,7 +65,8 @@ def _device_of(z: Tensor) -> Any:
 def _fused_forward_impl(
     z1: Tensor, z2: Tensor, segment_dim: int, temperature: float, eps: float,
     c_diag: float, c_off: float, invariance_weight: float, row_start: int, row_stop: int,
-    precision: str, chunk_rows: int, need_grad: bool,
+    precision: str, chunk_rows: int, need_grad1: bool, need_grad2: bool,
+    own_start: int, own_stop: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     n, d = z1.shape
     s = d // segment_dim
@@ -75,10 +79,12 @@ def _fused_forward_impl(
                                            round_tf32=precision == "tf32",
                                            out_transposed=p_t)
     assert p2 is not None and inv_partials is not None
-    write_grad = need_grad and _has_off(d, segment_dim, c_off)
-    joint = joint_entropy_pass(p1, p2, segment_dim, c_off, precision, write_grad,
-                               chunk_rows or None, p1_t=p_t[0] if p_t else None,
-                               p2_t=p_t[1] if p_t else None)
+    has_off = _has_off(d, segment_dim, c_off)
+    joint = joint_entropy_pass(p1, p2, segment_dim, c_off, precision,
+                               (need_grad1 or need_grad2) and has_off, chunk_rows or None,
+                               grad_views=(need_grad1, need_grad2),
+                               row_range=(own_start, own_stop),
+                               p1_t=p_t[0] if p_t else None, p2_t=p_t[1] if p_t else None)
     del p1, p2, p_t
     diag = c_diag * joint.h_diag
     off = c_off * joint.h_off
@@ -91,13 +97,14 @@ def _fused_forward_impl(
 def _fused_forward_fake(
     z1: Tensor, z2: Tensor, segment_dim: int, temperature: float, eps: float,
     c_diag: float, c_off: float, invariance_weight: float, row_start: int, row_stop: int,
-    precision: str, chunk_rows: int, need_grad: bool,
+    precision: str, chunk_rows: int, need_grad1: bool, need_grad2: bool,
+    own_start: int, own_stop: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     n, d = z1.shape
     terms = z1.new_empty(4, dtype=torch.float32)
-    grad_shape = (n, d) if need_grad and _has_off(d, segment_dim, c_off) else (0,)
-    dp1 = z1.new_empty(grad_shape, dtype=torch.float32)
-    dp2 = z1.new_empty(grad_shape, dtype=torch.float32)
+    has_off = _has_off(d, segment_dim, c_off)
+    dp1 = z1.new_empty((n, d) if need_grad1 and has_off else (0,), dtype=torch.float32)
+    dp2 = z1.new_empty((n, d) if need_grad2 and has_off else (0,), dtype=torch.float32)
     return terms, dp1, dp2, z1.new_empty(d, dtype=torch.float32)
 
 
@@ -106,6 +113,7 @@ def fused_backward(
     z1: Tensor, z2: Tensor, dp_off1: Tensor, dp_off2: Tensor, p_diag: Tensor,
     grad_terms: Tensor, segment_dim: int, temperature: float, eps: float, c_diag: float,
     c_off: float, invariance_weight: float, row_start: int, row_stop: int,
+    own_start: int, own_stop: int,
 ) -> tuple[Tensor, Tensor]:
     """``(dz1, dz2)`` from the saved gradients and the upstream gradients of the 4 terms."""
     n, d = z1.shape
@@ -114,7 +122,8 @@ def fused_backward(
         return music_loss_backward(
             z1, z2, dp_off1, dp_off2, p_diag, grad_terms.to(torch.float32).contiguous(),
             segment_dim, temperature, eps, c_diag, inv_coef, (row_start, row_stop),
-            has_off=dp_off1.numel() > 0,
+            has_off=dp_off1.numel() > 0 or dp_off2.numel() > 0,
+            diag_segments=(own_start // segment_dim, own_stop // segment_dim),
         )
 
 
@@ -123,6 +132,7 @@ def _fused_backward_fake(
     z1: Tensor, z2: Tensor, dp_off1: Tensor, dp_off2: Tensor, p_diag: Tensor,
     grad_terms: Tensor, segment_dim: int, temperature: float, eps: float, c_diag: float,
     c_off: float, invariance_weight: float, row_start: int, row_stop: int,
+    own_start: int, own_stop: int,
 ) -> tuple[Tensor, Tensor]:
     return (torch.empty(z1.shape, dtype=z1.dtype, device=z1.device),
             torch.empty(z2.shape, dtype=z2.dtype, device=z2.device))
@@ -130,23 +140,34 @@ def _fused_backward_fake(
 
 def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
     (z1, z2, segment_dim, temperature, eps, c_diag, c_off, invariance_weight,
-     row_start, row_stop, _precision, _chunk_rows, need_grad) = inputs
+     row_start, row_stop, _precision, _chunk_rows, need_grad1, need_grad2,
+     own_start, own_stop) = inputs
     _terms, dp_off1, dp_off2, p_diag = output
     ctx.save_for_backward(z1, z2, dp_off1, dp_off2, p_diag)
     ctx.params = (segment_dim, temperature, eps, c_diag, c_off, invariance_weight,
-                  row_start, row_stop)
-    ctx.need_grad = need_grad
+                  row_start, row_stop, own_start, own_stop)
+    ctx.need_grads = (need_grad1, need_grad2)
 
 
 def _backward(ctx: Any, grad_terms: Tensor | None, *_unused: Any) -> tuple[Any, ...]:
-    if not ctx.need_grad:
+    if torch.is_grad_enabled():
+        # create_graph=True: the saved gradient products are constants, so second
+        # derivatives through them would be silently wrong (SPEC 2).
+        raise RuntimeError(
+            "music_loss backend='triton' does not support double backward (create_graph=True "
+            "through the loss, e.g. a gradient penalty): its second derivatives would be "
+            "wrong. Use backend='reference' for that computation.")
+    need1, need2 = ctx.need_grads
+    if not (need1 or need2):
         raise RuntimeError("music_loss::fused_forward ran without gradient bookkeeping "
-                           "(need_grad=False); call it through music_loss_triton")
+                           "(need_grad1=need_grad2=False); call it through music_loss_triton")
     z1, z2, dp_off1, dp_off2, p_diag = ctx.saved_tensors
     if grad_terms is None:
         grad_terms = torch.zeros(4, device=z1.device, dtype=torch.float32)
     dz1, dz2 = fused_backward(z1, z2, dp_off1, dp_off2, p_diag, grad_terms, *ctx.params)
-    return (dz1, dz2) + (None,) * 11
+    # A view that did not require grad has no off-block product: its dz is not computed
+    # from the full gradient and must not be returned.
+    return (dz1 if need1 else None, dz2 if need2 else None) + (None,) * 14
 
 
 fused_forward.register_autograd(_backward, setup_context=_setup_context)
@@ -154,7 +175,7 @@ fused_forward.register_autograd(_backward, setup_context=_setup_context)
 
 def music_loss_triton(
     z1: Tensor, z2: Tensor, config: LossConfig, local_rows: tuple[int, int] | None,
-    precision: str, *, chunk_rows: int | None = None,
+    precision: str, *, chunk_rows: int | None = None, row_range: tuple[int, int] | None = None,
 ) -> MUSICTerms:
     """The MUSIC loss through the fused Triton kernels (the ``backend="triton"`` path).
 
@@ -166,6 +187,8 @@ def music_loss_triton(
         local_rows: ``(start, stop)`` rows whose invariance term counts; ``None`` = all.
         precision: ``"ieee"``, ``"tf32"`` or ``"bf16"`` operands for the three products.
         chunk_rows: Rows of ``P`` per chunk (default: a 32 MiB ``G`` workspace).
+        row_range: Rows ``(start, stop)`` of ``P`` whose entropy entries count, on segment
+            boundaries (sharding, SPEC 3); ``None``: all ``D``.
 
     Returns:
         :class:`MUSICTerms` of float32 scalars, differentiable w.r.t. ``z1`` and ``z2``.
@@ -186,11 +209,13 @@ def music_loss_triton(
         raise ValueError(f"chunk_rows must be a positive int or None, got {chunk_rows!r}")
     n, d = z1.shape
     start, stop = local_rows if local_rows is not None else (0, n)
+    own_start, own_stop = row_range if row_range is not None else (0, d)
     c_diag, c_off = config.coefficients(d)
-    need_grad = torch.is_grad_enabled() and (z1.requires_grad or z2.requires_grad)
+    grad_on = torch.is_grad_enabled()
     terms, _, _, _ = fused_forward(
         z1, z2, config.segment_dim, config.temperature, config.eps, c_diag, c_off,
-        config.invariance_weight, start, stop, precision, chunk_rows or 0, need_grad,
+        config.invariance_weight, start, stop, precision, chunk_rows or 0,
+        grad_on and z1.requires_grad, grad_on and z2.requires_grad, own_start, own_stop,
     )
     return MUSICTerms(terms[0], terms[1], terms[2], terms[3])
 

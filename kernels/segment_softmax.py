@@ -275,22 +275,40 @@ def music_loss_backward(
     z1: Tensor, z2: Tensor, dp_off1: Tensor, dp_off2: Tensor, p_diag: Tensor,
     grad_terms: Tensor, segment_dim: int, temperature: float, eps: float, c_diag: float,
     inv_coef: float, local_rows: tuple[int, int], has_off: bool,
+    diag_segments: tuple[int, int] | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Launch :func:`music_loss_bwd_kernel`; returns ``(dz1, dz2)`` in the views' dtypes."""
+    """Launch :func:`music_loss_bwd_kernel`; returns ``(dz1, dz2)`` in the views' dtypes.
+
+    ``diag_segments``: only the diagonal entries of these segments ``[s0, s1)`` count
+    (sharding, SPEC 3): the kernel is launched on the column ranges before, inside and after
+    them (pointers offset to the range's first column), with ``c_diag = 0`` outside.
+    """
     n, d = z1.shape
     s = d // segment_dim
-    meta = softmax_blocks(segment_dim, s)
-    grid = (n, triton.cdiv(s, meta["BLOCK_S"]))
+    s0, s1 = diag_segments if diag_segments is not None else (0, s)
     dz1 = torch.empty((n, d), device=z1.device, dtype=z1.dtype)
     dz2 = torch.empty((n, d), device=z2.device, dtype=z2.dtype)
-    off1 = dp_off1 if has_off else p_diag
-    off2 = dp_off2 if has_off else p_diag
-    music_loss_bwd_kernel[grid](
-        z1, z2, off1, off2, p_diag, grad_terms, dz1, dz2,
-        s, segment_dim, d, z1.stride(0), z1.stride(1), z2.stride(0), z2.stride(1),
-        local_rows[0], local_rows[1], 1.0 / temperature, eps, c_diag, inv_coef, 1.0 / n,
-        HAS_OFF=has_off, USE_INT64=needs_int64(z1, z2, dz1), **meta,
-    )
+    # A view that needs no gradient has an empty dp_off: read the other view's in its place
+    # (same shape); the caller discards that view's dz.
+    off1 = dp_off1 if dp_off1.numel() else (dp_off2 if has_off else p_diag)
+    off2 = dp_off2 if dp_off2.numel() else (dp_off1 if has_off else p_diag)
+    use_int64 = needs_int64(z1, z2, dz1)
+    for first, stop, coef in ((0, s0, 0.0), (s0, s1, c_diag), (s1, s, 0.0)):
+        if stop <= first:
+            continue
+        c = first * segment_dim  # D stays the row stride of dpo and dz
+
+        def cols(t: Tensor, c: int = c) -> Tensor:
+            return t[:, c:] if t.dim() == 2 else t[c:]
+
+        meta = softmax_blocks(segment_dim, stop - first)
+        grid = (n, triton.cdiv(stop - first, meta["BLOCK_S"]))
+        music_loss_bwd_kernel[grid](
+            cols(z1), cols(z2), cols(off1), cols(off2), cols(p_diag), grad_terms, cols(dz1),
+            cols(dz2), stop - first, segment_dim, d, z1.stride(0), z1.stride(1),
+            z2.stride(0), z2.stride(1), local_rows[0], local_rows[1], 1.0 / temperature, eps,
+            coef, inv_coef, 1.0 / n, HAS_OFF=has_off, USE_INT64=use_int64, **meta,
+        )
     return dz1, dz2
 
 

@@ -17,6 +17,9 @@ Normalization = Literal["blocks", "joint"]
 Backend = Literal["auto", "triton", "torch", "reference"]
 Precision = Literal["auto", "ieee", "tf32", "bf16"]
 
+#: Resolved matmul modes a backend receives (``"auto"`` is resolved by the dispatch).
+ResolvedPrecision = Literal["ieee", "tf32", "bf16"]
+
 NORMALIZATIONS: tuple[str, ...] = ("blocks", "joint")
 BACKENDS: tuple[str, ...] = ("auto", "triton", "torch", "reference")
 PRECISIONS: tuple[str, ...] = ("auto", "ieee", "tf32", "bf16")
@@ -25,8 +28,16 @@ PRECISIONS: tuple[str, ...] = ("auto", "ieee", "tf32", "bf16")
 TINY: float = torch.finfo(torch.float32).tiny
 
 
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; every other floating dtype computes in float32 (SPEC 1)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 class MUSICTerms(NamedTuple):
     """The loss and its three weighted, normalised parts (``loss = diag + off + invariance``).
+
+    Gradient rule, the same on every backend: only ``loss`` carries a gradient; ``diag``,
+    ``off`` and ``invariance`` are detached values for logging.
 
     Attributes:
         loss: The scalar MUSIC loss.
@@ -51,7 +62,7 @@ class LossConfig:
     diag_weight: float = 1.0
     off_weight: float = 1.0
     invariance_weight: float = 1.0
-    normalization: str = "blocks"
+    normalization: Normalization = "blocks"
 
     def num_segments(self, dim: int) -> int:
         return dim // self.segment_dim

@@ -8,22 +8,34 @@ backward pass only scales them by ``grad_output``). The diagonal of ``P`` is ``O
 handled apart from the blocks.
 
 Memory: three ``chunk x D`` buffers plus four ``N x D`` (probabilities and their gradients,
-which become ``dz1, dz2`` in place: the only tensors saved for backward). The unclamped
-softmax is recomputed from ``z`` and a saved per-segment log-sum-exp rather than kept.
-Work: three ``N x D x D`` products, the minimum (6 N D^2 FLOPs).
+which become ``dz1, dz2`` in place: the only tensors saved for backward, kept in float32
+whatever the input dtype, so that ``grad_output`` (a loss scale of 65536) multiplies them
+before any rounding to 16 bits). The unclamped softmax is recomputed from ``z`` with
+``torch.softmax`` of the max-shifted logits: as accurate as the forward at any logit size
+(``exp(x - lse)`` from a saved log-sum-exp lost precision in proportion to the logits).
+Work: three ``N x D x D`` products, the minimum (6 N D^2 FLOPs); one fewer when only one
+view requires grad.
+
+Sharding (``row_range``, SPEC 3): only the rows ``A = row_range`` of ``P`` are formed, i.e.
+the entropy entries of those rows (their diagonal entries included), ``dp1[:, A]`` complete
+and the partial ``dp2`` from ``p1[:, A]``: ``6 N D |A|`` FLOPs. Both products are linear in
+``G``, so the partial gradients of the ranks sum to the whole.
+
+Precision is passed in, never set globally: ``tf32`` rounds the CUDA product operands to
+tf32 (nearest-even, as cuBLAS does) so the result does not depend on PyTorch's global
+matmul setting; ``bf16`` rounds them to bf16. Double backward (``create_graph=True``) is
+refused with a clear error: the gradients are finished in the forward pass and are not
+themselves differentiable.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from music_loss._config import TINY, LossConfig, MUSICTerms
-from music_loss.reference import compute_dtype
+from music_loss._config import TINY, LossConfig, MUSICTerms, ResolvedPrecision, compute_dtype
 
 #: Elements per ``chunk x D`` buffer: large enough for efficient matmuls, small next to D^2.
 _MIN_BUFFER = 1 << 20
@@ -41,23 +53,39 @@ def default_chunk_size(n: int, d: int) -> int:
     return max(1, min(d, budget // d))
 
 
-@contextlib.contextmanager
-def _matmul_precision(device: torch.device, precision: str) -> Iterator[None]:
-    """Run float32 products on CUDA as asked (``tf32`` or full ``ieee``); CPU has no TF32."""
-    if device.type != "cuda" or precision == "bf16":
-        yield
+def _round_to_tf32(x: Tensor) -> Tensor:
+    """fp32 -> nearest tf32 value (10 mantissa bits, ties to even), kept in fp32 (finite x)."""
+    bits = x.view(torch.int32)
+    rounded = (bits + 0x0FFF + ((bits >> 13) & 1)) & ~0x1FFF
+    return rounded.view(torch.float32)
+
+
+def _operand(p: Tensor, precision: str, device: torch.device) -> Tensor:
+    """Matmul operand as the precision says (fp32 accumulation always).
+
+    ``bf16``: rounded to bf16 values, multiplied exactly. ``tf32``: on CUDA, rounded to tf32
+    values, which makes the product tf32 whatever PyTorch's global setting (CPU has no tf32:
+    it computes fp32 there). ``ieee``: unchanged.
+    """
+    if precision == "bf16":
+        return p.to(torch.bfloat16).to(p.dtype)
+    if precision == "tf32" and device.type == "cuda" and p.dtype == torch.float32:
+        return _round_to_tf32(p)
+    return p
+
+
+def _check_ieee_products_possible(device: torch.device, precision: str) -> None:
+    """``ieee`` on CUDA needs cuBLAS in fp32 mode: the global setting decides that, and this
+    backend never writes it."""
+    if device.type != "cuda" or precision != "ieee":
         return
-    previous = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = previous
+    from music_loss._dispatch import float32_matmul_mode
 
-
-def _operand(p: Tensor, precision: str) -> Tensor:
-    """Matmul operand: bf16 mode rounds to bf16 and multiplies exactly in fp32 (fp32 accumulate)."""
-    return p.to(torch.bfloat16).to(p.dtype) if precision == "bf16" else p
+    if float32_matmul_mode() == "tf32":
+        raise ValueError("precision='ieee' with backend='torch' on CUDA needs PyTorch's float32 "
+                         "matmul precision at 'ieee'/'highest' (it is tf32 now, and this backend "
+                         "does not change global settings); use precision='auto' or 'tf32', "
+                         "or backend='triton', which takes the precision per call")
 
 
 def _diagonal_blocks(buffer: Tensor, a0: int, a1: int, k: int) -> tuple[slice, Tensor]:
@@ -78,21 +106,25 @@ class _ChunkedMUSIC(torch.autograd.Function):
         local_rows: tuple[int, int],
         precision: str,
         chunk: int,
-        need_grad: bool,
+        need_grads: tuple[bool, bool],
+        row_range: tuple[int, int],
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         n, d = z1.shape
         k = config.segment_dim
         s = d // k
         dtype = compute_dtype(z1.dtype)
-        # Probabilities, keeping only the per-segment log-sum-exp to recompute q later.
-        p1, lse1 = _segment_softmax(z1, k, config.temperature, config.eps, dtype)
-        p2, lse2 = _segment_softmax(z2, k, config.temperature, config.eps, dtype)
-        a1, a2 = _operand(p1, precision), _operand(p2, precision)
+        need1, need2 = need_grads
+        need_grad = need1 or need2
+        p1 = _segment_softmax(z1, k, config.temperature, config.eps, dtype)
+        p2 = _segment_softmax(z2, k, config.temperature, config.eps, dtype)
+        a1, a2 = _operand(p1, precision, z1.device), _operand(p2, precision, z1.device)
         c_diag, c_off = config.coefficients(d)
         acc = torch.float64 if z1.device.type != "mps" else torch.float32
 
-        # Diagonal entries P[a, a]: O(N D), no block needed.
-        p_diag = (a1 * a2).sum(0) / n
+        # Rows A = [r0, r1) of P (all of them unless sharded); whole segments.
+        r0, r1 = row_range
+        # Diagonal entries P[a, a] of the rows A: O(N |A|), no block needed.
+        p_diag = (a1[:, r0:r1] * a2[:, r0:r1]).sum(0) / n
         lg_diag = p_diag.clamp_min(TINY).log()
         h_diag = (p_diag * lg_diag).sum(dtype=acc)
 
@@ -101,15 +133,21 @@ class _ChunkedMUSIC(torch.autograd.Function):
         agreement = (p1[l0:l1] * p2[l0:l1]).view(l1 - l0, s, k).sum(-1)
         l_inv = -agreement.clamp_min(TINY).log().sum(dtype=acc) / ((l1 - l0) * s)
 
+        # Gradient accumulators dL/dp, only for the views that require grad.
+        dp1 = dp2 = None
         if need_grad:
-            g_diag = c_diag / n * (lg_diag + (p_diag >= TINY).to(dtype))
-            dp1 = a2 * g_diag
-            dp2 = a1 * g_diag
+            # Per column of the view's gradient; zero outside A.
+            g_diag = a1.new_zeros(d)
+            g_diag[r0:r1] = c_diag / n * (lg_diag + (p_diag >= TINY).to(dtype))
             g_agree = (-config.invariance_weight / ((l1 - l0) * s)
                        / agreement.clamp_min(TINY) * (agreement >= TINY).to(dtype))
             g_agree = g_agree.unsqueeze(-1)  # (rows, S, 1): broadcast over the bins
-            dp1[l0:l1].view(l1 - l0, s, k).addcmul_(p2[l0:l1].view(l1 - l0, s, k), g_agree)
-            dp2[l0:l1].view(l1 - l0, s, k).addcmul_(p1[l0:l1].view(l1 - l0, s, k), g_agree)
+            if need1:
+                dp1 = a2 * g_diag
+                dp1[l0:l1].view(l1 - l0, s, k).addcmul_(p2[l0:l1].view(l1 - l0, s, k), g_agree)
+            if need2:
+                dp2 = a1 * g_diag
+                dp2[l0:l1].view(l1 - l0, s, k).addcmul_(p1[l0:l1].view(l1 - l0, s, k), g_agree)
 
         # Off-diagonal blocks, `chunk` rows of P at a time.
         h_off = torch.zeros((), dtype=acc, device=z1.device)
@@ -122,84 +160,111 @@ class _ChunkedMUSIC(torch.autograd.Function):
         # saving a buffer and a pass per block (not in bf16 mode, which rounds G itself).
         hoist_one = need_grad and not floor_binds and precision != "bf16"
         if s > 1 and c_off != 0.0:
+            _check_ieee_products_possible(z1.device, precision)
             if hoist_one:
-                dp1.add_(_off_block_sums(a2, k), alpha=c_off / n)
-                dp2.add_(_off_block_sums(a1, k), alpha=c_off / n)
-            with _matmul_precision(z1.device, precision):
-                for a0 in range(0, d, chunk):
-                    a_end = min(a0 + chunk, d)
-                    rows = a1[:, a0:a_end]  # a strided view: BLAS reads it in place
-                    block = torch.mm(rows.t(), a2).div_(n)  # P[a0:a_end, :]
-                    lg_block = block.clamp_min(TINY).log_() if floor_binds else block.log()
-                    cols, inside = _diagonal_blocks(block, a0, a_end, k)
-                    lg_block[:, cols].masked_fill_(inside, 0.0)
-                    if need_grad:
-                        if hoist_one:
-                            grad_block = lg_block
-                        else:
-                            grad_block = ((block >= TINY).to(dtype).add_(lg_block) if floor_binds
-                                          else lg_block + 1.0)
-                            grad_block[:, cols].masked_fill_(inside, 0.0)
-                            grad_block = _operand(grad_block, precision)
-                        # dp1[:, a0:a_end] += c a2 G^T / N ; dp2 += c a1[:, a0:a_end] G / N
+                # dp1[:, A] sums over every column b of P; dp2 over the rows a in A only.
+                if dp1 is not None:
+                    dp1[:, r0:r1].add_(_off_block_sums(a2, k)[:, r0:r1], alpha=c_off / n)
+                if dp2 is not None:
+                    dp2.add_(_off_block_sums(a1, k, (r0 // k, r1 // k)), alpha=c_off / n)
+            for a0 in range(r0, r1, chunk):
+                a_end = min(a0 + chunk, r1)
+                rows = a1[:, a0:a_end]  # a strided view: BLAS reads it in place
+                block = torch.mm(rows.t(), a2).div_(n)  # P[a0:a_end, :]
+                lg_block = block.clamp_min(TINY).log_() if floor_binds else block.log()
+                cols, inside = _diagonal_blocks(block, a0, a_end, k)
+                lg_block[:, cols].masked_fill_(inside, 0.0)
+                if need_grad:
+                    if hoist_one:
+                        grad_block = lg_block
+                    else:
+                        grad_block = ((block >= TINY).to(dtype).add_(lg_block) if floor_binds
+                                      else lg_block + 1.0)
+                        grad_block[:, cols].masked_fill_(inside, 0.0)
+                    grad_block = _operand(grad_block, precision, z1.device)
+                    # dp1[:, a0:a_end] += c a2 G^T / N ; dp2 += c a1[:, a0:a_end] G / N
+                    if dp1 is not None:
                         dp1[:, a0:a_end].addmm_(a2, grad_block.t(), alpha=c_off / n)
+                    if dp2 is not None:
                         dp2.addmm_(rows, grad_block, alpha=c_off / n)
-                    h_off += block.mul_(lg_block).sum(dtype=acc)
-                    del block, lg_block
+                h_off += block.mul_(lg_block).sum(dtype=acc)
+                del block, lg_block
 
-        diag = (c_diag * h_diag).to(dtype)
-        off = (c_off * h_off).to(dtype)
-        inv = (config.invariance_weight * l_inv).to(dtype)
-        loss = diag + off + inv
+        diag, off, inv = c_diag * h_diag, c_off * h_off, config.invariance_weight * l_inv
+        # The sum in the accumulator type, rounded once: the parts may nearly cancel.
+        loss = (diag + off + inv).to(dtype)
 
-        if need_grad:
-            del p1, p2, a1, a2
-            dz1 = _softmax_backward_(dp1, z1, lse1, config, dtype)
-            dz2 = _softmax_backward_(dp2, z2, lse2, config, dtype)
-            ctx.save_for_backward(dz1.to(z1.dtype), dz2.to(z2.dtype))
-        ctx.mark_non_differentiable(diag, off, inv)
-        return loss, diag, off, inv
+        del p1, p2, a1, a2
+        # dz in float32 (float64 for float64 inputs) until grad_output has scaled it.
+        dz1 = _softmax_backward_(dp1, z1, config, dtype) if dp1 is not None else None
+        dz2 = _softmax_backward_(dp2, z2, config, dtype) if dp2 is not None else None
+        ctx.save_for_backward(dz1, dz2)
+        ctx.input_dtypes = (z1.dtype, z2.dtype)
+        parts = (diag.to(dtype), off.to(dtype), inv.to(dtype))
+        ctx.mark_non_differentiable(*parts)
+        return (loss, *parts)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad_loss: Tensor, *_: Any) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        if torch.is_grad_enabled():
+            # create_graph=True: autograd wants a differentiable backward. The gradients here
+            # were finished in the forward pass and are constants: refuse rather than return
+            # silently wrong second derivatives.
+            raise RuntimeError(
+                "music_loss backend='torch' does not support double backward "
+                "(create_graph=True through the loss, e.g. a gradient penalty): its second "
+                "derivatives would be wrong. Use backend='reference' for that computation.")
         dz1, dz2 = ctx.saved_tensors
-        scale = grad_loss.to(dz1.dtype)
-        return dz1 * scale, dz2 * scale, None, None, None, None, None
+        dtype1, dtype2 = ctx.input_dtypes
+        grads = [None if dz is None else (dz * grad_loss.to(dz.dtype)).to(dtype)
+                 for dz, dtype in ((dz1, dtype1), (dz2, dtype2))]
+        return grads[0], grads[1], None, None, None, None, None, None
 
 
-def _off_block_sums(p: Tensor, k: int) -> Tensor:
-    """``out[i, a] = sum of p[i, b] over the b outside a's segment``, ``(N, D)``."""
+def _off_block_sums(p: Tensor, k: int, segments: tuple[int, int] | None = None) -> Tensor:
+    """``out[i, a] = sum of p[i, b] over the b outside a's segment``, ``(N, D)``; only the
+    ``b`` in ``segments`` ``[s0, s1)`` when given."""
     n, d = p.shape
     segment_sums = p.view(n, d // k, k).sum(-1, keepdim=True)  # (N, S, 1)
-    total = segment_sums.sum(1, keepdim=True)  # (N, 1, 1)
-    return (total - segment_sums).expand(n, d // k, k).reshape(n, d)
+    if segments is None:
+        total = segment_sums.sum(1, keepdim=True)  # (N, 1, 1)
+        return (total - segment_sums).expand(n, d // k, k).reshape(n, d)
+    s0, s1 = segments
+    total = segment_sums[:, s0:s1].sum(1, keepdim=True)
+    outside = total.expand(n, d // k, 1).clone()
+    outside[:, s0:s1] -= segment_sums[:, s0:s1]
+    return outside.expand(n, d // k, k).reshape(n, d)
 
 
 def _segment_softmax(
     z: Tensor, k: int, temperature: float, eps: float, dtype: torch.dtype
-) -> tuple[Tensor, Tensor]:
-    """Clamped segment softmax ``(N, D)`` and its log-sum-exp ``(N, S, 1)``, in one buffer."""
+) -> Tensor:
+    """Clamped segment softmax ``(N, D)`` in ``dtype``.
+
+    The maximum is subtracted before dividing by the temperature (exact when the two are
+    close, Sterbenz): dividing first rounds logits of size ``|z| / t`` and puts that absolute
+    error into every exponent.
+    """
     n, d = z.shape
-    logits = z.to(dtype).view(n, d // k, k) / temperature
-    lse = torch.logsumexp(logits, dim=-1, keepdim=True)
-    p = logits.sub_(lse).exp_()
+    logits = z.to(dtype).view(n, d // k, k)
+    shifted = logits - logits.amax(dim=-1, keepdim=True)
+    p = torch.softmax(shifted.div_(temperature), dim=-1)
     if eps > 0:
         p.clamp_min_(eps)
-    return p.view(n, d), lse
+    return p.view(n, d)
 
 
 def _softmax_backward_(
-    dp: Tensor, z: Tensor, lse: Tensor, config: LossConfig, dtype: torch.dtype
+    dp: Tensor, z: Tensor, config: LossConfig, dtype: torch.dtype
 ) -> Tensor:
     """Through the clamp (gradient where q >= eps) and the segment softmax, in ``dp``'s buffer.
 
-    The unclamped ``q`` is recomputed from ``z`` and the saved log-sum-exp: cheaper in memory
-    than keeping it, and exact where the clamp replaced it.
+    ``q`` is recomputed from ``z`` by the same softmax as the forward (cheaper in memory than
+    keeping it, and exact where the clamp replaced it).
     """
     n, d = dp.shape
     k = config.segment_dim
-    q = (z.to(dtype).view(n, d // k, k) / config.temperature).sub_(lse).exp_()
+    q = _segment_softmax(z, k, config.temperature, 0.0, dtype).view(n, d // k, k)
     dq = dp.view(n, d // k, k)
     if config.eps > 0:
         dq.masked_fill_(q < config.eps, 0.0)
@@ -212,8 +277,9 @@ def music_loss_chunked(
     z2: Tensor,
     config: LossConfig,
     local_rows: tuple[int, int] | None = None,
-    precision: str = "ieee",
+    precision: ResolvedPrecision = "ieee",
     chunk_size: int | None = None,
+    row_range: tuple[int, int] | None = None,
 ) -> MUSICTerms:
     """MUSIC loss holding at most ``chunk_size`` rows of ``P`` at a time.
 
@@ -225,17 +291,36 @@ def music_loss_chunked(
         precision: ``"ieee"``, ``"tf32"`` (CUDA only; CPU computes fp32) or ``"bf16"``
             (operands rounded to bf16, fp32 accumulation).
         chunk_size: Rows of ``P`` per block; :func:`default_chunk_size` when ``None``.
+        row_range: Rows ``(start, stop)`` of ``P`` whose entropy entries this call computes,
+            on segment boundaries (sharding, SPEC 3); ``None``: all ``D``. The entropy parts
+            and their gradient are then this range's share.
 
     Returns:
         :class:`MUSICTerms`; only ``loss`` carries a gradient (the parts are for logging).
+
+    Raises:
+        RuntimeError: In a double backward (``create_graph=True``) through the loss.
+
+    Example:
+        >>> import torch
+        >>> from music_loss._config import LossConfig
+        >>> z1 = torch.randn(8, 12, requires_grad=True)
+        >>> terms = music_loss_chunked(z1, torch.randn(8, 12), LossConfig(segment_dim=3))
+        >>> terms.loss.backward()
+        >>> z1.grad.shape
+        torch.Size([8, 12])
     """
     n, d = z1.shape
     chunk = chunk_size if chunk_size is not None else default_chunk_size(n, d)
     rows = local_rows if local_rows is not None else (0, n)
-    need_grad = torch.is_grad_enabled() and (z1.requires_grad or z2.requires_grad)
+    owned = row_range if row_range is not None else (0, d)
+    # Only the views that require grad get a gradient (target networks, stop-gradient):
+    # the other view's N x D x D product is skipped.
+    grad_on = torch.is_grad_enabled()
+    need_grads = (grad_on and z1.requires_grad, grad_on and z2.requires_grad)
     # Precision is ours to choose (resolved from autocast by the dispatch): autocast would
     # otherwise lower every product, gradient products included, to 16 bits.
     with torch.autocast(z1.device.type, enabled=False):
         loss, diag, off, inv = _ChunkedMUSIC.apply(z1, z2, config, rows, precision, chunk,
-                                                   need_grad)
+                                                   need_grads, owned)
     return MUSICTerms(loss, diag, off, inv)

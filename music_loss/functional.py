@@ -6,22 +6,43 @@ Data flows one way: :func:`music_loss` -> ``_dispatch`` -> a backend
 
 from __future__ import annotations
 
-import math
+import dataclasses
 from typing import Any, Literal, overload
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from music_loss import reference
 from music_loss._config import (
-    BACKENDS,
-    NORMALIZATIONS,
-    PRECISIONS,
+    Backend,
     LossConfig,
     MUSICTerms,
+    Normalization,
+    Precision,
+    compute_dtype,
 )
-from music_loss._dispatch import resolve_backend, resolve_precision
-from music_loss.distributed import gather_rows, is_distributed_ready
+from music_loss._dispatch import run_backend
+from music_loss._validate import (
+    check_backend,
+    check_chunk_size,
+    check_flag,
+    check_not_under_functorch,
+    check_pair,
+    check_precision,
+    check_segment_dim,
+    check_view,
+    make_config,
+)
+from music_loss._validate import (
+    check_finite as check_finite_values,
+)
+from music_loss.distributed import (
+    check_process_group,
+    gather_rows,
+    owned_segments,
+    sum_over_ranks,
+)
 
 __all__ = [
     "MUSICTerms",
@@ -34,110 +55,10 @@ __all__ = [
 
 
 # ---------------------------------------------------------------------------------------
-# Validation: every check names the argument and says how to fix it.
-# ---------------------------------------------------------------------------------------
-def _check_segment_dim(segment_dim: Any) -> int:
-    if isinstance(segment_dim, bool) or not isinstance(segment_dim, int):
-        raise TypeError(f"segment_dim must be a positive int, got {type(segment_dim).__name__} "
-                        f"{segment_dim!r}; pass e.g. segment_dim=80")
-    if segment_dim < 1:
-        raise ValueError(f"segment_dim must be >= 1, got {segment_dim}; pass e.g. segment_dim=80")
-    return segment_dim
-
-
-def _check_real(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value!r}")
-    return float(value)
-
-
-def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
-    return str(value)
-
-
-def make_config(
-    segment_dim: int,
-    temperature: float = 1.0,
-    eps: float = 1e-8,
-    diag_weight: float = 1.0,
-    off_weight: float = 1.0,
-    invariance_weight: float = 1.0,
-    normalization: str = "blocks",
-) -> LossConfig:
-    """Validate hyperparameters into a :class:`~music_loss._config.LossConfig`."""
-    segment_dim = _check_segment_dim(segment_dim)
-    temperature = _check_real("temperature", temperature)
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}; the paper uses 1.0")
-    eps = _check_real("eps", eps)
-    if not 0 <= eps < 1:
-        raise ValueError(f"eps must be in [0, 1), got {eps}; use the default 1e-8, or 0 for "
-                         "no clamp")
-    return LossConfig(
-        segment_dim=segment_dim,
-        temperature=temperature,
-        eps=eps,
-        diag_weight=_check_real("diag_weight", diag_weight),
-        off_weight=_check_real("off_weight", off_weight),
-        invariance_weight=_check_real("invariance_weight", invariance_weight),
-        normalization=_check_choice("normalization", normalization, NORMALIZATIONS),
-    )
-
-
-def _check_view(name: str, z: Any, segment_dim: int) -> None:
-    if not isinstance(z, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor of shape (batch, dim), got "
-                        f"{type(z).__name__}")
-    if not z.dtype.is_floating_point:
-        raise TypeError(f"{name} must be a floating-point tensor (float16, bfloat16, float32 or "
-                        f"float64), got {z.dtype}; convert it with {name}.float()")
-    if z.dim() != 2:
-        raise ValueError(f"{name} must have shape (batch, dim), got {tuple(z.shape)}; flatten "
-                         f"the features first, e.g. {name}.flatten(1)")
-    if z.shape[1] % segment_dim != 0:
-        raise ValueError(f"{name}.shape[1] = {z.shape[1]} is not a multiple of segment_dim = "
-                         f"{segment_dim}; choose a projector output size D = S * segment_dim "
-                         f"(e.g. {max(1, z.shape[1] // segment_dim) * segment_dim}) or a "
-                         "segment_dim that divides D")
-
-
-def _check_pair(z1: Any, z2: Any, segment_dim: int, *, min_rows: int = 2) -> None:
-    _check_view("z1", z1, segment_dim)
-    _check_view("z2", z2, segment_dim)
-    if z1.shape != z2.shape:
-        raise ValueError(f"z1 and z2 must have the same shape, got {tuple(z1.shape)} and "
-                         f"{tuple(z2.shape)}; pass the two views of the same batch")
-    if z1.device != z2.device:
-        raise ValueError(f"z1 and z2 must be on the same device, got {z1.device} and "
-                         f"{z2.device}; move both with .to(device)")
-    if z1.shape[0] < min_rows:
-        raise ValueError(f"the batch must hold at least {min_rows} samples, got "
-                         f"{z1.shape[0]}; the loss is a statistic of the batch")
-
-
-def _check_process_group() -> None:
-    if not is_distributed_ready():
-        raise ValueError("gather_distributed=True needs an initialised process group; call "
-                         "torch.distributed.init_process_group first (e.g. under torchrun), "
-                         "or pass gather_distributed=False")
-
-
-def _check_finite(z1: Tensor, z2: Tensor) -> None:
-    # Host sync: only when the caller asks for it (check_finite=True).
-    if not bool(torch.isfinite(z1).all()) or not bool(torch.isfinite(z2).all()):
-        raise ValueError("z1 or z2 contains NaN or inf; check the encoder's output (learning "
-                         "rate, mixed-precision overflow) before the loss")
-
-
-# ---------------------------------------------------------------------------------------
 # Public functions
 # ---------------------------------------------------------------------------------------
 def segment_softmax(
-    z: Tensor, segment_dim: int, temperature: float = 1.0, eps: float = 0.0
+    z: Tensor, segment_dim: int = 80, temperature: float = 1.0, eps: float = 0.0
 ) -> Tensor:
     """Softmax over each segment of ``segment_dim`` features, optionally clamped below at eps.
 
@@ -147,7 +68,7 @@ def segment_softmax(
 
     Args:
         z: ``(N, D)`` features, ``D`` a multiple of ``segment_dim``.
-        segment_dim: Segment size ``K``.
+        segment_dim: Segment size ``K`` (paper: 80).
         temperature: Softmax temperature ``t > 0``.
         eps: Lower clamp of the probabilities, ``0 <= eps < 1``.
 
@@ -162,12 +83,12 @@ def segment_softmax(
         True
     """
     config = make_config(segment_dim, temperature=temperature, eps=eps)
-    _check_view("z", z, config.segment_dim)
+    check_view("z", z, config.segment_dim)
     return reference.segment_softmax_reference(z, config.segment_dim, config.temperature,
                                                config.eps)
 
 
-def joint_entropy_terms(p1: Tensor, p2: Tensor, segment_dim: int) -> tuple[Tensor, Tensor]:
+def joint_entropy_terms(p1: Tensor, p2: Tensor, segment_dim: int = 80) -> tuple[Tensor, Tensor]:
     """Raw entropy sums of the joint distribution ``P = p1^T p2 / N`` (materialises ``P``).
 
     ``H_diag = sum_a P[a,a] lg P[a,a]`` and ``H_off = sum_{seg(a) != seg(b)} P[a,b] lg P[a,b]``
@@ -178,7 +99,7 @@ def joint_entropy_terms(p1: Tensor, p2: Tensor, segment_dim: int) -> tuple[Tenso
     Args:
         p1: ``(N, D)`` segment probabilities of the first view.
         p2: ``(N, D)`` segment probabilities of the second view.
-        segment_dim: Segment size ``K``.
+        segment_dim: Segment size ``K`` (paper: 80).
 
     Returns:
         ``(H_diag, H_off)``, two scalars (both <= 0).
@@ -192,20 +113,20 @@ def joint_entropy_terms(p1: Tensor, p2: Tensor, segment_dim: int) -> tuple[Tenso
         >>> bool(h_diag <= 0) and bool(h_off <= 0)
         True
     """
-    _check_segment_dim(segment_dim)
-    _check_pair(p1, p2, segment_dim, min_rows=1)
-    p1c = p1.to(reference.compute_dtype(p1.dtype))
+    check_segment_dim(segment_dim)
+    check_pair(p1, p2, segment_dim, min_rows=1)
+    p1c = p1.to(compute_dtype(p1.dtype))
     p2c = p2.to(p1c.dtype)
     return reference.joint_entropy_terms_reference(p1c, p2c, segment_dim)
 
 
-def invariance_term(p1: Tensor, p2: Tensor, segment_dim: int) -> Tensor:
+def invariance_term(p1: Tensor, p2: Tensor, segment_dim: int = 80) -> Tensor:
     """Transform-invariance term ``L_inv = -(1/(N S)) sum_{i,s} lg(sum_k p1[i,s,k] p2[i,s,k])``.
 
     Args:
         p1: ``(N, D)`` segment probabilities of the first view.
         p2: ``(N, D)`` segment probabilities of the second view.
-        segment_dim: Segment size ``K``.
+        segment_dim: Segment size ``K`` (paper: 80).
 
     Returns:
         A scalar >= 0; 0 when both views put all mass on the same bin of every segment.
@@ -217,9 +138,9 @@ def invariance_term(p1: Tensor, p2: Tensor, segment_dim: int) -> Tensor:
         >>> float(invariance_term(p, p, segment_dim=3))
         -0.0
     """
-    _check_segment_dim(segment_dim)
-    _check_pair(p1, p2, segment_dim, min_rows=1)
-    p1c = p1.to(reference.compute_dtype(p1.dtype))
+    check_segment_dim(segment_dim)
+    check_pair(p1, p2, segment_dim, min_rows=1)
+    p1c = p1.to(compute_dtype(p1.dtype))
     return reference.invariance_term_reference(p1c, p2.to(p1c.dtype), segment_dim)
 
 
@@ -234,14 +155,16 @@ def music_loss(
     diag_weight: float = ...,
     off_weight: float = ...,
     invariance_weight: float = ...,
-    normalization: str = ...,
+    normalization: Normalization = ...,
     gather_distributed: bool = ...,
     process_group: Any = ...,
-    backend: str = ...,
-    precision: str = ...,
+    backend: Backend = ...,
+    precision: Precision = ...,
     return_terms: Literal[False] = ...,
     check_finite: bool = ...,
     chunk_size: int | None = ...,
+    uneven_batches: bool = ...,
+    shard: bool = ...,
 ) -> Tensor: ...
 
 
@@ -256,14 +179,16 @@ def music_loss(
     diag_weight: float = ...,
     off_weight: float = ...,
     invariance_weight: float = ...,
-    normalization: str = ...,
+    normalization: Normalization = ...,
     gather_distributed: bool = ...,
     process_group: Any = ...,
-    backend: str = ...,
-    precision: str = ...,
+    backend: Backend = ...,
+    precision: Precision = ...,
     return_terms: Literal[True],
     check_finite: bool = ...,
     chunk_size: int | None = ...,
+    uneven_batches: bool = ...,
+    shard: bool = ...,
 ) -> MUSICTerms: ...
 
 
@@ -278,14 +203,16 @@ def music_loss(
     diag_weight: float = ...,
     off_weight: float = ...,
     invariance_weight: float = ...,
-    normalization: str = ...,
+    normalization: Normalization = ...,
     gather_distributed: bool = ...,
     process_group: Any = ...,
-    backend: str = ...,
-    precision: str = ...,
+    backend: Backend = ...,
+    precision: Precision = ...,
     return_terms: bool = ...,
     check_finite: bool = ...,
     chunk_size: int | None = ...,
+    uneven_batches: bool = ...,
+    shard: bool = ...,
 ) -> Tensor | MUSICTerms: ...
 
 
@@ -299,14 +226,16 @@ def music_loss(
     diag_weight: float = 1.0,
     off_weight: float = 1.0,
     invariance_weight: float = 1.0,
-    normalization: str = "blocks",
+    normalization: Normalization = "blocks",
     gather_distributed: bool = False,
     process_group: Any = None,
-    backend: str = "auto",
-    precision: str = "auto",
+    backend: Backend = "auto",
+    precision: Precision = "auto",
     return_terms: bool = False,
     check_finite: bool = False,
     chunk_size: int | None = None,
+    uneven_batches: bool = False,
+    shard: bool = True,
 ) -> Tensor | MUSICTerms:
     r"""MUSIC loss (Multi-Segmental Informational Coding) of two views of a batch.
 
@@ -339,11 +268,28 @@ def music_loss(
             ``"torch"`` (memory-light PyTorch) or ``"reference"`` (materialises ``P``).
         precision: Matmul operands: ``"auto"``, ``"ieee"``, ``"tf32"`` or ``"bf16"``
             (fp32 accumulation always).
-        return_terms: Return :class:`MUSICTerms` ``(loss, diag, off, invariance)``.
+        return_terms: Return :class:`MUSICTerms` ``(loss, diag, off, invariance)``; on every
+            backend only ``loss`` carries a gradient, the parts are detached logging values.
         check_finite: Raise if ``z1``/``z2`` hold NaN or inf (costs a host sync). Otherwise a
             NaN or ``+inf`` input gives a NaN loss, never a finite wrong one.
         chunk_size: Rows of ``P`` per block in the ``torch`` backend (chosen from the shapes
             when ``None``).
+        uneven_batches: With ``gather_distributed``, allow ranks to hold different batch
+            sizes (exchanges the sizes every step: a host sync). By default all ranks must
+            hold the same number of rows (as DDP with ``drop_last=True`` or a
+            ``DistributedSampler`` gives); this is checked once per batch size, with a clear
+            error if they differ.
+        shard: With ``gather_distributed``, split the work on ``P`` across the ranks (SPEC 3):
+            each computes the entropy entries of its own rows of ``P`` (``6 N D^2 / W``
+            FLOPs instead of ``6 N D^2``), with the same values and gradients as
+            ``shard=False`` (every rank computing all of ``P``). Ignored without
+            ``gather_distributed``.
+
+    Raises:
+        RuntimeError: On a double backward (``create_graph=True`` through the loss) with a
+            backend other than ``"reference"``: those compute first derivatives only.
+        NotImplementedError: Under ``torch.func`` transforms with a backend other than
+            ``"reference"``.
 
     Returns:
         The scalar loss (float32; float64 for float64 inputs), or :class:`MUSICTerms`.
@@ -359,35 +305,81 @@ def music_loss(
     """
     config = make_config(segment_dim, temperature, eps, diag_weight, off_weight,
                          invariance_weight, normalization)
-    _check_choice("backend", backend, BACKENDS)
-    _check_choice("precision", precision, PRECISIONS)
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
-                                   or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-    _check_pair(z1, z2, config.segment_dim, min_rows=1 if gather_distributed else 2)
+    terms = loss_with_config(
+        z1, z2, config, gather_distributed=gather_distributed, process_group=process_group,
+        backend=check_backend(backend), precision=check_precision(precision),
+        check_finite=check_flag("check_finite", check_finite),
+        chunk_size=check_chunk_size(chunk_size),
+        uneven_batches=check_flag("uneven_batches", uneven_batches),
+        shard=check_flag("shard", shard))
+    return terms if return_terms else terms.loss
+
+
+def loss_with_config(
+    z1: Tensor,
+    z2: Tensor,
+    config: LossConfig,
+    *,
+    gather_distributed: bool,
+    process_group: Any,
+    backend: Backend,
+    precision: Precision,
+    check_finite: bool,
+    chunk_size: int | None,
+    uneven_batches: bool,
+    shard: bool = True,
+) -> MUSICTerms:
+    """:func:`music_loss` with hyperparameters already validated (``MUSICLoss`` holds them):
+    check the views, gather them if asked, dispatch."""
+    check_pair(z1, z2, config.segment_dim, min_rows=1 if gather_distributed else 2)
+    check_not_under_functorch(backend, z1, z2)
     if check_finite:
-        _check_finite(z1, z2)
+        check_finite_values(z1, z2)
 
     local_rows: tuple[int, int] | None = None
     if gather_distributed:
-        _check_process_group()
+        check_process_group()
         dim = z1.shape[1]
-        both, local_rows = gather_rows(torch.cat([z1, z2], dim=1), process_group)
+        both, local_rows = gather_rows(torch.cat([z1, z2], dim=1), process_group,
+                                       uneven=uneven_batches)
         z1, z2 = both[:, :dim], both[:, dim:]
         if z1.shape[0] < 2:
             raise ValueError(f"the global batch must hold at least 2 samples, got {z1.shape[0]}")
+        if shard:
+            return _sharded(z1, z2, config, local_rows, process_group, backend, precision,
+                            chunk_size)
+    return run_backend(z1, z2, config, local_rows, backend, precision, chunk_size)
 
-    chosen = resolve_backend(backend, z1)
-    mode = resolve_precision(precision, z1)
-    if chosen == "reference":
-        terms = reference.music_loss_reference(z1, z2, config, local_rows)
-    elif chosen == "torch":
-        from music_loss.chunked import music_loss_chunked
 
-        terms = music_loss_chunked(z1, z2, config, local_rows, precision=mode,
-                                   chunk_size=chunk_size)
-    else:
-        from music_loss.kernels import music_loss_triton
+def _sharded(
+    z1: Tensor,
+    z2: Tensor,
+    config: LossConfig,
+    local_rows: tuple[int, int],
+    process_group: Any,
+    backend: Backend,
+    precision: Precision,
+    chunk_size: int | None,
+) -> MUSICTerms:
+    """This rank's share of the entropy on the gathered views, plus its invariance (SPEC 3).
 
-        terms = music_loss_triton(z1, z2, config, local_rows, precision=mode)
-    return terms if return_terms else terms.loss
+    The backend runs with the entropy weights times ``W`` on this rank's rows of ``P``: its
+    loss carries the gradient ``W x own entropy share + own invariance``, so the
+    reduce-scatter of the gather's backward followed by DDP's mean over ranks gives the
+    single-process gradient. The value returned is the global entropy (the ranks' partial
+    sums, all-reduced and detached) plus this rank's invariance, as with ``shard=False``.
+    """
+    world = dist.get_world_size(process_group)
+    rank = dist.get_rank(process_group)
+    k = config.segment_dim
+    s0, s1 = owned_segments(z1.shape[1] // k, rank, world)
+    scaled = dataclasses.replace(config, diag_weight=config.diag_weight * world,
+                                 off_weight=config.off_weight * world)
+    terms = run_backend(z1, z2, scaled, local_rows, backend, precision, chunk_size,
+                        row_range=(s0 * k, s1 * k))
+    diag, off = sum_over_ranks(torch.stack([terms.diag, terms.off]) / world, process_group)
+    value = diag + off + terms.invariance
+    # Value of the global loss, gradient of this rank's share (x - x.detach() is exactly 0).
+    loss = value + (terms.loss - terms.loss.detach())
+    return MUSICTerms(loss, diag, off, terms.invariance)
+

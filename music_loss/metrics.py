@@ -74,9 +74,11 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from music_loss._config import TINY
-from music_loss.functional import _check_pair, _check_real, _check_segment_dim, _check_view
-from music_loss.reference import compute_dtype
+from music_loss._config import TINY, compute_dtype
+from music_loss._validate import check_pair as _check_pair
+from music_loss._validate import check_real as _check_real
+from music_loss._validate import check_segment_dim as _check_segment_dim
+from music_loss._validate import check_view as _check_view
 
 __all__ = [
     "MUSICDiagnostics",

@@ -6,14 +6,15 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from music_loss._config import BACKENDS, PRECISIONS, MUSICTerms
-from music_loss.functional import (
-    _check_choice,
-    _check_process_group,
+from music_loss._config import Backend, LossConfig, MUSICTerms, Normalization, Precision
+from music_loss._validate import (
+    check_backend,
+    check_chunk_size,
+    check_flag,
+    check_precision,
     make_config,
-    music_loss,
-    segment_softmax,
 )
+from music_loss.functional import loss_with_config, segment_softmax
 
 
 class MUSICLoss(nn.Module):
@@ -42,10 +43,22 @@ class MUSICLoss(nn.Module):
         process_group: Group for the gather (default group when ``None``).
         backend: ``"auto"`` | ``"triton"`` | ``"torch"`` | ``"reference"``.
         precision: ``"auto"`` | ``"ieee"`` | ``"tf32"`` | ``"bf16"``.
+        check_finite: Raise if a view holds NaN or inf (costs a host sync per call).
+        chunk_size: Rows of ``P`` per block in the ``torch`` backend (``None``: from the
+            shapes).
+        uneven_batches: With ``gather_distributed``, allow different per-rank batch sizes
+            (exchanged every step). By default they must be equal (checked once).
+        shard: With ``gather_distributed``, each rank computes only its rows of ``P``
+            (``1/W`` of the loss's work, same values and gradients); ``False``: every rank
+            computes all of ``P``.
+
+    The hyperparameters are validated once, here, into an immutable config: a typo fails at
+    construction, and each call only checks the views. ``gather_distributed=True`` may be
+    set before the process group exists (trainers build modules first): the group is
+    required at the first call.
 
     Raises:
-        ValueError: On a bad hyperparameter, or ``gather_distributed=True`` without an
-            initialised process group.
+        ValueError: On a bad hyperparameter.
 
     Example:
         >>> import torch
@@ -68,47 +81,53 @@ class MUSICLoss(nn.Module):
         diag_weight: float = 1.0,
         off_weight: float = 1.0,
         invariance_weight: float = 1.0,
-        normalization: str = "blocks",
+        normalization: Normalization = "blocks",
         gather_distributed: bool = False,
         process_group: Any = None,
-        backend: str = "auto",
-        precision: str = "auto",
+        backend: Backend = "auto",
+        precision: Precision = "auto",
+        check_finite: bool = False,
+        chunk_size: int | None = None,
+        uneven_batches: bool = False,
+        shard: bool = True,
     ) -> None:
         super().__init__()
-        # Validate now so a typo fails at construction, not at the first step.
-        make_config(segment_dim, temperature, eps, diag_weight, off_weight, invariance_weight,
-                    normalization)
-        _check_choice("backend", backend, BACKENDS)
-        _check_choice("precision", precision, PRECISIONS)
-        if gather_distributed:
-            _check_process_group()
-        self.segment_dim = segment_dim
-        self.temperature = temperature
-        self.eps = eps
-        self.diag_weight = diag_weight
-        self.off_weight = off_weight
-        self.invariance_weight = invariance_weight
-        self.normalization = normalization
-        self.gather_distributed = gather_distributed
+        self.config: LossConfig = make_config(segment_dim, temperature, eps, diag_weight,
+                                              off_weight, invariance_weight, normalization)
+        self.gather_distributed = check_flag("gather_distributed", gather_distributed)
         self.process_group = process_group
-        self.backend = backend
-        self.precision = precision
+        self.backend: Backend = check_backend(backend)
+        self.precision: Precision = check_precision(precision)
+        self.check_finite = check_flag("check_finite", check_finite)
+        self.chunk_size = check_chunk_size(chunk_size)
+        self.uneven_batches = check_flag("uneven_batches", uneven_batches)
+        self.shard = check_flag("shard", shard)
+
+    # Read-only views of the config, for code that reads the module's hyperparameters.
+    segment_dim = property(lambda self: self.config.segment_dim)
+    temperature = property(lambda self: self.config.temperature)
+    eps = property(lambda self: self.config.eps)
+    diag_weight = property(lambda self: self.config.diag_weight)
+    off_weight = property(lambda self: self.config.off_weight)
+    invariance_weight = property(lambda self: self.config.invariance_weight)
+    normalization = property(lambda self: self.config.normalization)
 
     def forward(self, z1: Tensor, z2: Tensor, return_terms: bool = False) -> Tensor | MUSICTerms:
-        """Loss of two ``(N, D)`` views (or :class:`MUSICTerms` with ``return_terms=True``)."""
-        return music_loss(
-            z1, z2, self.segment_dim,
-            temperature=self.temperature, eps=self.eps, diag_weight=self.diag_weight,
-            off_weight=self.off_weight, invariance_weight=self.invariance_weight,
-            normalization=self.normalization, gather_distributed=self.gather_distributed,
+        """Loss of two ``(N, D)`` views (or :class:`MUSICTerms` with ``return_terms=True``;
+        only its ``loss`` carries a gradient)."""
+        terms = loss_with_config(
+            z1, z2, self.config, gather_distributed=self.gather_distributed,
             process_group=self.process_group, backend=self.backend, precision=self.precision,
-            return_terms=return_terms,
+            check_finite=self.check_finite, chunk_size=self.chunk_size,
+            uneven_batches=self.uneven_batches, shard=self.shard,
         )
+        return terms if return_terms else terms.loss
 
     def extra_repr(self) -> str:
-        return (f"segment_dim={self.segment_dim}, temperature={self.temperature}, "
-                f"eps={self.eps}, normalization={self.normalization!r}, "
-                f"backend={self.backend!r}, precision={self.precision!r}")
+        c = self.config
+        return (f"segment_dim={c.segment_dim}, temperature={c.temperature}, eps={c.eps}, "
+                f"normalization={c.normalization!r}, backend={self.backend!r}, "
+                f"precision={self.precision!r}")
 
 
 class SegmentSoftmax(nn.Module):
@@ -121,7 +140,7 @@ class SegmentSoftmax(nn.Module):
         tensor([0.2500, 0.2500, 0.2500, 0.2500])
     """
 
-    def __init__(self, segment_dim: int, temperature: float = 1.0, eps: float = 0.0) -> None:
+    def __init__(self, segment_dim: int = 80, temperature: float = 1.0, eps: float = 0.0) -> None:
         super().__init__()
         make_config(segment_dim, temperature, eps)
         self.segment_dim = segment_dim

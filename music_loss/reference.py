@@ -10,21 +10,22 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from music_loss._config import TINY, LossConfig, MUSICTerms
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 stays float64; every other floating dtype computes in float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from music_loss._config import TINY, LossConfig, MUSICTerms, compute_dtype
 
 
 def segment_softmax_reference(
     z: Tensor, segment_dim: int, temperature: float = 1.0, eps: float = 0.0
 ) -> Tensor:
-    """``clamp_min(softmax(z.view(N, S, K) / t, -1), eps)`` viewed back as ``(N, D)``."""
+    """``clamp_min(softmax(z.view(N, S, K) / t, -1), eps)`` viewed back as ``(N, D)``.
+
+    The segment's maximum is subtracted before dividing by ``t`` (softmax is shift-invariant,
+    so the value and gradient are unchanged): dividing first rounds logits of size ``|z| / t``
+    (1000 at ``t = 0.05`` and scale 50) and puts that absolute error into every exponent.
+    """
     n, d = z.shape
-    q = torch.softmax(z.to(compute_dtype(z.dtype)).view(n, d // segment_dim, segment_dim)
-                      / temperature, dim=-1)
+    logits = z.to(compute_dtype(z.dtype)).view(n, d // segment_dim, segment_dim)
+    shifted = logits - logits.detach().amax(dim=-1, keepdim=True)
+    q = torch.softmax(shifted / temperature, dim=-1)
     p = torch.clamp_min(q, eps) if eps > 0 else q
     return p.reshape(n, d)
 
@@ -43,13 +44,18 @@ def block_masks(dim: int, segment_dim: int, device: torch.device) -> tuple[Tenso
 
 
 def joint_entropy_terms_reference(
-    p1: Tensor, p2: Tensor, segment_dim: int
+    p1: Tensor, p2: Tensor, segment_dim: int, row_range: tuple[int, int] | None = None
 ) -> tuple[Tensor, Tensor]:
-    """Raw sums ``H_diag = sum_a P_aa lg P_aa`` and ``H_off`` over the off-diagonal blocks."""
+    """Raw sums ``H_diag = sum_a P_aa lg P_aa`` and ``H_off`` over the off-diagonal blocks;
+    only over the rows ``a`` in ``row_range`` of ``P`` when given (sharding, SPEC 3)."""
     n, d = p1.shape
     joint = p1.T @ p2 / n
     plogp = joint * lg(joint)
     diag, off = block_masks(d, segment_dim, joint.device)
+    if row_range is not None:
+        rows = torch.arange(d, device=joint.device)
+        owned = ((rows >= row_range[0]) & (rows < row_range[1]))[:, None]
+        diag, off = diag & owned, off & owned
     # Multiply by the mask rather than index with it: torch.compile of boolean indexing was
     # seen 2.4e-4 off float64 (SPEC 1), and 0 * lg(0) is 0, never NaN, thanks to the floor.
     return (plogp * diag).sum(), (plogp * off).sum()
@@ -63,7 +69,8 @@ def invariance_term_reference(p1: Tensor, p2: Tensor, segment_dim: int) -> Tenso
 
 
 def music_loss_reference(
-    z1: Tensor, z2: Tensor, config: LossConfig, local_rows: tuple[int, int] | None = None
+    z1: Tensor, z2: Tensor, config: LossConfig, local_rows: tuple[int, int] | None = None,
+    row_range: tuple[int, int] | None = None,
 ) -> MUSICTerms:
     """The MUSIC loss of two views of shape ``(N, D)``, materialising ``P`` (``D x D``).
 
@@ -73,12 +80,14 @@ def music_loss_reference(
         config: Hyperparameters.
         local_rows: ``(start, stop)`` rows that belong to this process: the invariance term
             uses only those (SPEC 3). ``None`` means all rows.
+        row_range: Rows ``(start, stop)`` of ``P`` whose entropy entries count (sharding,
+            SPEC 3); ``None`` means all ``D``.
     """
     device_type = z1.device.type
     with torch.autocast(device_type=device_type, enabled=False):
         p1 = segment_softmax_reference(z1, config.segment_dim, config.temperature, config.eps)
         p2 = segment_softmax_reference(z2, config.segment_dim, config.temperature, config.eps)
-        h_diag, h_off = joint_entropy_terms_reference(p1, p2, config.segment_dim)
+        h_diag, h_off = joint_entropy_terms_reference(p1, p2, config.segment_dim, row_range)
         start, stop = local_rows if local_rows is not None else (0, p1.shape[0])
         l_inv = invariance_term_reference(p1[start:stop], p2[start:stop], config.segment_dim)
         c_diag, c_off = config.coefficients(p1.shape[1])

@@ -147,9 +147,14 @@ def test_non_contiguous_inputs(backend):
     base1, base2 = _views(10, 120)
     z1, z2 = base1.t().contiguous().t(), base2[:, :].repeat(1, 2)[:, ::2]
     assert not z1.is_contiguous() and not z2.is_contiguous()
-    want = music_loss(z1.contiguous().double(), z2.contiguous().double(), 8, backend="reference")
-    got = music_loss(z1, z2, 8, backend=backend)
-    assert relative_error(got, want) <= DTYPE_TOL[torch.float32].loss
+    want, w1, w2 = _float64_truth(z1.contiguous(), z2.contiguous(), 8, grad_scale=1.7)
+    a, b = z1.detach().requires_grad_(True), z2.detach().requires_grad_(True)
+    got = music_loss(a, b, 8, backend=backend)
+    g1, g2 = torch.autograd.grad(got * 1.7, (a, b))
+    assert g1.shape == z1.shape and g2.shape == z2.shape
+    tol = DTYPE_TOL[torch.float32]
+    assert relative_error(got, want.loss) <= tol.loss
+    assert max(relative_error(g1, w1), relative_error(g2, w2)) <= tol.grad
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -33,8 +33,20 @@ BAD_CALLS = {
     "chunk-size": (lambda: music_loss(Z, Z, 3, chunk_size=0), ValueError, "chunk_size"),
     "gather-without-group": (lambda: music_loss(Z, Z, 3, gather_distributed=True), ValueError,
                              "init_process_group"),
-    "module-gather-without-group": (lambda: MUSICLoss(3, gather_distributed=True), ValueError,
+    # Trainers build modules before the process group exists: the check is at the first call.
+    "module-gather-without-group": (lambda: MUSICLoss(3, gather_distributed=True)(Z, Z), ValueError,
                                     "init_process_group"),
+    "dtypes-differ": (lambda: music_loss(Z, Z.double(), 3), TypeError, "same dtype"),
+    "dtypes-differ-reversed": (lambda: music_loss(Z.double(), Z, 3, backend="torch"), TypeError, "same dtype"),
+    "dtypes-differ-half": (lambda: music_loss(Z.half(), Z, 3, backend="reference"), TypeError, "same dtype"),
+    "entropy-terms-dtypes": (lambda: joint_entropy_terms(Z, Z.double(), 3), TypeError, "same dtype"),
+    "zero-features": (lambda: music_loss(torch.randn(8, 0), torch.randn(8, 0), 3), ValueError, "no features"),
+    "zero-features-softmax": (lambda: segment_softmax(torch.randn(8, 0), 3), ValueError, "no features"),
+    "module-check-finite": (lambda: MUSICLoss(3, check_finite=True)(torch.full((4, 6), float("inf")), Z[:4, :6]),
+                            ValueError, "NaN or inf"),
+    "module-chunk-size": (lambda: MUSICLoss(3, chunk_size=-2), ValueError, "chunk_size"),
+    "module-backend": (lambda: MUSICLoss(3, backend="cuda"), ValueError, "backend"),
+    "uneven-batches-flag": (lambda: music_loss(Z, Z, 3, uneven_batches="yes"), TypeError, "uneven_batches"),
     "module-normalization": (lambda: MUSICLoss(3, normalization="full"), ValueError, "normalization"),
     "module-temperature": (lambda: MUSICLoss(3, temperature=-1.0), ValueError, "temperature"),
     "softmax-d": (lambda: segment_softmax(Z, 5), ValueError, "segment_dim"),
@@ -62,3 +74,50 @@ def test_triton_backend_without_cuda_or_interpreter_says_why(monkeypatch):
 def test_triton_backend_refuses_float64_with_the_fix():
     with pytest.raises(ValueError, match="backend='torch' for float64"):
         music_loss(Z.double(), Z.double(), 3, backend="triton")
+
+
+def test_module_with_gather_distributed_is_constructible_before_the_process_group():
+    # Lightning and most trainers build the module first, then start DDP.
+    loss_fn = MUSICLoss(3, gather_distributed=True)
+    assert loss_fn.gather_distributed
+
+
+def test_default_segment_dim_is_80_everywhere():
+    z = torch.randn(4, 160)
+    p = segment_softmax(z)
+    assert torch.allclose(p.view(4, 2, 80).sum(-1), torch.ones(4, 2))
+    assert torch.equal(SegmentSoftmax()(z), p)
+    assert SegmentSoftmax().segment_dim == 80
+    h80 = joint_entropy_terms(p, p)
+    assert all(torch.equal(a, b) for a, b in zip(h80, joint_entropy_terms(p, p, 80)))
+    assert not torch.equal(h80[1], joint_entropy_terms(p, p, 40)[1])
+    assert torch.equal(invariance_term(p, p), invariance_term(p, p, 80))
+    assert not torch.equal(invariance_term(p, p), invariance_term(p, p, 16))
+    assert MUSICLoss().segment_dim == 80
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("transform", ["vmap", "grad"])
+def test_torch_func_transforms_say_they_are_not_supported(backend, transform):
+    z1, z2 = torch.randn(3, 8, 12), torch.randn(3, 8, 12)
+    fn = lambda a, b: music_loss(a, b, 3, backend=backend)
+    with pytest.raises(NotImplementedError, match="torch.func transforms.*backend='reference'"):
+        if transform == "vmap":
+            torch.func.vmap(fn)(z1, z2)
+        else:
+            torch.func.grad(fn)(z1[0], z2[0])
+
+
+@pytest.mark.parametrize("transform", ["vmap", "grad"])
+def test_torch_func_transforms_work_on_the_reference(transform):
+    z1, z2 = torch.randn(3, 8, 12, dtype=torch.float64), torch.randn(3, 8, 12, dtype=torch.float64)
+    fn = lambda a, b: music_loss(a, b, 3, backend="reference")
+    if transform == "vmap":
+        got = torch.func.vmap(fn)(z1, z2)
+        want = torch.stack([fn(a, b) for a, b in zip(z1, z2)])
+        assert torch.allclose(got, want, rtol=1e-12)
+    else:
+        got = torch.func.grad(fn)(z1[0], z2[0])
+        a = z1[0].clone().requires_grad_(True)
+        (want,) = torch.autograd.grad(fn(a, z2[0]), a)
+        assert torch.allclose(got, want, rtol=1e-10)

@@ -152,7 +152,8 @@ class Criterion:
 
     def __init__(self, name: str, *, segment_dim: int = 80, backend: str = "auto",
                  precision: str = "auto", normalization: str = "blocks",
-                 invariance_weight: float = 1.0, temperature: float = 1.0) -> None:
+                 invariance_weight: float = 1.0, temperature: float = 1.0,
+                 shard: bool = True) -> None:
         if name not in LOSSES:
             raise ValueError(f"--loss must be one of {LOSSES}, got {name!r}")
         self.name = name
@@ -161,7 +162,7 @@ class Criterion:
             self.music = MUSICLoss(segment_dim, temperature=temperature,
                                    invariance_weight=invariance_weight,
                                    normalization=normalization, gather_distributed=_world() > 1,
-                                   backend=backend, precision=precision)
+                                   backend=backend, precision=precision, shard=shard)
 
     def __call__(self, z1: Tensor, z2: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         if self.music is not None:

@@ -110,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
                        choices=("auto", "triton", "torch", "reference"),
                        help="MUSIC backend: auto = fused Triton kernels on CUDA, else torch")
     model.add_argument("--precision", default="auto", choices=("auto", "ieee", "tf32", "bf16"))
+    model.add_argument("--no-shard", action="store_true",
+                       help="every rank computes the whole MUSIC loss (default: each rank its "
+                            "1/W share of the D x D joint distribution; same values and gradients)")
     opt = p.add_argument_group("optimisation")
     opt.add_argument("--epochs", type=int, default=100)
     opt.add_argument("--batch-size", type=int, default=2048, help="global batch (all ranks)")
@@ -379,7 +382,7 @@ def _train(args: argparse.Namespace, env: DistEnv) -> dict[str, Any]:
     criterion = Criterion(args.loss, segment_dim=args.segment_dim, backend=args.backend,
                           precision=args.precision, normalization=args.normalization,
                           invariance_weight=args.invariance_weight,
-                          temperature=args.temperature)
+                          temperature=args.temperature, shard=not args.no_shard)
 
     images = (SyntheticImages(args.synthetic_images, args.synthetic_resolution, seed=args.seed)
               if args.synthetic else torchvision.datasets.ImageFolder(str(args.data / "train")))
