@@ -13,7 +13,6 @@ from music_loss import music_loss
 from tests.tolerances import DTYPE_TOL, FLOAT32_NO_CLAMP_TOL, loss_error
 
 
-
 @st.composite
 def problems(draw, dtypes=(torch.float64, torch.float32)):
     """Any shape up to N=64, D=512, any option, float32 or float64, logits up to scale 50."""
