@@ -192,7 +192,9 @@ def test_fp16_inputs_with_gradscaler_scale(backend, scale):
     # GradScaler starts at 65536, which is inf in fp16: casting the scale (or rounding the
     # unscaled gradient to fp16 before scaling) loses every step.
     gen = torch.Generator().manual_seed(6)
-    n, d, k = 48, 120, 20
+    # At N=512, D=960 the unscaled gradients sit near fp16's smallest normals (before the
+    # fix, 12.8% of them underflowed to 0 at scale 1024); the interpreter takes a smaller one.
+    n, d, k = (48, 120, 20) if backend == "triton" else (512, 960, 80)
     z1 = (torch.randn(n, d, generator=gen) * 2).half()
     z2 = (z1.float() + torch.randn(n, d, generator=gen)).half()
     a, b = z1.clone().requires_grad_(True), z2.clone().requires_grad_(True)
@@ -204,6 +206,6 @@ def test_fp16_inputs_with_gradscaler_scale(backend, scale):
                                  (a64, b64))
     for got, want in ((g1, w1), (g2, w2)):
         assert torch.isfinite(got).all()
-        representable = want.abs() >= 2.0**-14  # fp16 normal range: must not underflow
+        representable = want.abs() >= 2.0**-23  # twice fp16's smallest subnormal: never 0
         assert (got[representable] != 0).all()
         assert relative_error(got, want) <= DTYPE_TOL[torch.float16].grad

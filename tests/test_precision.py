@@ -31,17 +31,17 @@ def _snapshot():
 def restore_precision_globals():
     before = _snapshot()
     yield
-    # Back to PyTorch's defaults through the new API (the legacy setter would raise while
-    # the new API is set), then the legacy default.
-    torch.backends.cuda.matmul.fp32_precision = "none"
-    torch.backends.fp32_precision = "none"
-    torch.backends.mkldnn.matmul.fp32_precision = "none"
-    torch.backends.mkldnn.fp32_precision = "none"
-    torch.backends.cudnn.fp32_precision = "none"
-    torch.set_float32_matmul_precision("highest")
-    torch.backends.cuda.matmul.fp32_precision = "none"
-    torch.backends.mkldnn.matmul.fp32_precision = "none"
-    assert _snapshot() == before == ("none",) * 5
+    # Back through the new API (the legacy setter would raise while it is set): every
+    # setting to "none", then each to its value before the test (earlier tests may have set
+    # some, e.g. the benchmarks' set_float32_matmul_precision).
+    names = [(torch.backends, "fp32_precision"), (torch.backends.cuda.matmul, "fp32_precision"),
+             (torch.backends.cudnn, "fp32_precision"), (torch.backends.mkldnn, "fp32_precision"),
+             (torch.backends.mkldnn.matmul, "fp32_precision")]
+    for owner, name in reversed(names):
+        setattr(owner, name, "none")
+    for (owner, name), value in zip(names, before):
+        setattr(owner, name, value)
+    assert _snapshot() == before
 
 
 def _expected(legacy: str, generic: str, cuda_matmul: str) -> str:

@@ -10,42 +10,45 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from music_loss import music_loss
-from tests.tolerances import DTYPE_TOL, relative_error
-
-TOL64 = DTYPE_TOL[torch.float64]
+from tests.tolerances import DTYPE_TOL, FLOAT32_NO_CLAMP_TOL, loss_error
 
 
 @st.composite
-def problems(draw):
-    n = draw(st.integers(2, 9))
-    k = draw(st.integers(1, 6))
-    s = draw(st.integers(1, 4))
+def problems(draw, dtypes=(torch.float64, torch.float32)):
+    """Any shape up to N=64, D=512, any option, float32 or float64, logits up to scale 50."""
+    n = draw(st.integers(2, 64))
+    k = draw(st.integers(1, 80))
+    s = draw(st.integers(1, max(1, min(16, 512 // k))))
+    dtype = draw(st.sampled_from(dtypes))
     seed = draw(st.integers(0, 2**31 - 1))
-    scale = draw(st.sampled_from([0.1, 1.0, 4.0]))
+    scale = draw(st.sampled_from([0.1, 1.0, 4.0, 50.0]))
     gen = torch.Generator().manual_seed(seed)
     z1 = torch.randn(n, s * k, generator=gen, dtype=torch.float64) * scale
-    z2 = torch.randn(n, s * k, generator=gen, dtype=torch.float64) * scale
+    z2 = (z1 * draw(st.sampled_from([0.0, 0.5, 1.0]))
+          + torch.randn(n, s * k, generator=gen, dtype=torch.float64) * scale)
     kwargs = {
         "normalization": draw(st.sampled_from(["blocks", "joint"])),
         "eps": draw(st.sampled_from([0.0, 1e-8, 1e-3])),
-        "temperature": draw(st.sampled_from([0.5, 1.0, 3.0])),
+        "temperature": draw(st.sampled_from([0.05, 0.5, 1.0, 3.0])),
+        "diag_weight": draw(st.sampled_from([0.0, 1.0, 0.3])),
+        "off_weight": draw(st.sampled_from([0.0, 1.0, 2.0])),
         "invariance_weight": draw(st.sampled_from([0.0, 1.0, 2.5])),
     }
-    return z1, z2, k, kwargs, gen
+    return z1.to(dtype), z2.to(dtype), k, kwargs, gen
 
 
-def _close(a, b):
-    return abs(float(a) - float(b)) <= TOL64.loss * max(1.0, abs(float(b)))
+def _close(a, b, dtype=torch.float64):
+    return abs(float(a) - float(b)) <= DTYPE_TOL[dtype].loss * max(1.0, abs(float(b)))
 
 
-@given(problems(), st.sampled_from(["reference", "torch"]))
+@given(problems(dtypes=(torch.float64,)), st.sampled_from(["reference", "torch"]))
 def test_symmetric_in_the_two_views(problem, backend):
     z1, z2, k, kwargs, _ = problem
     assert _close(music_loss(z1, z2, k, backend=backend, **kwargs),
                   music_loss(z2, z1, k, backend=backend, **kwargs))
 
 
-@given(problems(), st.sampled_from(["reference", "torch"]))
+@given(problems(dtypes=(torch.float64,)), st.sampled_from(["reference", "torch"]))
 def test_invariant_to_permuting_rows_segments_and_bins(problem, backend):
     z1, z2, k, kwargs, gen = problem
     n, d = z1.shape
@@ -59,17 +62,59 @@ def test_invariant_to_permuting_rows_segments_and_bins(problem, backend):
     assert _close(got, want)
 
 
-@given(problems())
-def test_torch_backend_equals_reference_in_float64(problem):
+@given(problems(), st.sampled_from(["reference", "torch"]), st.data())
+def test_every_backend_matches_float64_on_any_problem(problem, backend, data):
+    """float32 or float64 inputs against the float64 reference, loss and both gradients."""
     z1, z2, k, kwargs, gen = problem
-    chunk = int(torch.randint(1, z1.shape[1] + 2, (1,), generator=gen))
-    z1.requires_grad_(True)
-    want = music_loss(z1, z2, k, backend="reference", **kwargs)
-    (w1,) = torch.autograd.grad(want, z1)
-    got = music_loss(z1, z2, k, backend="torch", chunk_size=chunk, **kwargs)
-    (g1,) = torch.autograd.grad(got, z1)
-    assert _close(got, want)
-    assert relative_error(g1, w1) <= TOL64.grad or (w1 - g1).abs().max() < 1e-12
+    chunk = data.draw(st.one_of(st.none(), st.integers(1, z1.shape[1] + 2)))
+    options = {"chunk_size": chunk} if backend == "torch" else {}
+    a, b = z1.clone().requires_grad_(True), z2.clone().requires_grad_(True)
+    got = music_loss(a, b, k, backend=backend, return_terms=True, **options, **kwargs)
+    g1, g2 = torch.autograd.grad(got.loss, (a, b))
+    a64, b64 = z1.double().requires_grad_(True), z2.double().requires_grad_(True)
+    want = music_loss(a64, b64, k, backend="reference", return_terms=True, **kwargs)
+    w1, w2 = torch.autograd.grad(want.loss, (a64, b64))
+    tol = DTYPE_TOL[z1.dtype]
+    if z1.dtype == torch.float32 and kwargs["eps"] == 0.0:
+        # No clamp: probabilities down to exp(-|z|/t) ~ 1e-16 enter the gradient, each with the
+        # float32 rounding of its exponent (6e-8 |z| / t), amplified by |lg P|: a float32
+        # limit, not a defect (measured up to ~3e-5 at N=2, t=0.05). With eps > 0 (the
+        # default) the SPEC target holds.
+        tol = FLOAT32_NO_CLAMP_TOL
+    weights = sum(abs(kwargs[w]) for w in ("diag_weight", "off_weight", "invariance_weight"))
+    assert loss_error(got.loss, want, floor=weights) <= tol.loss
+    conditioning = _pre_cancellation_scale(z1, z2, k, kwargs)
+    for g, w, pre in zip((g1, g2), (w1, w2), conditioning):
+        # Frobenius-relative, with a floor at 0.1 x the tolerance of the softmax backward's
+        # input size ||q * dL/dp|| / t: the backward subtracts the segment mean of dL/dp, so
+        # where that is nearly constant (near-uniform softmax, a saturated one) the result is
+        # a cancellation whose float32 error is ~eps of the input, not of the output. The
+        # floor is 1e-6 of that input in float32 (8 eps).
+        err = float((g.double() - w).norm())
+        assert err <= tol.grad * max(float(w.norm()), 0.1 * pre), (err, float(w.norm()), pre)
+
+
+def _pre_cancellation_scale(z1, z2, k, kwargs):
+    """``||q * dL/dp|| / t`` per view in float64: the size of the softmax backward's input."""
+    from music_loss._config import LossConfig
+    from music_loss.reference import (
+        invariance_term_reference,
+        joint_entropy_terms_reference,
+        segment_softmax_reference,
+    )
+
+    config = LossConfig(segment_dim=k, **kwargs)
+    t = config.temperature
+    q1 = segment_softmax_reference(z1.double(), k, t, 0.0)
+    q2 = segment_softmax_reference(z2.double(), k, t, 0.0)
+    p1 = q1.clamp_min(config.eps).requires_grad_(True)
+    p2 = q2.clamp_min(config.eps).requires_grad_(True)
+    h_diag, h_off = joint_entropy_terms_reference(p1, p2, k)
+    c_diag, c_off = config.coefficients(z1.shape[1])
+    loss = c_diag * h_diag + c_off * h_off + config.invariance_weight * (
+        invariance_term_reference(p1, p2, k))
+    d1, d2 = torch.autograd.grad(loss, (p1, p2))
+    return float((q1 * d1).norm()) / t, float((q2 * d2).norm()) / t
 
 
 def orthogonal_array_codes(k: int, s: int) -> torch.Tensor:

@@ -29,6 +29,9 @@ DTYPE_TOL: dict[torch.dtype, Tol] = {
     torch.bfloat16: Tol(loss=1e-6, grad=1.6e-2),
 }
 
+#: float32 with ``eps = 0`` (no clamp) at low temperature: see ``test_properties``.
+FLOAT32_NO_CLAMP_TOL = Tol(loss=1e-6, grad=1e-4)
+
 #: By matmul precision, float32 inputs, against float64 with unrounded operands. bf16
 #: operands carry 8 significant bits (relative rounding 2^-9 per operand).
 PRECISION_TOL: dict[str, Tol] = {
@@ -56,7 +59,7 @@ def relative_error(got: Tensor, want: Tensor) -> float:
     return float(diff / scale) if scale > 0 else float(diff)
 
 
-def loss_error(got: Tensor, want_terms: tuple[Tensor, ...]) -> float:
+def loss_error(got: Tensor, want_terms: tuple[Tensor, ...], floor: float = 0.0) -> float:
     """Loss error relative to the size of the parts it sums: ``|got - want| / max(|want|,
     |diag| + |off| + |invariance|)`` (float64 parts).
 
@@ -64,7 +67,13 @@ def loss_error(got: Tensor, want_terms: tuple[Tensor, ...]) -> float:
     computed; when the parts nearly cancel (a loss of -0.075 from parts -1.8, -4.0 and +5.7,
     seen at logit scale 50) that error, relative to the loss alone, is ~100x larger without
     anything being wrong. The parts themselves are compared with :func:`relative_error`.
+
+    ``floor``: a lower bound of the scale, for losses whose parts are all near 0. Each
+    normalised part is a mean of O(1) values per unit weight (entropies over log K, logs of
+    agreements), so its float32 error is ~1e-7 x its weight even when it is 0.001: pass the
+    sum of the absolute weights (the invariance term of views that agree is
+    ``-log(1 - 1e-3)``, whose float32 error is 1e-7 absolute).
     """
     loss, *parts = (float(t.detach()) for t in want_terms)
-    scale = max(abs(loss), sum(abs(p) for p in parts))
+    scale = max(abs(loss), sum(abs(p) for p in parts), floor)
     return abs(float(got.detach()) - loss) / scale if scale > 0 else abs(float(got.detach()))
