@@ -42,7 +42,7 @@ def main() -> None:
     torch.manual_seed(0)
     z1 = torch.randn(32, 64, requires_grad=True)
     z2 = (z1.detach() + 0.1 * torch.randn(32, 64)).requires_grad_()
-    picked = resolve_backend("auto", z1)
+    picked = resolve_backend("auto", z1.device.type, z1.dtype)
     print(f"music_loss {music_loss.__version__}, torch {torch.__version__}; "
           f"backend auto -> {picked}")
     if picked != "torch":
