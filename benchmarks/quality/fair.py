@@ -54,16 +54,16 @@ class Grid:
     d: int = 512
     segment_dim: int = 16
     batch_size: int = 256
-    lrs: tuple[float, ...] = (1e-3, 2e-3, 4e-3)
+    lrs: tuple[float, ...] = (1e-3, 2e-3)
     augment_lr: float = 2e-3
     augments: tuple[str, ...] = ("weak", "medium", "strong")
     depths: tuple[int, ...] = (2, 3, 4)
-    hp_points: int = 3
+    hp_points: int = 2
     tune_seed: int = 0
     headline_seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
     ablation_seeds: tuple[int, ...] = (0, 1, 2)
-    ablation_batch_sizes: tuple[int, ...] = (64, 128, 256)
-    ablation_segment_dims: tuple[int, ...] = (8, 16, 32, 64)
+    ablation_batch_sizes: tuple[int, ...] = (64, 256)
+    ablation_segment_dims: tuple[int, ...] = (8, 16, 32)
     ablation_dims: tuple[int, ...] = (128, 512, 1024)
 
     @classmethod
