@@ -130,7 +130,7 @@ def render_markdown(data: dict[str, Any]) -> str:
     meta = data["meta"]
     grid = meta.get("grid", {})
     stage_lines = []
-    for stage, s in meta.get("stages", {}).items():
+    for s in meta.get("stages", {}).values():
         stage_lines.append(
             f"- `{s.get('command')}`: {s.get('runs_done', 0)} runs, "
             f"{s.get('wall_seconds', 0) / 60:.1f} min wall, {s.get('workers')} worker(s) x "
@@ -218,7 +218,7 @@ def plot_tuning(data: dict[str, Any], path: Path) -> bool:
     if not entries:
         return False
     fig, ax = plt.subplots(figsize=(8, 4))
-    for i, (m, entry) in enumerate(entries):
+    for i, (_, entry) in enumerate(entries):
         scores = [100 * t["validation_score"] for t in entry["tuning"]]
         jitter = np.linspace(-0.15, 0.15, len(scores))
         ax.scatter(i + jitter, scores, s=18, color="C0", alpha=0.7,
