@@ -27,6 +27,8 @@ def test_tiny_study_end_to_end(tmp_path: Path) -> None:
         data = digits.run(["--stage", stage, *common])
     saved = json.loads((tmp_path / "smoke.json").read_text())
     assert saved["runs"] == data["runs"]
+    keys = [fair.spec_key(r["spec"]) for r in saved["runs"]]
+    assert len(set(keys)) == len(keys)  # a run shared by several ablations runs once
     grid = fair.Grid.quick()
     for method in fair.COMPARED:
         entry = saved["methods"][method]
@@ -65,7 +67,8 @@ def _fake_study(grid: fair.Grid, rng: np.random.Generator) -> list[dict[str, Any
     for stage in ("tune", "headline", "ablations"):
         while True:
             done = {fair.spec_key(r["spec"]) for r in runs}
-            new = [s for s in fair.plan(stage, runs, grid, 1) if fair.spec_key(s) not in done]
+            new = list({fair.spec_key(s): s for s in fair.plan(stage, runs, grid, 1)
+                        if fair.spec_key(s) not in done}.values())
             if not new:
                 break
             runs += [_fake_run(s, float(rng.uniform(0.5, 1.0))) for s in new]

@@ -126,8 +126,10 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     loads: list[float] = []
     while True:  # tuning plans in steps: each step needs the previous step's scores
         done = {fair.spec_key(r["spec"]) for r in data["runs"]}
-        todo = [s for s in fair.plan(args.stage, data["runs"], grid, args.epochs)
-                if fair.spec_key(s) not in done]
+        # Ablations share runs (each varies one thing from the same base): run each once.
+        todo = list({fair.spec_key(s): s for s in fair.plan(args.stage, data["runs"], grid,
+                                                             args.epochs)
+                     if fair.spec_key(s) not in done}.values())
         if not todo:
             break
         total_epochs = sum(s.get("epochs", 0) for s in todo)

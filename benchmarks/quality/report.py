@@ -223,10 +223,10 @@ def plot_tuning(data: dict[str, Any], path: Path) -> bool:
         jitter = np.linspace(-0.15, 0.15, len(scores))
         ax.scatter(i + jitter, scores, s=18, color="C0", alpha=0.7,
                    label="setting tried" if i == 0 else None)
-        sel = entry.get("selected_validation_score")
-        if sel is not None:
-            ax.scatter([i], [100 * sel], s=90, marker="*", color="C3",
-                       label="selected" if i == 0 else None)
+        chosen = [j for j, t in enumerate(entry["tuning"]) if t["params"] == entry["selected"]]
+        if chosen:
+            ax.scatter(i + jitter[chosen], [scores[j] for j in chosen], s=110, marker="*",
+                       color="C3", zorder=3, label="selected" if i == 0 else None)
     ax.set_xticks(range(len(entries)))
     ax.set_xticklabels([LABELS[m] for m, _ in entries], fontsize=8)
     ax.set_ylabel("validation score (%)")
