@@ -249,6 +249,7 @@ def plot_ablations(data: dict[str, Any], path: Path,
     labels = dict(METRICS)
     fig, axes = plt.subplots(len(keys), len(tables), figsize=(3.4 * len(tables), 6),
                              squeeze=False)
+    colors: dict[str, str] = {}  # one colour per method across the panels
     for col, (name, rows) in enumerate(tables.items()):
         for row_i, key in enumerate(keys):
             ax = axes[row_i, col]
@@ -258,7 +259,8 @@ def plot_ablations(data: dict[str, Any], path: Path,
                 pts = [r for r in rows if r["method"] == m]
                 ax.errorbar([values.index(str(r["value"])) + 0.06 * j for r in pts],
                             [r[key]["mean"] for r in pts], yerr=[r[key]["std"] for r in pts],
-                            marker="o", capsize=3, label=LABELS[m])
+                            marker="o", capsize=3, label=LABELS[m],
+                            color=colors.setdefault(m, f"C{len(colors)}"))
             ax.set_xticks(range(len(values)))
             ax.set_xticklabels(values, fontsize=7)
             ax.grid(alpha=0.3)
@@ -266,10 +268,12 @@ def plot_ablations(data: dict[str, Any], path: Path,
                 ax.set_title(ABLATION_TITLES.get(name, name), fontsize=8)
             if col == 0:
                 ax.set_ylabel(f"{labels[key]} (%)", fontsize=8)
-            if row_i == len(keys) - 1 and col == 0:
-                ax.legend(fontsize=7)
+    handles = {h.get_label(): h for ax in axes.ravel()
+               for h in ax.get_legend_handles_labels()[0]}
+    fig.legend(list(handles.values()), list(handles), loc="lower center",
+               ncol=len(handles), fontsize=8)
     fig.suptitle("Ablations in miniature (validation split, mean ± std over seeds)", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
