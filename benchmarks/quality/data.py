@@ -45,14 +45,38 @@ def load_split(seed: int, test_fraction: float = 0.3) -> DigitsSplit:
                        te_y)
 
 
+def load_fit_val_test(seed: int = 0, val_fraction: float = 0.2,
+                      test_fraction: float = 0.3) -> tuple[DigitsSplit, DigitsSplit]:
+    """The fair study's fixed splits: ``(fit -> validation, fit -> test)``.
+
+    The test split is the same as :func:`load_split` (``seed``); the validation split is
+    carved, stratified, out of its training part, and the rest (``fit``) is what every run
+    trains on and what the probes learn from. Selection reads only the first split.
+
+    Example:
+        >>> to_val, to_test = load_fit_val_test()
+        >>> len(to_val.train_labels), len(to_val.test_labels), len(to_test.test_labels)
+        (1005, 252, 540)
+        >>> bool((to_val.train_images == to_test.train_images).all())
+        True
+    """
+    full = load_split(seed, test_fraction)
+    idx = np.arange(len(full.train_labels))
+    fit_idx, val_idx = train_test_split(idx, test_size=val_fraction,
+                                        stratify=full.train_labels, random_state=seed)
+    fit_images, fit_labels = full.train_images[fit_idx], full.train_labels[fit_idx]
+    return (DigitsSplit(fit_images, fit_labels, full.train_images[val_idx],
+                        full.train_labels[val_idx]),
+            DigitsSplit(fit_images, fit_labels, full.test_images, full.test_labels))
+
+
 @dataclass(frozen=True)
 class Augment:
     """Random affine (rotation, scale, shift), contrast, noise and erasing, per sample.
 
     The same distribution for every method; two independent draws make the two views.
-    Chosen once, before the study, on one MUSIC and one VICReg run (seed 0, 40 epochs): a
-    stronger setting (15 deg, +-1.5 px, noise 0.1, erasing p=0.5) hurt both (MUSIC k-NN 95.0
-    vs 98.5, VICReg k-NN 95.6); it was not tuned per method.
+    The fair study picks one of :data:`AUGMENTS` on the validation split with every method
+    and then uses it for all of them.
     """
 
     max_rotation_deg: float = 10.0
@@ -91,3 +115,13 @@ class Augment:
         erase = (in_rows[:, :, None] & in_cols[:, None, :])
         erase &= (torch.rand(n, generator=generator) < self.erase_prob)[:, None, None]
         return out.masked_fill(erase[:, None], 0.0)
+
+
+#: The augmentation strengths the fair study chooses from (once, with every method).
+AUGMENTS: dict[str, Augment] = {
+    "weak": Augment(max_rotation_deg=5.0, scale_range=(0.95, 1.05), max_shift_px=0.5,
+                    contrast_range=(0.85, 1.15), noise_std=0.02, erase_prob=0.0),
+    "medium": Augment(),
+    "strong": Augment(max_rotation_deg=15.0, scale_range=(0.85, 1.15), max_shift_px=1.5,
+                      contrast_range=(0.6, 1.4), noise_std=0.1, erase_prob=0.5),
+}

@@ -1,256 +1,282 @@
-"""Tables (Markdown) and plots (PNG) from a results JSON of the digits study.
+"""Tables (Markdown) and plots (PNG) from the results JSON of the fair digits study.
 
 Re-render without retraining: ``python -m benchmarks.quality.report
-benchmarks/results/quality-digits.json``.
+benchmarks/results/quality-digits.json``. Everything shown is in the JSON (the summary that
+:func:`benchmarks.quality.fair.summarize` wrote beside the runs).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from benchmarks.quality.fair import COMPARED, METRICS
 from benchmarks.quality.train import BASELINES, METHODS
 
 LABELS: dict[str, str] = {**METHODS, **BASELINES}
-ACCURACIES: tuple[tuple[str, str], ...] = (
-    ("linear_probe_acc", "linear probe (all labels)"),
-    ("linear_probe_few_acc", "linear probe (5 labels/class)"),
-    ("knn_acc", "k-NN (k=5, cosine)"),
-)
-# A difference smaller than this many accuracy points per seed is called a tie.
-TIE_POINTS = 0.5
+ABLATION_TITLES: dict[str, str] = {
+    "batch_size": "batch size (Table 4)",
+    "projector_depth": "projector depth (Table 5)",
+    "invariance": "entropy only vs entropy + invariance (Table 6)",
+    "segment_dim": "segment dimension K at fixed D (Table 7)",
+    "d": "feature dimension D (Table 8)",
+}
 
 
-def select(records: Iterable[dict[str, Any]], study: str, **match: Any) -> list[dict[str, Any]]:
-    """Records of ``study`` whose fields equal ``match``."""
-    return [r for r in records
-            if study in r["studies"] and all(r.get(k) == v for k, v in match.items())]
+def _cell(stat: dict[str, float] | None) -> str:
+    return "-" if not stat else f"{stat['mean']:.1f} ± {stat['std']:.1f}"
 
 
-def mean_std(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for a single value)."""
-    arr = np.asarray(values, dtype=float)
-    return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
-
-
-def fmt(values: Sequence[float]) -> str:
-    """``mean +- std`` in percent."""
-    if not values:
+def _setting(params: dict[str, Any] | None) -> str:
+    if not params:
         return "-"
-    mean, std = mean_std(values)
-    return f"{100 * mean:.1f} ± {100 * std:.1f}"
+    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                     for k, v in params.items())
 
 
-def method_order(records: Sequence[dict[str, Any]]) -> list[str]:
-    present = {r["method"] for r in records}
-    return [m for m in LABELS if m in present]
-
-
-def main_table(records: Sequence[dict[str, Any]]) -> list[str]:
-    rows = select(records, "main")
-    lines = ["| method | D | K | seeds | " + " | ".join(name for _, name in ACCURACIES)
-             + " | train s |",
-             "|---|---|---|---|" + "---|" * len(ACCURACIES) + "---|"]
-    for method in method_order(rows):
-        group = [r for r in rows if r["method"] == method]
-        seconds = np.mean([r.get("train_seconds", 0.0) for r in group])
-        k = group[0]["segment_dim"]
-        lines.append(f"| {LABELS[method]} | {group[0]['d']} | {k if k else '-'} | {len(group)} | "
-                     + " | ".join(fmt([r[key] for r in group]) for key, _ in ACCURACIES)
-                     + f" | {seconds:.0f} |")
+def headline_table(data: dict[str, Any]) -> list[str]:
+    lines = ["| method | selected on validation | val. score | seeds | "
+             + " | ".join(label for _, label in METRICS) + " |",
+             "|---|---|---|---|" + "---|" * len(METRICS)]
+    for m in COMPARED:
+        entry = data["methods"].get(m, {})
+        test = entry.get("test")
+        score = entry.get("selected_validation_score")
+        lines.append(f"| {LABELS[m]} | {_setting(entry.get('selected'))} | "
+                     f"{'-' if score is None else f'{100 * score:.1f}'} | "
+                     f"{len(test['seeds']) if test else 0} | "
+                     + " | ".join(_cell(test.get(k) if test else None) for k, _ in METRICS)
+                     + " |")
+    for b, stats in data.get("baselines", {}).items():
+        lines.append(f"| {LABELS[b]} | - | - | {stats[METRICS[0][0]]['n']} | "
+                     + " | ".join(_cell(stats.get(k)) for k, _ in METRICS) + " |")
     return lines
 
 
-def sweep_table(records: Sequence[dict[str, Any]], study: str, field: str,
-                methods: Sequence[str]) -> list[str]:
-    rows = select(records, study)
-    values = sorted({r[field] for r in rows})
-    methods = [m for m in methods if any(r["method"] == m for r in rows)]
-    header = f"| {field} | " + " | ".join(
-        f"{LABELS[m]}: {name}" for m in methods for _, name in ACCURACIES) + " |"
-    lines = [header, "|---|" + "---|" * (len(methods) * len(ACCURACIES))]
-    for value in values:
-        cells = []
-        for m in methods:
-            group = [r for r in rows if r["method"] == m and r[field] == value]
-            cells += [fmt([r[key] for r in group]) for key, _ in ACCURACIES]
-        lines.append(f"| {value} | " + " | ".join(cells) + " |")
+def comparison_table(data: dict[str, Any]) -> list[str]:
+    lines = ["| A vs B | metric | A | B | A - B (pts, mean ± std over seeds) | per-seed A - B | "
+             "A ahead on | verdict on A >= B |", "|---|---|---|---|---|---|---|---|"]
+    labels = dict(METRICS)
+    for c in data.get("comparisons", []):
+        lines.append(f"| {LABELS[c['a']]} vs {LABELS[c['b']]} | {labels[c['metric']]} | "
+                     f"{c['mean_a']:.1f} | {c['mean_b']:.1f} | {c['mean_diff']:+.1f} ± "
+                     f"{c['std_diff']:.1f} | " + " ".join(f"{d:+.1f}" for d in c["diffs"])
+                     + f" | {c['wins']}/{c['n']} | {c['verdict']} |")
     return lines
 
 
-def paired(records: Sequence[dict[str, Any]], study: str, better: dict[str, Any],
-           worse: dict[str, Any], key: str) -> tuple[float, float, int, int]:
-    """Mean and std over seeds of ``better - worse`` (same seed), wins and ties of ``better``."""
-    a = {r["seed"]: r[key] for r in select(records, study, **better)}
-    b = {r["seed"]: r[key] for r in select(records, study, **worse)}
-    seeds = sorted(set(a) & set(b))
-    if not seeds:
-        return float("nan"), float("nan"), 0, 0
-    diffs = [100 * (a[s] - b[s]) for s in seeds]
-    mean, std = mean_std(diffs)
-    wins = sum(d > TIE_POINTS for d in diffs)
-    ties = sum(abs(d) <= TIE_POINTS for d in diffs)
-    return mean, std, wins, ties
-
-
-def verdict(mean: float, std: float, n: int, strict: bool) -> str:
-    """Whether ``better > worse`` (``strict``) or ``better >= worse`` holds over the seeds."""
-    if n == 0 or not np.isfinite(mean):
-        return "not measured"
-    if abs(mean) <= TIE_POINTS:
-        return "tie: does not hold" if strict else "tie: holds"
-    # The difference counts when it exceeds its own seed-to-seed spread.
-    if mean > 0:
-        return "holds" if mean > std else "holds weakly (within seed spread)"
-    return "reversed" if -mean > std else "reversed weakly (within seed spread)"
-
-
-def ordering_lines(records: Sequence[dict[str, Any]]) -> list[str]:
-    lines = ["| claim (paper) | setting | metric | better - worse (points, mean ± std over "
-             "seeds) | seeds won / tied | verdict |", "|---|---|---|---|---|---|"]
-
-    def add(claim: str, setting: str, study: str, better: dict[str, Any],
-            worse: dict[str, Any]) -> None:
-        strict = " > " in claim
-        for key, name in ACCURACIES:
-            seeds = len(select(records, study, **better))
-            mean, std, wins, ties = paired(records, study, better, worse, key)
-            lines.append(f"| {claim} | {setting} | {name} | {mean:+.1f} ± {std:.1f} | "
-                         f"{wins}/{ties} of {seeds} | {verdict(mean, std, seeds, strict)} |")
-
-    main = select(records, "main", method="music_blocks")
-    if main:
-        d, k = main[0]["d"], main[0]["segment_dim"]
-        add("entropy + invariance > entropy only (Table 6)", f"D={d}, K={k}", "main",
-            {"method": "music_blocks"}, {"method": "music_entropy_only"})
-        add("MUSIC >= VICReg at equal D (Tables 1, 8)", f"D={d}, K={k}", "main",
-            {"method": "music_blocks"}, {"method": "vicreg"})
-        add("MUSIC >= Barlow Twins (Table 1)", f"D={d}, K={k}", "main",
-            {"method": "music_blocks"}, {"method": "barlow_twins"})
-    for d in sorted({r["d"] for r in select(records, "dim")}):
-        add("MUSIC >= VICReg at equal D (Table 8)", f"D={d}", "dim",
-            {"method": "music_blocks", "d": d}, {"method": "vicreg", "d": d})
+def claims_table(data: dict[str, Any]) -> list[str]:
+    lines = ["| table | paper's claim | setting here | metric | measured | verdict |",
+             "|---|---|---|---|---|---|"]
+    for c in data.get("paper_claims", []):
+        lines.append(f"| {c['table']} | {c['claim']} | {c['setting']} | {c['metric']} | "
+                     f"{c['measured']} | {c['verdict']} |")
     return lines
 
 
-def diagnostics_table(records: Sequence[dict[str, Any]]) -> list[str]:
-    rows = select(records, "main")
-    keys = ("usage_entropy", "min_usage_entropy", "confidence", "segment_mi", "agreement")
-    lines = ["| method | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
-    for method in method_order(rows):
-        group = [r for r in rows if r["method"] == method and f"heldout_{keys[0]}" in r]
-        if group:
-            cells = []
-            for key in keys:
-                mean, std = mean_std([r[f"heldout_{key}"] for r in group])
-                cells.append(f"{mean:.3f} ± {std:.3f}")
-            lines.append(f"| {LABELS[method]} | " + " | ".join(cells) + " |")
-    return lines
+def verdict_counts(data: dict[str, Any]) -> str:
+    counts: dict[str, int] = {}
+    for c in data.get("paper_claims", []):
+        counts[c["verdict"]] = counts.get(c["verdict"], 0) + 1
+    return ", ".join(f"{v}: {n}" for v, n in sorted(counts.items())) or "none measured"
+
+
+def ablation_tables(data: dict[str, Any]) -> list[str]:
+    out: list[str] = []
+    for name, rows in data.get("ablations", {}).items():
+        if not rows:
+            continue
+        out += [f"### {ABLATION_TITLES.get(name, name)}", "",
+                "| method | value | seeds | " + " | ".join(label for _, label in METRICS) + " |",
+                "|---|---|---|" + "---|" * len(METRICS)]
+        for row in rows:
+            out.append(f"| {LABELS[row['method']]} | {row['value']} | "
+                       f"{row[METRICS[0][0]]['n']} | "
+                       + " | ".join(_cell(row[k]) for k, _ in METRICS) + " |")
+        out.append("")
+    return out
+
+
+def tuning_tables(data: dict[str, Any]) -> list[str]:
+    out: list[str] = []
+    if data.get("augment_scores"):
+        out += ["Augmentation, chosen once with every method (mean validation score over the "
+                f"{len(COMPARED)} methods at their default setting): "
+                + ", ".join(f"{a} {100 * s:.1f}" for a, s in data["augment_scores"].items())
+                + f" -> **{data.get('selected_augment')}**.", ""]
+    for m in COMPARED:
+        entry = data["methods"].get(m)
+        if not entry:
+            continue
+        out += [f"### {LABELS[m]}: {len(entry['tuning'])} settings tried", "",
+                "| setting | validation score | " + " | ".join(lab for _, lab in METRICS)
+                + " | selected |", "|---|---|" + "---|" * len(METRICS) + "---|"]
+        for t in sorted(entry["tuning"], key=lambda t: -t["validation_score"]):
+            chosen = "**yes**" if t["params"] == entry.get("selected") else ""
+            out.append(f"| {_setting(t['params'])} | {100 * t['validation_score']:.1f} | "
+                       + " | ".join(f"{100 * t['validation'][k]:.1f}" for k, _ in METRICS)
+                       + f" | {chosen} |")
+        out.append("")
+    return out
 
 
 def render_markdown(data: dict[str, Any]) -> str:
     """The whole report as Markdown."""
-    meta, records = data["meta"], data["records"]
-    train = meta.get("train_config", {})
+    meta = data["meta"]
+    grid = meta.get("grid", {})
+    stage_lines = []
+    for s in meta.get("stages", {}).values():
+        stage_lines.append(
+            f"- `{s.get('command')}`: {s.get('runs_done', 0)} runs, "
+            f"{s.get('wall_seconds', 0) / 60:.1f} min wall, {s.get('workers')} worker(s) x "
+            f"{s.get('threads_per_run')} thread(s), {s.get('epochs')} epochs, started "
+            f"{s.get('started')}, 1-min load average mean "
+            f"{s.get('load_average_1min_mean', float('nan')):.1f} (max "
+            f"{s.get('load_average_1min_max', float('nan')):.1f})"
+            + ("" if s.get("complete") else " - **interrupted, incomplete**"))
     out = [
-        "# Does MUSIC learn? Digits study",
+        "# Does MUSIC learn, fairly? Digits study",
         "",
-        f"Generated by `python -m benchmarks.quality.digits` on {meta.get('date', '?')} "
-        f"({meta.get('host', '?')}, torch {meta.get('torch', '?')}, "
-        f"{meta.get('threads', '?')} threads); wall time "
-        f"{meta.get('wall_seconds', 0) / 60:.1f} min. Seeds {meta.get('seeds')} (sweeps: "
-        f"{meta.get('sweep_seeds')}); {train.get('epochs')} epochs of "
-        f"{meta.get('steps_per_epoch')} steps, batch {train.get('batch_size')}, AdamW lr "
-        f"{train.get('lr')}, identical augmentations and budget for every method; MUSIC "
-        f"backend `{train.get('backend')}`, temperature {train.get('temperature')}.",
-        "Data: scikit-learn digits (1797 8x8 images), stratified 70/30 train / held-out split "
-        "drawn by the seed; probes read the frozen encoder's representation "
-        f"({train.get('rep_dim')}-d) of un-augmented images. Accuracies on the held-out split, "
-        "in %, mean ± std over seeds.",
+        f"Data: {meta.get('split')}. Host {meta.get('host')}, torch {meta.get('torch')}.",
+        f"Selection: on validation only, seed {grid.get('tune_seed')}; validation score = "
+        f"{meta.get('validation_score')}. Budget per method: {grid.get('budget_per_method')}. "
+        "The test split is read once per selected setting (the headline).",
+        "Scoring: \"A >= B\" is *reproduced* only if A's mean is higher and A is ahead on most "
+        "seeds (paired by seed: same initialisation, augmentation draws and label draws); "
+        "*not reproduced* when B is ahead on both counts; *inconclusive* otherwise.",
         "",
-        "## Methods",
+        "Stages run:",
         "",
-        *main_table(records),
+        *stage_lines,
         "",
-        "## The paper's orderings, here",
+        "## Headline: tuned methods on the test split (accuracy %, mean ± std over seeds)",
         "",
-        f"Paired by seed (same split, same initialisation); |difference| <= {TIE_POINTS} "
-        "points counts as a tie.",
+        *headline_table(data),
         "",
-        *ordering_lines(records),
+        "## Paired differences (test split)",
         "",
+        *comparison_table(data),
+        "",
+        f"## The paper's claims here ({verdict_counts(data)})",
+        "",
+        "Headline rows: test split, 5 seeds. Ablation rows (Tables 4-8): validation split, "
+        "from the selected MUSIC (blocks) and VICReg settings, changing one thing.",
+        "",
+        *claims_table(data),
+        "",
+        "## Ablations in miniature (validation split, accuracy %)",
+        "",
+        *ablation_tables(data),
+        "## Every setting tried (validation, seed 0)",
+        "",
+        *tuning_tables(data),
     ]
-    if select(records, "segment_dim"):
-        out += ["## segment_dim at fixed D (analogue of Table 7)", "",
-                *sweep_table(records, "segment_dim", "segment_dim", ["music_blocks"]), ""]
-    if select(records, "dim"):
-        out += ["## D at fixed segment_dim (analogue of Table 8)", "",
-                *sweep_table(records, "dim", "d", ["music_blocks", "vicreg"]), ""]
-    out += ["## MUSIC diagnostics of the trained code (two augmented views of held-out images)",
-            "", *diagnostics_table(records), ""]
     if meta.get("notes"):
         out += ["## Notes", "", *[f"- {n}" for n in meta["notes"]], ""]
     return "\n".join(out)
 
 
-def _errorbar_groups(ax: Any, records: Sequence[dict[str, Any]], methods: Sequence[str]) -> None:
-    width = 0.8 / len(ACCURACIES)
-    x = np.arange(len(methods))
-    for i, (key, name) in enumerate(ACCURACIES):
-        stats = [mean_std([r[key] for r in records if r["method"] == m]) for m in methods]
-        ax.bar(x + (i - 1) * width, [100 * s[0] for s in stats], width,
-               yerr=[100 * s[1] for s in stats], capsize=3, label=name)
-    ax.set_xticks(x)
-    ax.set_xticklabels([LABELS[m] for m in methods], rotation=25, ha="right", fontsize=8)
-
-
-def plot_accuracy(data: dict[str, Any], path: Path) -> None:
+def plot_headline(data: dict[str, Any], path: Path) -> bool:
     import matplotlib.pyplot as plt
 
-    rows = select(data["records"], "main")
-    methods = method_order(rows)
-    fig, ax = plt.subplots(figsize=(10, 4.5))
-    _errorbar_groups(ax, rows, methods)
-    low = min(100 * r[key] for r in rows for key, _ in ACCURACIES)
-    ax.set_ylim(max(0.0, low - 5), 100)
-    ax.set_ylabel("held-out accuracy (%)")
-    ax.set_title("Digits: accuracy per method (mean ± std over seeds)")
-    ax.legend(fontsize=8, loc="lower left")
+    rows = [(LABELS[m], data["methods"][m]["test"]) for m in COMPARED
+            if data["methods"].get(m, {}).get("test")]
+    rows += [(LABELS[b], s) for b, s in data.get("baselines", {}).items()]
+    if not rows:
+        return False
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(15, 4))
+    for ax, (key, label) in zip(axes, METRICS):
+        means = [r[1][key]["mean"] for r in rows]
+        stds = [r[1][key]["std"] for r in rows]
+        colors = ["C0" if i < len(rows) - len(data.get("baselines", {})) else "grey"
+                  for i in range(len(rows))]
+        ax.bar(range(len(rows)), means, yerr=stds, capsize=3, color=colors)
+        ax.set_xticks(range(len(rows)))
+        ax.set_xticklabels([r[0] for r in rows], rotation=35, ha="right", fontsize=7)
+        low = min(m - s for m, s in zip(means, stds))
+        ax.set_ylim(max(0.0, low - 3), min(100.0, max(means) + 3))
+        ax.set_title(label, fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].set_ylabel("test accuracy (%), mean ± std over seeds")
+    fig.suptitle("Digits, tuned on validation: test accuracy (baselines in grey)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot_tuning(data: dict[str, Any], path: Path) -> bool:
+    import matplotlib.pyplot as plt
+
+    entries = [(m, data["methods"][m]) for m in COMPARED if data["methods"].get(m, {}).get(
+        "tuning")]
+    if not entries:
+        return False
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for i, (_, entry) in enumerate(entries):
+        scores = [100 * t["validation_score"] for t in entry["tuning"]]
+        jitter = np.linspace(-0.15, 0.15, len(scores))
+        ax.scatter(i + jitter, scores, s=18, color="C0", alpha=0.7,
+                   label="setting tried" if i == 0 else None)
+        chosen = [j for j, t in enumerate(entry["tuning"]) if t["params"] == entry["selected"]]
+        if chosen:
+            ax.scatter(i + jitter[chosen], [scores[j] for j in chosen], s=110, marker="*",
+                       color="C3", zorder=3, label="selected" if i == 0 else None)
+    ax.set_xticks(range(len(entries)))
+    ax.set_xticklabels([LABELS[m] for m, _ in entries], fontsize=8)
+    ax.set_ylabel("validation score (%)")
+    ax.set_title("Every setting tried (seed 0, validation split)", fontsize=10)
     ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
+    return True
 
 
-def plot_sweep(data: dict[str, Any], study: str, field: str, methods: Sequence[str],
-               xlabel: str, path: Path) -> None:
+def plot_ablations(data: dict[str, Any], path: Path,
+                   keys: Sequence[str] = ("linear_probe_5_acc", "knn_1_acc")) -> bool:
     import matplotlib.pyplot as plt
 
-    rows = select(data["records"], study)
-    fig, axes = plt.subplots(1, len(ACCURACIES), figsize=(12, 3.8))
-    for ax, (key, name) in zip(axes, ACCURACIES):
-        for m in methods:
-            values = sorted({r[field] for r in rows if r["method"] == m})
-            if not values:
-                continue
-            stats = [mean_std([r[key] for r in rows if r["method"] == m and r[field] == v])
-                     for v in values]
-            ax.errorbar(values, [100 * s[0] for s in stats], yerr=[100 * s[1] for s in stats],
-                        marker="o", capsize=3, label=LABELS[m])
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel(xlabel)
-        ax.set_title(name, fontsize=10)
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("held-out accuracy (%)")
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    tables = {k: v for k, v in data.get("ablations", {}).items() if v}
+    if not tables:
+        return False
+    labels = dict(METRICS)
+    fig, axes = plt.subplots(len(keys), len(tables), figsize=(3.4 * len(tables), 6),
+                             squeeze=False)
+    colors: dict[str, str] = {}  # one colour per method across the panels
+    for col, (name, rows) in enumerate(tables.items()):
+        for row_i, key in enumerate(keys):
+            ax = axes[row_i, col]
+            methods = list(dict.fromkeys(r["method"] for r in rows))
+            values = list(dict.fromkeys(str(r["value"]) for r in rows))
+            for j, m in enumerate(methods):
+                pts = [r for r in rows if r["method"] == m]
+                ax.errorbar([values.index(str(r["value"])) + 0.06 * j for r in pts],
+                            [r[key]["mean"] for r in pts], yerr=[r[key]["std"] for r in pts],
+                            marker="o", capsize=3, label=LABELS[m],
+                            color=colors.setdefault(m, f"C{len(colors)}"))
+            ax.set_xticks(range(len(values)))
+            ax.set_xticklabels(values, fontsize=7)
+            ax.grid(alpha=0.3)
+            if row_i == 0:
+                ax.set_title(ABLATION_TITLES.get(name, name), fontsize=8)
+            if col == 0:
+                ax.set_ylabel(f"{labels[key]} (%)", fontsize=8)
+    handles = {h.get_label(): h for ax in axes.ravel()
+               for h in ax.get_legend_handles_labels()[0]}
+    fig.legend(list(handles.values()), list(handles), loc="lower center",
+               ncol=len(handles), fontsize=8)
+    fig.suptitle("Ablations in miniature (validation split, mean ± std over seeds)", fontsize=10)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    fig.savefig(path, dpi=110)
     plt.close(fig)
+    return True
 
 
 CURVE_PANELS: tuple[tuple[str, str], ...] = (
@@ -259,41 +285,34 @@ CURVE_PANELS: tuple[tuple[str, str], ...] = (
     ("confidence", "mean confidence"),
     ("segment_mi", "segment MI / log K"),
     ("agreement", "view agreement"),
-    ("knn_acc", "held-out k-NN acc."),
 )
 
 
-def plot_curves(data: dict[str, Any], path: Path, methods: Sequence[str] = (
-        "music_blocks", "music_entropy_only", "music_invariance_only")) -> None:
-    """Training curves of seed-0 (or the first seed's) MUSIC runs in the main study."""
+def plot_curves(data: dict[str, Any], path: Path) -> bool:
+    """MUSIC's training diagnostics in the headline's first seed."""
     import matplotlib.pyplot as plt
 
-    curves = [c for c in data.get("curves", []) if "main" in c["studies"]
-              and c["method"] in methods]
-    if not curves:
-        return
-    first_seed = min(c["seed"] for c in curves)
-    curves = [c for c in curves if c["seed"] == first_seed]
-    fig, axes = plt.subplots(2, 3, figsize=(12, 6.5))
-    for ax, (key, name) in zip(axes.ravel(), CURVE_PANELS):
-        for c in sorted(curves, key=lambda c: methods.index(c["method"])):
-            points = [p for p in c["points"] if key in p]
+    runs = [r for r in data["runs"] if r.get("curve") and r["spec"]["method"].startswith("music")]
+    if not runs:
+        return False
+    first = min(r["spec"]["seed"] for r in runs)
+    runs = [r for r in runs if r["spec"]["seed"] == first]
+    fig, axes = plt.subplots(1, len(CURVE_PANELS), figsize=(16, 3.4))
+    for ax, (key, name) in zip(axes, CURVE_PANELS):
+        for r in runs:
+            points = [p for p in r["curve"] if key in p]
             ax.plot([p["epoch"] for p in points], [p[key] for p in points],
-                    marker="." if key == "knn_acc" else None, label=LABELS[c["method"]])
-        if key == "confidence":
-            k = curves[0]["segment_dim"]
-            ax.axhline(1 / k, color="grey", ls=":", lw=1)
-            ax.text(1, 1 / k, " 1/K", va="bottom", fontsize=8, color="grey")
-        ax.set_title(name, fontsize=10)
+                    label=LABELS[r["spec"]["method"]])
+        ax.set_title(name, fontsize=9)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
-    axes[0, 0].legend(fontsize=8)
-    fig.suptitle(f"MUSIC training diagnostics (music_loss.metrics), digits, seed {first_seed}, "
-                 f"D={curves[0]['d']}, K={curves[0]['segment_dim']}; "
-                 "metrics averaged over each epoch's training batches", fontsize=10)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"MUSIC training diagnostics (music_loss.metrics), headline runs, seed {first}; "
+                 "averaged over each epoch's training batches", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
+    return True
 
 
 def write_report(data: dict[str, Any], out_dir: Path, name: str) -> list[Path]:
@@ -303,22 +322,12 @@ def write_report(data: dict[str, Any], out_dir: Path, name: str) -> list[Path]:
     matplotlib.use("Agg")
     paths = [out_dir / f"{name}.md"]
     paths[0].write_text(render_markdown(data) + "\n")
-    records = data["records"]
-    if select(records, "main"):
-        paths.append(out_dir / f"{name}-accuracy.png")
-        plot_accuracy(data, paths[-1])
-    if select(records, "segment_dim"):
-        paths.append(out_dir / f"{name}-segment-dim.png")
-        plot_sweep(data, "segment_dim", "segment_dim", ["music_blocks"],
-                   "segment_dim K (D fixed)", paths[-1])
-    if select(records, "dim"):
-        paths.append(out_dir / f"{name}-dim.png")
-        plot_sweep(data, "dim", "d", ["music_blocks", "vicreg"], "D (segment_dim fixed)",
-                   paths[-1])
-    if data.get("curves"):
-        paths.append(out_dir / f"{name}-curves.png")
-        plot_curves(data, paths[-1])
-    return [p for p in paths if p.exists()]
+    for suffix, plot in (("accuracy", plot_headline), ("tuning", plot_tuning),
+                         ("ablations", plot_ablations), ("curves", plot_curves)):
+        path = out_dir / f"{name}-{suffix}.png"
+        if plot(data, path):
+            paths.append(path)
+    return paths
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -329,7 +338,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     data = json.loads(args.json.read_text())
     for path in write_report(data, args.json.parent, args.json.stem):
         print("wrote", path)
-    print(render_markdown(data))
 
 
 if __name__ == "__main__":
