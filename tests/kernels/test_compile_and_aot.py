@@ -155,3 +155,19 @@ def test_autotune_configs_fit_each_arch_with_the_real_operand_size(which):
             chosen[arch, precision] = {str(c) for c in picked}
     assert chosen[90, "bf16"] > chosen[80, "tf32"]
     assert chosen[90, "tf32"] > chosen[80, "tf32"]
+
+
+_AUTOTUNERS = """
+from music_loss.kernels import joint_entropy as j
+print(j._matmul_store.restore_value, j._matmul_accumulate.restore_value)
+"""
+
+
+def test_only_the_accumulating_product_restores_its_output_while_autotuning():
+    # The restore copy runs inside every timed autotune call: a store-only product must not
+    # pay for it (its configs would all look slower by a copy of the output).
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", _AUTOTUNERS], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split("\n")[0] == "[] ['c_ptr']"
