@@ -10,25 +10,21 @@ reference divided by the temperature before subtracting the maximum (1.9e-4 ther
 from __future__ import annotations
 
 import itertools
-from collections import defaultdict
 
 import pytest
 import torch
 
 from music_loss import music_loss
-from tests.tolerances import DTYPE_TOL, loss_error, relative_error
+from tests.tolerances import DTYPE_TOL, WorstErrors, loss_error, relative_error
 
 TOL = DTYPE_TOL[torch.float32]
-WORST: dict[str, float] = defaultdict(float)
+WORST = WorstErrors("worst errors vs float64 (large logits, low temperature, one-hot rows)")
 
 
 @pytest.fixture(scope="module", autouse=True)
 def report_worst_errors():
     yield
-    if WORST:
-        print("\nworst errors vs float64 (large logits, low temperature, one-hot rows):")
-        for key, value in sorted(WORST.items()):
-            print(f"  {key:45s} {value:.2e}")
+    WORST.report()
 
 
 def _views(n, d, k, kind, seed=0):
@@ -67,7 +63,7 @@ def _check(key, z1, z2, k, backend, **kwargs):
         "grad": max(relative_error(a, b) for a, b in zip(gg, wg)),
     }
     for name, value in errors.items():
-        WORST[f"{key} {name}"] = max(WORST[f"{key} {name}"], value)
+        WORST.record(f"{key} {name}", value)
     assert errors["loss (parts-relative)"] <= TOL.loss, errors
     assert errors["parts"] <= TOL.loss, errors
     assert errors["grad"] <= TOL.grad, errors
@@ -134,6 +130,6 @@ def test_paper_shape_matches_float64(backend, kind, temperature):
         "grad": max(relative_error(a, b) for a, b in zip(gg, wg)),
     }
     for name, value in errors.items():
-        WORST[f"{key} {name}"] = value
+        WORST.record(f"{key} {name}", value)
     assert errors["loss (relative)"] <= TOL.loss, errors
     assert errors["grad"] <= TOL.grad, errors

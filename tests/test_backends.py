@@ -8,13 +8,12 @@ the matrix are printed at the end of the module (``pytest -s``).
 from __future__ import annotations
 
 import itertools
-from collections import defaultdict
 
 import pytest
 import torch
 
 from music_loss import MUSICLoss, music_loss
-from tests.tolerances import DTYPE_TOL, PRECISION_TOL, relative_error
+from tests.tolerances import DTYPE_TOL, PRECISION_TOL, WorstErrors, relative_error
 
 BACKENDS = ["reference", "torch"]
 SHAPES = [  # (N, D, K): K not a power of two, S = 1, N = 2, nothing a multiple of a block size
@@ -32,7 +31,7 @@ OPTIONS = [  # (normalization, eps, temperature, weights)
     ("joint", 1e-3, 2.0, (0.5, 2.0, 0.3)),
     ("blocks", 1e-8, 1.0, (0.0, 1.0, 0.0)),
 ]
-WORST: dict[str, float] = defaultdict(float)
+WORST = WorstErrors("worst errors vs float64 over the matrix")
 
 
 def _views(n, d, dtype=torch.float32, seed=0):
@@ -60,10 +59,7 @@ def _float64_truth(z1, z2, k, grad_scale=1.0, **kwargs):
 @pytest.fixture(scope="module", autouse=True)
 def report_worst_errors():
     yield
-    if WORST:
-        print("\nworst errors vs float64 over the matrix:")
-        for key, value in sorted(WORST.items()):
-            print(f"  {key:40s} {value:.2e}")
+    WORST.report()
 
 
 CASES = list(itertools.product(BACKENDS, SHAPES, OPTIONS))
@@ -85,10 +81,10 @@ def test_float32_matches_float64(backend, shape, options):
     assert got.loss.dtype == torch.float32
     for name in ("loss", "diag", "off", "invariance"):
         err = relative_error(getattr(got, name), getattr(want, name))
-        WORST[f"{backend} float32 {name}"] = max(WORST[f"{backend} float32 {name}"], err)
+        WORST.record(f"{backend} float32 {name}", err)
         assert err <= tol.loss, (name, err)
     grad_err = max(relative_error(g1, w1), relative_error(g2, w2))
-    WORST[f"{backend} float32 grad"] = max(WORST[f"{backend} float32 grad"], grad_err)
+    WORST.record(f"{backend} float32 grad", grad_err)
     assert grad_err <= tol.grad
 
 

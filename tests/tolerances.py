@@ -7,6 +7,7 @@ measure is a relative error there.
 
 from __future__ import annotations
 
+from collections import defaultdict
 from typing import NamedTuple
 
 import torch
@@ -77,3 +78,33 @@ def loss_error(got: Tensor, want_terms: tuple[Tensor, ...], floor: float = 0.0) 
     loss, *parts = (float(t.detach()) for t in want_terms)
     scale = max(abs(loss), sum(abs(p) for p in parts), floor)
     return abs(float(got.detach()) - loss) / scale if scale > 0 else abs(float(got.detach()))
+
+
+class WorstErrors:
+    """The worst error seen per key over a test module, printed at its end (``pytest -s``).
+
+    Example:
+        >>> worst = WorstErrors("worst errors")
+        >>> worst.record("torch grad", 2e-6) == 2e-6 and worst.record("torch grad", 1e-6) == 1e-6
+        True
+        >>> worst.report()
+        <BLANKLINE>
+        worst errors:
+          torch grad 2.00e-06
+    """
+
+    def __init__(self, title: str) -> None:
+        self.title = title
+        self.worst: dict[str, float] = defaultdict(float)
+
+    def record(self, key: str, value: float) -> float:
+        """Keep the largest ``value`` seen for ``key``; return ``value`` (to assert on it)."""
+        self.worst[key] = max(self.worst[key], value)
+        return value
+
+    def report(self) -> None:
+        if self.worst:
+            width = max(map(len, self.worst))
+            print(f"\n{self.title}:")
+            for key, value in sorted(self.worst.items()):
+                print(f"  {key:{width}s} {value:.2e}")

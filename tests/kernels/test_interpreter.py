@@ -21,7 +21,6 @@ The worst error per precision over the matrix is printed at the end (``pytest -s
 from __future__ import annotations
 
 import itertools
-from collections import defaultdict
 
 import pytest
 import torch
@@ -39,6 +38,7 @@ from tests.tolerances import (
     DTYPE_TOL,
     PRECISION_TOL,
     TF32_EMULATED_VS_ROUNDED_ORACLE,
+    WorstErrors,
     relative_error,
 )
 
@@ -56,21 +56,13 @@ pytestmark = pytest.mark.skipif(
 # (N, D, K, chunk_rows): K = 80 (paper), 7, 1 (every pair of bins is off-block), S = 1.
 SHAPES = [(45, 240, 80, 64), (33, 105, 7, 64), (20, 24, 1, 16), (19, 60, 60, 0)]
 PRECISIONS = ["ieee", "tf32", "bf16"]
-WORST: dict[str, float] = defaultdict(float)
-
-
-def _record(key: str, value: float) -> float:
-    WORST[key] = max(WORST[key], value)
-    return value
+WORST = WorstErrors("kernel tests: worst relative errors (Frobenius) over the matrix")
 
 
 @pytest.fixture(scope="module", autouse=True)
 def report_worst_errors():
     yield
-    if WORST:
-        print("\nkernel tests: worst relative errors (Frobenius) over the matrix:")
-        for key, value in sorted(WORST.items()):
-            print(f"  {key:50s} {value:.2e}")
+    WORST.report()
 
 
 def _views(n: int, d: int, dtype=torch.float32, seed: int = 0):
@@ -106,10 +98,10 @@ def _compare(key, got, want, tol):
     terms, g1, g2 = got
     terms_w, g1_w, g2_w = want
     for name, a, b in zip(("loss", "diag", "off", "invariance"), terms, terms_w):
-        err = _record(f"{key} {name}", relative_error(a.cpu(), b))
+        err = WORST.record(f"{key} {name}", relative_error(a.cpu(), b))
         assert err <= tol.loss, f"{name}: {err:.2e} > {tol.loss:.0e}"
     grad_err = max(relative_error(g1.cpu(), g1_w), relative_error(g2.cpu(), g2_w))
-    _record(f"{key} grad", grad_err)
+    WORST.record(f"{key} grad", grad_err)
     assert grad_err <= tol.grad, f"gradient: {grad_err:.2e} > {tol.grad:.0e}"
 
 
@@ -292,8 +284,8 @@ def test_segment_softmax_kernel_forward_backward(n, d, k, temperature, eps):
     p64 = segment_softmax_reference(z64, k, temperature, eps)
     (dz64,) = torch.autograd.grad(p64, z64, upstream.cpu().double())
     tol = PRECISION_TOL["ieee"]
-    assert _record("softmax kernel p", relative_error(p.cpu(), p64)) <= tol.loss
-    assert _record("softmax kernel dz", relative_error(dz.cpu(), dz64)) <= tol.grad
+    assert WORST.record("softmax kernel p", relative_error(p.cpu(), p64)) <= tol.loss
+    assert WORST.record("softmax kernel dz", relative_error(dz.cpu(), dz64)) <= tol.grad
 
 
 JOINT_METAS = [None, {"BLOCK_A": 32, "BLOCK_B": 16, "BLOCK_N": 16, "GROUP_A": 2},
@@ -319,7 +311,7 @@ def test_joint_entropy_kernel_forward_backward(meta):
         h = joint_entropy_triton(p1t, p2t, k, "ieee")
         g = torch.autograd.grad(h, (p1t, p2t), tuple(upstream.float().to(DEVICE)))
         for a, b in zip(g, g64):
-            assert _record("joint kernel dp", relative_error(a.cpu(), b)) <= tol.grad
+            assert WORST.record("joint kernel dp", relative_error(a.cpu(), b)) <= tol.grad
         assert JointEntropyFunction is not None
     else:  # pinned tile shapes, several chunks: the raw pass
         result = joint_entropy_pass(p1.contiguous(), p2.contiguous(), k, 1.0, "ieee", True,
@@ -333,11 +325,11 @@ def test_joint_entropy_kernel_forward_backward(meta):
         per_col = (torch.log(torch.diagonal(joint64)) + 1) / n
         off1 = (g64[0] - upstream[0] * per_col * p2_64.detach()) / upstream[1]
         off2 = (g64[1] - upstream[0] * per_col * p1_64.detach()) / upstream[1]
-        assert _record("joint kernel dp (pinned tiles)",
+        assert WORST.record("joint kernel dp (pinned tiles)",
                        relative_error(result.dp1.cpu(), off1)) <= tol.grad
         assert relative_error(result.dp2.cpu(), off2) <= tol.grad
     for a, b in zip(h, h64):
-        assert _record("joint kernel H", relative_error(a.cpu(), b)) <= tol.loss
+        assert WORST.record("joint kernel H", relative_error(a.cpu(), b)) <= tol.loss
 
 
 # ---------------------------------------------------------------------------------------
@@ -418,7 +410,7 @@ def test_tf32_rounding_removes_the_truncation_bias():
     truth = float(_float64_truth(z1, z2, config)[0].loss)
     truncated = abs(float(_tf32_loss(z1, z2, config, False)) - truth) / abs(truth)
     rounded = abs(float(_tf32_loss(z1, z2, config, True)) - truth) / abs(truth)
-    _record("tf32 loss error, operands truncated", truncated)
-    _record("tf32 loss error, operands rounded on store", rounded)
+    WORST.record("tf32 loss error, operands truncated", truncated)
+    WORST.record("tf32 loss error, operands rounded on store", rounded)
     assert truncated > 2e-4, f"no truncation bias seen ({truncated:.2e}): is tf32 emulated?"
     assert rounded <= 1e-4 and rounded <= truncated / 10, (rounded, truncated)
