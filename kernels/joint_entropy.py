@@ -21,22 +21,26 @@ Workspace bound (beyond the ``O(N D)`` arrays ``p1, p2`` and ``dp1, dp2``)::
   + 2 * 4 * ceil(chunk_rows / 16) * ceil(D / 16)        per-tile partial sums
   + 4 * D                                               diag(P)
 
-with ``chunk_rows`` the largest multiple of 128 whose G chunk fits :data:`WORKSPACE_BYTES`
-(32 MiB): see :func:`workspace_bytes`. At the paper's shape (N=2048, D=8160, K=80):
-1024 rows per chunk (2048 in bf16), a workspace of 33,717,120 bytes (bf16: 33,978,240;
-tf32: 67,140,480, with the ``G^T`` chunk) against 266,342,400 = 4 D^2 for a single fp32 ``P``
-(7.9x smaller; tf32 4.0x). The G chunk stays at
-32 MiB as D grows (fewer rows per chunk) until the 128-row minimum, D > 65,536, after which it
-is 512 D bytes (256 D in bf16): never D^2. Add the ``O(N D)`` arrays: ``p1, p2`` (133,693,440 bytes
-in fp32, half in bf16, freed after the forward) and the saved ``dp1, dp2`` (133,693,440):
-301,104,000 bytes in all (ieee), 234,518,400 (bf16); see
-:func:`music_loss.kernels.ops.fused_memory_bytes`.
+with ``chunk_rows`` (:func:`chunk_rows_for`) the batch ``N`` rounded up to a multiple of 128,
+or more where a 32 MiB (:data:`WORKSPACE_BYTES`) G chunk holds more rows: the products'
+gradient traffic then falls with the batch (each chunk re-reads an ``(N, D)`` operand and
+read-modify-writes ``dp2``), while the G chunk stays no larger than one ``(N, D)`` operand
+array (tf32: two). At the paper's shape (N=2048, D=8160, K=80): 4 chunks of 2048 rows (the
+32 MiB rule alone gave 8 of 1024 in ieee/tf32), a workspace of 67,401,600 bytes (bf16:
+33,978,240; tf32: 134,248,320 with the ``G^T`` chunk) against 266,342,400 = 4 D^2 for a
+single fp32 ``P``, 14 Triton launches per step instead of 26, and 1.93 GB of compulsory
+gradient-phase traffic in tf32 instead of 2.74 (:func:`gradient_phase_bytes`). As D grows
+the chunk keeps N rows (``O(N D)``), never ``D^2``. Add the ``O(N D)`` arrays: ``p1, p2``
+(133,693,440 bytes in fp32, half in bf16, freed after the forward) and the saved
+``dp1, dp2`` (133,693,440): 334,788,480 bytes in all (ieee), 234,518,400 (bf16); see
+:func:`music_loss.kernels.ops.fused_memory_bytes`. ``chunk_size`` (``MUSICLoss``) trades
+the traffic back for memory.
 
 tf32 layouts: Hopper's tf32 ``wgmma`` takes only K-major operands (contiguous along the
 reduced dimension), so in tf32 mode the joint product reads ``p1, p2`` transposed, ``(D, N)``
 contiguous, written by the softmax kernel next to ``p1, p2`` (133,693,440 bytes more at the
 paper's shape, freed after the forward), and ``dp2 = p1 G`` reads ``G^T``, written by the
-joint kernel next to ``G`` (33,423,360 bytes more): 468,220,800 bytes in all. ieee and bf16
+joint kernel next to ``G`` (66,846,720 bytes more): 535,328,640 bytes in all. ieee and bf16
 (16-bit ``wgmma`` takes either major order) keep the row-major operands.
 
 Why Liger style rather than recomputing ``P`` in the backward: at the paper's shape the
@@ -342,42 +346,60 @@ _matmul_store: Any = None if INTERPRET else _matmul_autotuner(restore_output=Fal
 _matmul_accumulate: Any = None if INTERPRET else _matmul_autotuner(restore_output=True)
 
 
-def chunk_rows_for(dim: int, precision: str, workspace_bytes: int = WORKSPACE_BYTES) -> int:
-    """Rows of ``P`` per chunk: a multiple of 128 whose ``G`` chunk fits ``workspace_bytes``.
+def chunk_rows_for(dim: int, precision: str, n: int | None = None,
+                   workspace_bytes: int = WORKSPACE_BYTES) -> int:
+    """Rows of ``P`` per chunk: a multiple of 128, the larger of two sizes (at most ``D``).
+
+    * the rows whose ``G`` chunk fits ``workspace_bytes`` (32 MiB): a floor that keeps
+      chunks few at small batches;
+    * the batch ``n`` rounded up to 128 (:data:`CHUNK_MULTIPLE`): every chunk re-reads an
+      ``(N, D)`` operand for ``dp1`` and read-modify-writes the fp32 ``dp2``, about
+      ``12 N D`` bytes a chunk, ``(D / rows) 12 N D`` a step against the products'
+      ``4 N D^2`` FLOPs: ``3 / rows`` bytes per FLOP. With ``rows >= N`` that is at most
+      ``3 / N`` (plus ``G``'s own store and reads, ``D^2`` entries whatever the chunking:
+      ``op / N`` with ``op`` = 4 bytes, 2 in bf16, twice that in tf32 with ``G^T``), so the
+      gradient traffic per FLOP falls as the batch grows instead of growing as
+      ``N D^3``; the ``G`` chunk stays no larger than one ``(N, D)`` operand array (tf32:
+      two), ``O(N D)``. See :func:`gradient_phase_bytes`.
 
     Example:
-        >>> chunk_rows_for(8160, "tf32")
-        1024
+        >>> chunk_rows_for(8160, "tf32"), chunk_rows_for(8160, "tf32", n=2048)
+        (1024, 2048)
     """
     bytes_per_row = dim * operand_dtype(precision).itemsize
     rows = max(CHUNK_MULTIPLE, workspace_bytes // bytes_per_row // CHUNK_MULTIPLE * CHUNK_MULTIPLE)
+    if n is not None:
+        rows = max(rows, triton.cdiv(n, CHUNK_MULTIPLE) * CHUNK_MULTIPLE)
     return min(rows, triton.cdiv(dim, CHUNK_MULTIPLE) * CHUNK_MULTIPLE)
 
 
-def workspace_bytes(dim: int, precision: str, chunk_rows: int | None = None) -> int:
-    """Upper bound of the joint pass's workspace in bytes, beyond the ``O(N D)`` arrays.
+def workspace_bytes(dim: int, precision: str, chunk_rows: int | None = None,
+                    n: int | None = None) -> int:
+    """Upper bound of the joint pass's workspace in bytes, beyond the ``O(N D)`` arrays
+    (``chunk_rows`` default: :func:`chunk_rows_for` for a batch of ``n``).
 
     Example:
-        >>> workspace_bytes(8160, "tf32") < 4 * 8160**2 // 3
+        >>> workspace_bytes(8160, "tf32", n=2048) <= 2 * (2048 * 8160 * 4) + 2**20
         True
     """
-    rows = min(chunk_rows or chunk_rows_for(dim, precision), dim)
+    rows = min(chunk_rows or chunk_rows_for(dim, precision, n), dim)
     # tf32: G^T too (dp2's K-major operand), as large as the G chunk.
     g_chunk = rows * dim * operand_dtype(precision).itemsize * (2 if precision == "tf32" else 1)
     partials = 2 * 4 * triton.cdiv(rows, MIN_TILE) * triton.cdiv(dim, MIN_TILE)
     return g_chunk + partials + 4 * dim
 
 
-def launches_per_step(dim: int, precision: str, chunk_rows: int | None = None) -> int:
+def launches_per_step(dim: int, precision: str, chunk_rows: int | None = None,
+                      n: int | None = None) -> int:
     """Triton launches of one forward+backward of the fused loss (gradients needed): the
     softmax forward, per chunk of rows of ``P`` the joint kernel and the two gradient
     products, and the backward kernel (ATen's small ops, e.g. the partial sums, not counted).
 
     Example:
-        >>> launches_per_step(8160, "tf32")  # 8 chunks of 1024 rows (bf16 on a GPU: 4, 14)
-        26
+        >>> launches_per_step(8160, "tf32", n=2048)  # 4 chunks of 2048 rows (was 8 of 1024)
+        14
     """
-    rows = chunk_rows or chunk_rows_for(dim, precision)
+    rows = chunk_rows or chunk_rows_for(dim, precision, n)
     return 2 + 3 * triton.cdiv(dim, rows)
 
 
@@ -388,10 +410,10 @@ def gradient_phase_bytes(n: int, dim: int, precision: str, chunk_rows: int | Non
     not counted: a lower bound of the traffic, from the launch plan, not a measurement.
 
     Example:
-        >>> round(gradient_phase_bytes(2048, 8160, "tf32") / 1e9, 2)  # 2.47 without G^T
-        2.74
+        >>> round(gradient_phase_bytes(2048, 8160, "tf32") / 1e9, 2)  # 2.74 with 1024 rows
+        1.93
     """
-    rows = chunk_rows or chunk_rows_for(dim, precision)
+    rows = chunk_rows or chunk_rows_for(dim, precision, n)
     op = operand_dtype(precision).itemsize
     total = 0
     for a0 in range(0, dim, rows):
@@ -489,7 +511,7 @@ def joint_entropy_pass(
     if joint_meta is not None and min(joint_meta["BLOCK_A"], joint_meta["BLOCK_B"]) < MIN_TILE:
         raise ValueError(f"joint_meta tiles must be at least {MIN_TILE} wide (the partial-sum "
                          f"buffer is sized for that), got {joint_meta}")
-    rows_per_chunk = chunk_rows or chunk_rows_for(d, precision)
+    rows_per_chunk = chunk_rows or chunk_rows_for(d, precision, n)
     dev = p1.device
     r0, r1 = row_range if row_range is not None else (0, d)
     # A partial row range leaves entries unwritten: they must read 0, not garbage.

@@ -186,7 +186,8 @@ def music_loss_triton(
         config: Validated hyperparameters.
         local_rows: ``(start, stop)`` rows whose invariance term counts; ``None`` = all.
         precision: ``"ieee"``, ``"tf32"`` or ``"bf16"`` operands for the three products.
-        chunk_rows: Rows of ``P`` per chunk (default: a 32 MiB ``G`` workspace).
+        chunk_rows: Rows of ``P`` per chunk (default: the batch ``N`` rounded up to
+            128, at least a 32 MiB ``G`` chunk; see ``chunk_rows_for``).
         row_range: Rows ``(start, stop)`` of ``P`` whose entropy entries count, on segment
             boundaries (sharding, SPEC 3); ``None``: all ``D``.
 
@@ -232,19 +233,20 @@ def fused_memory_bytes(n: int, dim: int, precision: str, need_grad: bool = True,
 
     Example:
         >>> plan = fused_memory_bytes(2048, 8160, "tf32")
-        >>> plan["workspace"] < 4 * 8160**2 // 3, plan["p1_p2_transposed"], plan["peak"]
-        (True, 133693440, 468220800)
+        >>> plan["workspace"] < 4 * 8160**2 // 1.9, plan["p1_p2_transposed"], plan["peak"]
+        (True, 133693440, 535328640)
     """
-    from music_loss.kernels.joint_entropy import workspace_bytes
+    from music_loss.kernels.joint_entropy import chunk_rows_for, workspace_bytes
 
     check_precision(precision)
     p_bytes = 2 * n * dim * operand_dtype(precision).itemsize
     # tf32: the (D, N) transposes of p1, p2 (the joint product's K-major operands).
     p_transposed = p_bytes if precision == "tf32" else 0
     saved = 2 * n * dim * 4 if need_grad else 0
-    workspace = workspace_bytes(dim, precision, chunk_rows) if need_grad else (
-        workspace_bytes(dim, precision, chunk_rows)
-        - min(chunk_rows or dim, dim) * dim * operand_dtype(precision).itemsize
-        * (2 if precision == "tf32" else 1))
+    rows = min(chunk_rows or chunk_rows_for(dim, precision, n), dim)
+    workspace = workspace_bytes(dim, precision, rows)
+    if not need_grad:  # no G chunk without gradients
+        workspace -= rows * dim * operand_dtype(precision).itemsize * (
+            2 if precision == "tf32" else 1)
     return {"p1_p2": p_bytes, "p1_p2_transposed": p_transposed, "saved_dp_off": saved,
             "workspace": workspace, "peak": p_bytes + p_transposed + saved + workspace}

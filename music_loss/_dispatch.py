@@ -145,6 +145,6 @@ def run_backend(
         from music_loss.kernels import music_loss_triton
 
         terms = music_loss_triton(z1, z2, config, local_rows, precision=mode,
-                                  row_range=row_range)
+                                  chunk_rows=chunk_size, row_range=row_range)
     return MUSICTerms(terms.loss, terms.diag.detach(), terms.off.detach(),
                       terms.invariance.detach())

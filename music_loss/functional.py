@@ -272,8 +272,9 @@ def music_loss(
             backend only ``loss`` carries a gradient, the parts are detached logging values.
         check_finite: Raise if ``z1``/``z2`` hold NaN or inf (costs a host sync). Otherwise a
             NaN or ``+inf`` input gives a NaN loss, never a finite wrong one.
-        chunk_size: Rows of ``P`` per block in the ``torch`` backend (chosen from the shapes
-            when ``None``).
+        chunk_size: Rows of ``P`` per block (``torch`` backend) or per chunk of the fused
+            gradient products (``triton``); chosen from the shapes when ``None``. Smaller
+            saves workspace memory, larger moves fewer bytes (SPEC 6; see docs/backends).
         uneven_batches: With ``gather_distributed``, allow ranks to hold different batch
             sizes (exchanges the sizes every step: a host sync). By default all ranks must
             hold the same number of rows (as DDP with ``drop_last=True`` or a

@@ -44,8 +44,8 @@ class MUSICLoss(nn.Module):
         backend: ``"auto"`` | ``"triton"`` | ``"torch"`` | ``"reference"``.
         precision: ``"auto"`` | ``"ieee"`` | ``"tf32"`` | ``"bf16"``.
         check_finite: Raise if a view holds NaN or inf (costs a host sync per call).
-        chunk_size: Rows of ``P`` per block in the ``torch`` backend (``None``: from the
-            shapes).
+        chunk_size: Rows of ``P`` per block (``torch``) or per chunk of the fused
+            gradient products (``triton``); ``None``: from the shapes.
         uneven_batches: With ``gather_distributed``, allow different per-rank batch sizes
             (exchanged every step). By default they must be equal (checked once).
         shard: With ``gather_distributed``, each rank computes only its rows of ``P``
