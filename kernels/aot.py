@@ -79,6 +79,7 @@ class AotRow:
     uses_tma: bool = False
     smem_bank_conflicts: int | None = None
     epilogue_instructions_per_entry: float | None = None
+    scalar_global_stores: int | None = None
     seconds: float = 0.0
     problems: list[str] = field(default_factory=list)
 
@@ -192,13 +193,20 @@ def kernel_specs(quick: bool = False, arch: int = 90) -> list[KernelSpec]:
             z_type = "*" + z_dtype
             variant = z_dtype + (",int64" if int64 else "") + (",tf32-round" if round_tf32
                                                                else "")
+            if round_tf32:  # the tf32 mode's softmax: row tiles, p and p^T
+                t_meta = ss.transposed_blocks(k)
+                t_warps = t_meta.pop("num_warps")
+                const = {**t_meta, "USE_INT64": int64, "ROUND_TF32": True,
+                         "EMULATE_TF32": False}
+                specs.append(_spec("softmax_fwd_t", variant, ss.segment_softmax_fwd_t_kernel,
+                                   {"z1_ptr": z_type, "z2_ptr": z_type}, const, t_warps, 1,
+                                   f"K={k} " + _config_label(t_meta, t_warps, 1), unit_z))
+                continue
             const = {**meta, "TWO_VIEWS": True, "ROUND_BF16": False, "USE_INT64": int64,
-                     "ROUND_TF32": round_tf32, "EMULATE_TF32": False, "WRITE_T": round_tf32}
+                     "ROUND_TF32": False, "EMULATE_TF32": False}
             specs.append(_spec("softmax_fwd", variant, ss.segment_softmax_fwd_kernel,
                                {"z1_ptr": z_type, "z2_ptr": z_type, "p1_ptr": z_type,
                                 "p2_ptr": z_type}, const, warps, 1, label, unit_z))
-            if round_tf32:
-                continue
             const = {**meta, "HAS_OFF": True, "USE_INT64": int64}
             specs.append(_spec("loss_bwd", variant, ss.music_loss_bwd_kernel,
                                {"z1_ptr": z_type, "z2_ptr": z_type, "dz1_ptr": z_type,
@@ -413,6 +421,17 @@ def epilogue_instructions_per_entry(cubin: bytes, arch: int, entries_per_thread:
     return round(len(tail) / entries_per_thread, 1)
 
 
+def scalar_global_stores(ptx: str) -> int:
+    """``st.global`` instructions of one element (not ``.v2``/``.v4`` vectors) in ``ptx``.
+
+    The softmax kernels store ``p`` with 16-byte vectors; their one scalar store is the
+    invariance partial sum. A strided (transposed) store of one element per row shows up
+    here as one scalar store per element.
+    """
+    qualifiers = re.findall(r"\bst\.global((?:\.[\w:]+)+)", ptx)
+    return sum(1 for q in qualifiers if not re.search(r"\.v[248]\b", q))
+
+
 def compile_spec(spec: KernelSpec, arch: int) -> AotRow:
     """Compile one job for ``sm_<arch>`` and collect the table row."""
     import triton
@@ -451,6 +470,8 @@ def compile_spec(spec: KernelSpec, arch: int) -> AotRow:
             tile = spec.constexprs["BLOCK_A"] * spec.constexprs["BLOCK_B"]
             row.epilogue_instructions_per_entry = epilogue_instructions_per_entry(
                 compiled.asm["cubin"], arch, tile // (32 * spec.num_warps))
+    if spec.kernel.startswith("softmax_fwd"):
+        row.scalar_global_stores = scalar_global_stores(ptx)
     if DUMP_DIR:
         label = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{spec.variant}-{spec.config}")
         with open(os.path.join(DUMP_DIR, f"{spec.kernel}-{label}-sm_{arch}.ptx"), "w") as fh:
@@ -481,7 +502,10 @@ DUMP_DIR: str | None = os.environ.get("MUSIC_LOSS_AOT_DUMP_DIR")
 def static_problems(row: AotRow) -> list[str]:
     """The gate of SPEC 5 layer 3: a tf32/bf16 product on sm_90 must copy its operands with
     16-byte ``cp.async`` or TMA and store them to shared memory with at most 2-way bank
-    conflicts."""
+    conflicts; the tf32 softmax (which writes ``p^T``) may store nothing but its partial sum
+    one element at a time."""
+    if row.kernel == "softmax_fwd_t" and (row.scalar_global_stores or 0) > 1:
+        return [f"{row.scalar_global_stores} scalar global stores (p^T not vectorised)"]
     if not (row.needs_tensor_cores and row.arch >= 90):
         return []
     problems = []
@@ -528,7 +552,8 @@ def _print_row(row: AotRow) -> None:
           f"{row.shared_bytes:>7} /{row.smem_limit:>7} {row.registers:>4} "
           f"{row.spill_stores:>5}/{row.spill_loads:<5} {row.tensor_core_instructions:>5} "
           f"{row.mma_shape or '-':<10} {copy:>5} {row.smem_bank_conflicts or '-':>4} "
-          f"{epilogue:>5} {status:<4} {'; '.join(row.problems)}", flush=True)
+          f"{epilogue:>5} {'-' if row.scalar_global_stores is None else row.scalar_global_stores:>4} "
+          f"{status:<4} {'; '.join(row.problems)}", flush=True)
 
 
 def _compile_job(job: tuple[int, int, bool]) -> AotRow:
@@ -543,7 +568,7 @@ def run(archs: list[int], quick: bool = False, jobs: int = 1) -> list[AotRow]:
             for index in range(len(kernel_specs(quick, arch)))]
     print(f"{'kernel':<14} {'variant':<17} {'config':<23} {'arch':<6} "
           f"{'smem':>7} /{'limit':>7} {'regs':>4} {'spill st/ld':<11} {'tc':>5} "
-          f"{'mma':<10} {'copy':>5} {'bank':>4} {'epi/e':>5} status", flush=True)
+          f"{'mma':<10} {'copy':>5} {'bank':>4} {'epi/e':>5} {'st1':>4} status", flush=True)
     rows: list[AotRow] = []
     if jobs <= 1:
         for job in work:

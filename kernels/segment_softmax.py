@@ -96,41 +96,91 @@ def _store_operand(ptrs, p, mask, ROUND_BF16: tl.constexpr, ROUND_TF32: tl.const
 
 @triton.jit
 def segment_softmax_fwd_kernel(
-    z1_ptr, z2_ptr, p1_ptr, p2_ptr, inv_ptr, pt1_ptr, pt2_ptr,
-    N, S, K, D, stride_z1n, stride_z1d, stride_z2n, stride_z2d,
+    z1_ptr, z2_ptr, p1_ptr, p2_ptr, inv_ptr,
+    S, K, D, stride_z1n, stride_z1d, stride_z2n, stride_z2d,
     row_start, row_stop, inv_temperature, eps,
     TWO_VIEWS: tl.constexpr, ROUND_BF16: tl.constexpr, BLOCK_S: tl.constexpr,
     BLOCK_K: tl.constexpr, USE_INT64: tl.constexpr, ROUND_TF32: tl.constexpr = False,
-    EMULATE_TF32: tl.constexpr = False, WRITE_T: tl.constexpr = False,
+    EMULATE_TF32: tl.constexpr = False,
 ):
     """Program (row, segment block): write ``p`` (both views), and, for two views, the
     block's sum of ``lg(sum_k p1 p2)`` over its segments if the row is local (else 0).
     ``ROUND_BF16``: store ``p`` rounded to bf16 values in fp32 (emulated bf16 operands);
     ``ROUND_TF32``: rounded to nearest tf32 (``EMULATE_TF32``: by bit arithmetic, the
-    interpreter). The invariance term uses the unrounded values. ``WRITE_T``: also ``p``
-    transposed, ``(D, N)`` contiguous (``pt[col, row]``, the same rounded values): the tf32
-    joint product's K-major operands. Those stores are strided (one row per program)."""
+    interpreter). The invariance term uses the unrounded values."""
     row_id = tl.program_id(0)
     pid_s = tl.program_id(1)
     row, col, mask, s_valid = _tile_indices(row_id, pid_s, S, K, BLOCK_S, BLOCK_K, USE_INT64)
     _, p1 = _softmax_tile(z1_ptr, row, stride_z1n, stride_z1d, col, mask, s_valid,
                           inv_temperature, eps)
     _store_operand(p1_ptr + row * D + col, p1, mask, ROUND_BF16, ROUND_TF32, EMULATE_TF32)
-    if WRITE_T:
-        _store_operand(pt1_ptr + col * N + row, p1, mask, ROUND_BF16, ROUND_TF32, EMULATE_TF32)
     if TWO_VIEWS:
         _, p2 = _softmax_tile(z2_ptr, row, stride_z2n, stride_z2d, col, mask, s_valid,
                               inv_temperature, eps)
         _store_operand(p2_ptr + row * D + col, p2, mask, ROUND_BF16, ROUND_TF32, EMULATE_TF32)
-        if WRITE_T:
-            _store_operand(pt2_ptr + col * N + row, p2, mask, ROUND_BF16, ROUND_TF32,
-                           EMULATE_TF32)
         agreement = tl.sum(p1 * p2, axis=1)
         log_agreement = tl.where(s_valid, lg(agreement),
                                  0.0)
         is_local = (row_id >= row_start) & (row_id < row_stop)
         block_sum = tl.where(is_local, tl.sum(log_agreement, axis=0), 0.0)
         tl.store(inv_ptr + row * tl.num_programs(1) + pid_s, block_sum)
+
+
+def transposed_blocks(segment_dim: int) -> dict[str, int]:
+    """Tile of :func:`segment_softmax_fwd_t_kernel`: ``BLOCK_R`` rows x one segment.
+
+    ``BLOCK_R`` rows make each bin's transposed store ``4 BLOCK_R`` contiguous bytes (32 rows:
+    a whole 128-byte line at ``K = 80``) where one row per program wrote 4 bytes per sector.
+
+    Example:
+        >>> transposed_blocks(80)
+        {'BLOCK_R': 32, 'BLOCK_K': 128, 'num_warps': 4}
+    """
+    block_k = max(2, next_power_of_2(segment_dim))
+    block_r = max(8, min(64, 4096 // block_k))
+    return {"BLOCK_R": block_r, "BLOCK_K": block_k,
+            "num_warps": 4 if block_r * block_k <= 4096 else 8}
+
+
+@triton.jit
+def segment_softmax_fwd_t_kernel(
+    z1_ptr, z2_ptr, p1_ptr, p2_ptr, pt1_ptr, pt2_ptr, inv_ptr,
+    N, K, D, stride_z1n, stride_z1d, stride_z2n, stride_z2d,
+    row_start, row_stop, inv_temperature, eps,
+    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, USE_INT64: tl.constexpr,
+    ROUND_TF32: tl.constexpr = True, EMULATE_TF32: tl.constexpr = False,
+):
+    """Two views, program (block of ``BLOCK_R`` rows, segment): write ``p`` row-major and
+    transposed (``pt[col, row]``, ``(D, N)`` contiguous: the tf32 joint product's K-major
+    operands), both rounded to nearest tf32 (``ROUND_TF32``), and the block's sum of
+    ``lg(sum_k p1 p2)`` over its local rows (``inv[pid_r, segment]``).
+
+    A tile spans rows, so each bin's transposed store covers ``BLOCK_R`` consecutive rows:
+    16-byte vectors, whole sectors (Triton routes the tile through shared memory to change
+    its layout) instead of one 4-byte element per sector."""
+    pid_r = tl.program_id(0)
+    seg = tl.program_id(1)
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_k = tl.arange(0, BLOCK_K)
+    r_valid = rows < N
+    mask = r_valid[:, None] & (offs_k < K)[None, :]
+    row = rows[:, None]
+    col = (seg * K + offs_k)[None, :]
+    if USE_INT64:
+        row = row.to(tl.int64)
+        col = col.to(tl.int64)
+    _, p1 = _softmax_tile(z1_ptr, row, stride_z1n, stride_z1d, col, mask, r_valid,
+                          inv_temperature, eps)
+    _, p2 = _softmax_tile(z2_ptr, row, stride_z2n, stride_z2d, col, mask, r_valid,
+                          inv_temperature, eps)
+    _store_operand(p1_ptr + row * D + col, p1, mask, False, ROUND_TF32, EMULATE_TF32)
+    _store_operand(p2_ptr + row * D + col, p2, mask, False, ROUND_TF32, EMULATE_TF32)
+    _store_operand(pt1_ptr + col * N + row, p1, mask, False, ROUND_TF32, EMULATE_TF32)
+    _store_operand(pt2_ptr + col * N + row, p2, mask, False, ROUND_TF32, EMULATE_TF32)
+    agreement = tl.sum(p1 * p2, axis=1)
+    is_local = r_valid & (rows >= row_start) & (rows < row_stop)
+    log_agreement = tl.where(is_local, lg(agreement), 0.0)
+    tl.store(inv_ptr + pid_r * tl.num_programs(1) + seg, tl.sum(log_agreement, axis=0))
 
 
 @triton.jit
@@ -231,27 +281,37 @@ def softmax_forward(
     """
     n, d = z1.shape
     s = d // segment_dim
-    meta = softmax_blocks(segment_dim, s)
-    grid = (n, triton.cdiv(s, meta["BLOCK_S"]))
-    p1 = torch.empty((n, d), device=z1.device, dtype=out_dtype)
     two = z2 is not None
-    p2 = torch.empty_like(p1) if two else None
-    inv = torch.empty(grid, device=z1.device, dtype=torch.float32) if two else None
     start, stop = local_rows if local_rows is not None else (0, n)
     zb = z2 if z2 is not None else z1
-    if out_transposed is not None and (
-            not two or any(t.shape != (d, n) or not t.is_contiguous() or t.dtype != out_dtype
-                           for t in out_transposed)):
-        raise ValueError(f"out_transposed must be two contiguous ({d}, {n}) {out_dtype} "
-                         "arrays, and needs two views")
-    pt1, pt2 = out_transposed if out_transposed is not None else (p1, p1)
+    p1 = torch.empty((n, d), device=z1.device, dtype=out_dtype)
+    p2 = torch.empty_like(p1) if two else None
+    if out_transposed is not None:
+        if not two or round_bf16 or any(
+                t.shape != (d, n) or not t.is_contiguous() or t.dtype != out_dtype
+                for t in out_transposed):
+            raise ValueError(f"out_transposed must be two contiguous ({d}, {n}) {out_dtype} "
+                             "arrays, and needs two views (tf32 operands, not bf16)")
+        meta = transposed_blocks(segment_dim)
+        grid = (triton.cdiv(n, meta["BLOCK_R"]), s)
+        inv = torch.empty(grid, device=z1.device, dtype=torch.float32)
+        pt1, pt2 = out_transposed
+        segment_softmax_fwd_t_kernel[grid](
+            z1, zb, p1, p2, pt1, pt2, inv, n, segment_dim, d, z1.stride(0), z1.stride(1),
+            zb.stride(0), zb.stride(1), start, stop, 1.0 / temperature, eps,
+            USE_INT64=needs_int64(z1, zb, p1), ROUND_TF32=round_tf32,
+            EMULATE_TF32=emulate_tf32(), **meta,
+        )
+        return p1, p2, inv
+    meta = softmax_blocks(segment_dim, s)
+    grid = (n, triton.cdiv(s, meta["BLOCK_S"]))
+    inv = torch.empty(grid, device=z1.device, dtype=torch.float32) if two else None
     segment_softmax_fwd_kernel[grid](
-        z1, zb, p1, p2 if p2 is not None else p1, inv if inv is not None else p1, pt1, pt2,
-        n, s, segment_dim, d, z1.stride(0), z1.stride(1), zb.stride(0), zb.stride(1),
+        z1, zb, p1, p2 if p2 is not None else p1, inv if inv is not None else p1,
+        s, segment_dim, d, z1.stride(0), z1.stride(1), zb.stride(0), zb.stride(1),
         start, stop, 1.0 / temperature, eps,
         TWO_VIEWS=two, ROUND_BF16=round_bf16, USE_INT64=needs_int64(z1, zb, p1),
-        ROUND_TF32=round_tf32, EMULATE_TF32=emulate_tf32(),
-        WRITE_T=out_transposed is not None, **meta,
+        ROUND_TF32=round_tf32, EMULATE_TF32=emulate_tf32(), **meta,
     )
     return p1, p2, inv
 

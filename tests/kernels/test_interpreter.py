@@ -384,6 +384,31 @@ def test_softmax_kernel_rounds_p_to_nearest_tf32():
         softmax_forward(z1, z2, 80, 1.0, 1e-8, out_transposed=(rounded1, rounded2))
 
 
+@pytest.mark.parametrize("n,d,k,local", [(45, 240, 80, (3, 41)), (70, 63, 7, (0, 70)),
+                                         (9, 20, 1, (2, 5))],
+                         ids=["K80-partial-row-block", "K7-two-row-blocks", "K1-local-rows"])
+def test_transposing_softmax_matches_the_row_kernel(n, d, k, local):
+    """tf32 mode's softmax (row tiles: ``p``, ``p^T`` and the invariance sums in one pass)
+    against the row kernel: the same rounded ``p``, its exact transpose, and the same
+    invariance sum over the local rows (row counts no multiple of the row tile)."""
+    from music_loss.kernels.segment_softmax import softmax_forward, transposed_blocks
+
+    assert n % transposed_blocks(k)["BLOCK_R"] != 0
+    z1, z2 = _views(n, d, seed=n)
+    p1, p2, inv = softmax_forward(z1, z2, k, 0.3, 1e-8, local_rows=local, round_tf32=True)
+    transposed = (z1.new_empty(d, n), z1.new_empty(d, n))
+    q1, q2, inv_t = softmax_forward(z1, z2, k, 0.3, 1e-8, local_rows=local, round_tf32=True,
+                                    out_transposed=transposed)
+    assert torch.equal(q1, p1) and torch.equal(q2, p2)
+    assert torch.equal(transposed[0], p1.T) and torch.equal(transposed[1], p2.T)
+    total, total_t = inv.sum(dtype=torch.float64), inv_t.sum(dtype=torch.float64)
+    assert abs(float(total_t - total)) <= 1e-5 * max(1.0, abs(float(total))), (total, total_t)
+    # The sum is over the local rows only (the check above would pass with both wrong alike).
+    probs = [segment_softmax_reference(z.double(), k, 0.3, 1e-8) for z in (z1, z2)]
+    agreement = (probs[0] * probs[1]).view(n, d // k, k).sum(-1)[local[0]:local[1]]
+    assert abs(float(total_t - agreement.log().sum())) <= 1e-4 * max(1.0, abs(float(total)))
+
+
 def _tf32_loss(z1, z2, config, round_tf32):
     """The loss from the kernels in tf32 mode, operands rounded where stored or not."""
     from music_loss.kernels.joint_entropy import joint_entropy_pass
