@@ -209,6 +209,7 @@ def joint_entropy_kernel(
     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
     GROUP_A: tl.constexpr, EMULATE_TF32: tl.constexpr = False, ROUND_TF32: tl.constexpr = True,
     WRITE_GT: tl.constexpr = False, USE_INT64: tl.constexpr = False,
+    FAST_LOG: tl.constexpr = True,
 ):
     """One ``[BLOCK_A, BLOCK_B]`` tile of rows ``row_begin + [0, num_rows)`` of ``P``.
 
@@ -217,6 +218,7 @@ def joint_entropy_kernel(
     ``G[a - row_begin, b] = c_off (lg P + [P >= tiny])`` on off blocks, 0 elsewhere (an
     operand of the tf32 products: stored rounded to nearest tf32 there, ``ROUND_TF32``);
     ``WRITE_GT``: also ``G^T`` (``gt[b, a - row_begin]``), the K-major operand of ``dp2``.
+    ``FAST_LOG`` (tf32/bf16 only; ieee always takes the accurate log): ``lg2.approx.f32``.
 
     The operands are read through both strides: ``p[n, a]`` at ``n * stride_p1n + a *
     stride_p1a``. Row-major ``(N, D)`` arrays (ieee, bf16) or their ``(D, N)`` transposes
@@ -255,9 +257,9 @@ def joint_entropy_kernel(
     valid = mask_a[:, None] & mask_b[None, :]
     is_diag = (offs_a[:, None] == offs_b[None, :]) & valid
     is_off = ((offs_a // K)[:, None] != (offs_b // K)[None, :]) & valid
-    if PRECISION == "ieee":
+    if PRECISION == "ieee" or not FAST_LOG:
         log_joint = lg(joint)
-    else:  # the SFU's log: its 2^-22 is far inside the tf32 / bf16 budgets
+    else:  # the SFU's log (FAST_LOG): its few ulps are far inside the tf32 / bf16 budgets
         log_joint = lg_fast(joint, EMULATE_TF32 or EMULATE_BF16)
     plogp = joint * log_joint
     diag_sum = tl.sum(tl.sum(tl.where(is_diag, plogp, 0.0), axis=1), axis=0)
@@ -324,7 +326,7 @@ def scaled_matmul_kernel(
 # The GPU launchers autotune; the raw kernels above are what the interpreter and the AOT
 # check (music_loss.kernels.aot) use.
 _joint_autotuned: Any = None if INTERPRET else triton.autotune(
-    configs=JOINT_CONFIGS, key=["N", "D", "num_rows", "PRECISION", "WRITE_G"],
+    configs=JOINT_CONFIGS, key=["N", "D", "num_rows", "PRECISION", "WRITE_G", "FAST_LOG"],
     prune_configs_by={"early_config_prune": _prune},
 )(joint_entropy_kernel)
 
@@ -467,7 +469,7 @@ def joint_entropy_pass(
     joint_meta: dict[str, Any] | None = None, matmul_meta: dict[str, Any] | None = None,
     round_tf32: bool = True, p1_t: Tensor | None = None, p2_t: Tensor | None = None,
     grad_views: tuple[bool, bool] = (True, True),
-    row_range: tuple[int, int] | None = None,
+    row_range: tuple[int, int] | None = None, fast_log: bool = True,
 ) -> JointPass:
     """Entropy sums of ``P = p1^T p2 / N`` and, if asked, the off-block gradient products.
 
@@ -492,6 +494,9 @@ def joint_entropy_pass(
             walks those chunks only, so the sums cover those rows, ``dp1`` is complete in
             its columns ``start:stop`` (0 elsewhere), ``dp2`` is their partial sum, and
             ``p_diag`` holds ``P[a, a]`` for ``a`` in the range (0 elsewhere).
+        fast_log: In tf32/bf16 mode, take the epilogue's log from the special-function
+            unit (``lg2.approx.f32``; ``False``: libdevice's accurate ``logf``, to measure
+            the difference). ieee always uses the accurate log.
 
     Returns:
         A :class:`JointPass`.
@@ -554,7 +559,7 @@ def joint_entropy_pass(
                       slots, 1.0 / n, c_off,
                       WRITE_G=write_grad, PRECISION=precision, EMULATE_BF16=emulate_bf16(),
                       EMULATE_TF32=emulate_tf32(), ROUND_TF32=round_tf32, WRITE_GT=write_gt,
-                      USE_INT64=needs_int64(op1, op2))
+                      USE_INT64=needs_int64(op1, op2), FAST_LOG=fast_log)
         tiles = triton.cdiv(rows, used["BLOCK_A"]) * triton.cdiv(d, used["BLOCK_B"])
         sums.append(partial[:, :tiles].sum(dim=1, dtype=torch.float64))
         if write_grad:

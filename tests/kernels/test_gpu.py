@@ -124,3 +124,67 @@ def test_compiled_training_step_fullgraph():
     assert relative_error(loss, want) <= tol.loss
     for got, p64 in zip(grads, model64.parameters()):
         assert relative_error(got, p64.grad) <= tol.grad
+
+
+# ---------------------------------------------------------------------------------------
+# The epilogue's fast log (tf32/bf16 modes): measured on the device, against float64 and
+# against the accurate log, elementwise and in the loss (SPEC 1 budgets).
+# ---------------------------------------------------------------------------------------
+def test_fast_log_error_on_the_device():
+    """``lg2.approx.f32 * ln 2`` (``_common.lg_fast``) against float64 over every binade of
+    the normal range up to 1 (where ``P`` lives): within :data:`FAST_LOG_BOUND`, the bound
+    the CPU tests assume (``test_fast_log_worst_case_fits_the_budgets``)."""
+    import triton
+    import triton.language as tl
+
+    from music_loss.kernels._common import lg, lg_fast
+    from tests.tolerances import FAST_LOG_BOUND
+
+    @triton.jit
+    def logs_kernel(x_ptr, fast_ptr, accurate_ptr, n, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        x = tl.load(x_ptr + offs, mask=offs < n, other=1.0)
+        tl.store(fast_ptr + offs, lg_fast(x, False), mask=offs < n)
+        tl.store(accurate_ptr + offs, lg(x), mask=offs < n)
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    exponents = torch.randint(-126, 1, (1 << 24,), device="cuda", generator=gen)
+    mantissas = 1 + torch.rand(1 << 24, device="cuda", generator=gen)
+    x = torch.ldexp(mantissas, exponents.float()).clamp_max(1.0)  # [2^-126, 1]
+    fast, accurate = torch.empty_like(x), torch.empty_like(x)
+    logs_kernel[(triton.cdiv(x.numel(), 1024),)](x, fast, accurate, x.numel(), BLOCK=1024)
+    exact = torch.log(x.double())
+    err = (fast.double() - exact).abs()
+    allowed = FAST_LOG_BOUND.absolute + FAST_LOG_BOUND.relative * exact.abs()
+    accurate_err = (accurate.double() - exact).abs()
+    print(f"\n{torch.cuda.get_device_name()} lg2.approx*ln2 on [2^-126, 1]: max abs error "
+          f"{err.max().item():.2e}, max error / |log x| {(err / exact.abs().clamp_min(1e-30)).max().item():.2e}, "
+          f"worst share of the assumed bound {(err / allowed).max().item():.2f}; "
+          f"accurate logf: max abs {accurate_err.max().item():.2e}")
+    assert bool((err <= allowed).all())
+
+
+@pytest.mark.parametrize("precision", ["tf32", "bf16"])
+def test_fast_log_costs_nothing_against_the_budgets(precision):
+    """At the paper's shape: the entropy sums and off-block gradients with the fast log
+    against the same kernels with the accurate log (libdevice's logf)."""
+    from music_loss.kernels._common import operand_dtype
+    from music_loss.kernels.joint_entropy import joint_entropy_pass
+    from music_loss.kernels.segment_softmax import softmax_forward
+
+    n, d, k = 2048, 8160, 80
+    z1, z2 = _views(n, d, torch.float32, seed=3)
+    p1, p2, _ = softmax_forward(z1, z2, k, 1.0, 1e-8, operand_dtype(precision),
+                                round_tf32=precision == "tf32")
+    fast = joint_entropy_pass(p1, p2, k, 1.0, precision, True, fast_log=True)
+    accurate = joint_entropy_pass(p1, p2, k, 1.0, precision, True, fast_log=False)
+    sums = {name: (torch.stack([r.h_diag, r.h_off]).double()) for name, r in
+            (("fast", fast), ("accurate", accurate))}
+    loss_diff = relative_error(sums["fast"], sums["accurate"])
+    grad_diff = max(relative_error(fast.dp1, accurate.dp1), relative_error(fast.dp2,
+                                                                          accurate.dp2))
+    print(f"\n{torch.cuda.get_device_name()} {precision} N={n} D={d}: fast vs accurate log: "
+          f"entropy sums rel {loss_diff:.2e}, off-block gradients rel {grad_diff:.2e} "
+          f"(budget: loss {PRECISION_TOL[precision].loss:.0e})")
+    assert loss_diff <= 1e-2 * PRECISION_TOL[precision].loss
+    assert grad_diff <= 1e-2 * PRECISION_TOL[precision].grad

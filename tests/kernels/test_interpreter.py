@@ -439,3 +439,36 @@ def test_tf32_rounding_removes_the_truncation_bias():
     WORST.record("tf32 loss error, operands rounded on store", rounded)
     assert truncated > 2e-4, f"no truncation bias seen ({truncated:.2e}): is tf32 emulated?"
     assert rounded <= 1e-4 and rounded <= truncated / 10, (rounded, truncated)
+
+
+# ---------------------------------------------------------------------------------------
+# The fast log of the tf32/bf16 epilogue: what its assumed worst case costs (SPEC 1).
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("temperature", [1.0, 0.1], ids=["t1", "t0.1-peaked"])
+def test_fast_log_worst_case_fits_the_budgets(temperature):
+    """Every log of ``P`` off by the assumed worst case (``FAST_LOG_BOUND``, all in the same
+    direction) moves the entropy terms and ``G`` by at most this, in float64: far inside the
+    tf32 (1e-4) and bf16 (2e-3) loss targets of SPEC 1, and below the ieee one (1e-6), which
+    keeps the accurate log anyway. The device's own error is measured by
+    ``tests/kernels/test_gpu.py::test_fast_log_error_on_the_device``."""
+    from tests.tolerances import FAST_LOG_BOUND
+
+    n, d, k = 256, 960, 80
+    z1, z2 = _views(n, d, torch.float64, seed=7)
+    p1, p2 = (segment_softmax_reference(z, k, temperature, 1e-8) for z in (z1, z2))
+    joint = p1.T @ p2 / n
+    segment = torch.arange(d) // k
+    diag = torch.eye(d, dtype=torch.bool)
+    off = segment[:, None] != segment[None, :]
+    log_joint = joint.clamp_min(torch.finfo(torch.float32).tiny).log()
+    bound = FAST_LOG_BOUND.absolute + FAST_LOG_BOUND.relative * log_joint.abs()
+    c_diag, c_off = LossConfig(segment_dim=k).coefficients(d)
+    entropy = abs(c_diag) * (joint * log_joint)[diag].abs().sum() + abs(c_off) * (
+        joint * log_joint)[off].abs().sum()
+    shift = abs(c_diag) * (joint * bound)[diag].sum() + abs(c_off) * (joint * bound)[off].sum()
+    loss_rel = float(shift / entropy)
+    grad = torch.where(off, log_joint + 1, 0.0)
+    grad_rel = float(torch.where(off, bound, 0.0).norm() / grad.norm())
+    WORST.record("fast log worst case: entropy terms", loss_rel)
+    WORST.record("fast log worst case: G (Frobenius)", grad_rel)
+    assert loss_rel <= 1e-6 and grad_rel <= 1e-6, (loss_rel, grad_rel)
