@@ -16,8 +16,10 @@ GPU steps, and no pytest ``-x``):
 3. ``profile``: per-phase timing of the fused path (``music_loss.kernels.profile``);
 4. ``kernel-tests``: ``pytest tests/kernels -m "not gpu"`` (the interpreter suite's small odd
    shapes, compiled, on real tensor cores);
-5. ``parity``: ``examples/imagenet/check_parity.py --device cuda`` when it has that option;
-6. ``bench-synthetic``: ``examples/imagenet/bench_synthetic.py`` when torchvision imports.
+5. ``tma-tests``, ``tma-profile``: the same with the opt-in TMA products
+   (``MUSIC_LOSS_TMA=1``): paper shape and small shapes, then the per-phase profile;
+6. ``parity``: ``examples/imagenet/check_parity.py --device cuda`` when it has that option;
+7. ``bench-synthetic``: ``examples/imagenet/bench_synthetic.py`` when torchvision imports.
 
 Results go to ``benchmarks/results/gpu-validate-<device>-<date>/`` as they come: one log
 per step, ``summary.json`` (card, driver, versions, date, commit, each step's status and
@@ -113,6 +115,20 @@ def plan(dry_run: bool, out_dir: Path, python: str) -> list[Step]:
              "(N20xD24 or truncation or nearest_tf32) and not aot" if dry_run else "not aot",
              f"--junitxml={out_dir / 'kernel-tests.xml'}"],
              timeout_s=300 if dry_run else 120, env=interp),
+        # The opt-in TMA products (sm_90): correctness at the paper's shape and at small odd
+        # shapes, then the per-phase profile with them (compare with the profile step's).
+        Step("tma-tests", "MUSIC_LOSS_TMA=1: paper shape vs float64, TMA vs pointer products",
+             [*pytest, "-s", "tests/kernels", "-k",
+              "tma_products and K8" if dry_run else "tma_products or paper_shape",
+              f"--junitxml={out_dir / 'tma-tests.xml'}"],
+             timeout_s=120 if dry_run else 150, env={**interp, "MUSIC_LOSS_TMA": "1"}),
+        Step("tma-profile", "MUSIC_LOSS_TMA=1: per-phase timing of the fused path",
+             [*py, "-m", "music_loss.kernels.profile", "--json",
+              str(out_dir / "profile-tma.json")]
+             + (["--n", "16", "--d", "40", "--k", "20", "--precision", "tf32", "--repeats", "1"]
+                if dry_run else ["--n", "2048", "--d", "8160", "--k", "80", "--precision",
+                                 "tf32", "bf16"]),
+             timeout_s=120 if dry_run else 90, env={**interp, "MUSIC_LOSS_TMA": "1"}),
     ]
     parity = REPO_ROOT / "examples" / "imagenet" / "check_parity.py"
     device = "cpu" if dry_run else "cuda"

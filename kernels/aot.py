@@ -12,7 +12,12 @@ row per kernel/variant/config/arch: shared memory (and the per-block limit: 227 
 163 KiB sm_80), registers, spill bytes, tensor-core instructions (``wgmma`` on sm_90,
 ``mma.sync`` on sm_80). Exits 1 if a compile fails, a config exceeds the shared-memory
 limit, or the joint-distribution kernel (or a gradient product) emits no tensor-core
-instruction in tf32/bf16 mode. Must run without ``TRITON_INTERPRET`` (with it,
+instruction in tf32/bf16 mode. On sm_90 it also compiles the TMA variant of the gradient
+products (``grad_product <mode>,<layout>,tma``: tensor-descriptor arguments). Static facts
+per tensor-core product (SPEC 5 layer 3): widest mma shape, narrowest ``cp.async`` (or TMA),
+shared-memory bank conflicts (Triton's Gluon counter), the joint kernel's epilogue SASS per
+entry, and for the softmax kernels the scalar (unvectorised) global stores; the gate fails
+the run on a regression. Must run without ``TRITON_INTERPRET`` (with it,
 ``triton.compile`` fails: an interpreted function has no ``cache_key``).
 """
 
@@ -173,6 +178,28 @@ def kernel_specs(quick: bool = False, arch: int = 90) -> list[KernelSpec]:
                                    {"a_ptr": op, "b_ptr": op}, const, cfg.num_warps,
                                    cfg.num_stages, label, unit,
                                    needs_tensor_cores=prec != "ieee"))
+    # The TMA variant of the products (sm_90: Hopper's tensor descriptors), every config and
+    # tensor-core mode, in the layouts the launcher passes: tf32 reads B K-major in both
+    # products ("NT"); bf16's dp2 reads G row-major ("NN"), its dp1 G^T ("NT").
+    if arch >= 90 and je.tma_available():
+        for cfg in je.MATMUL_CONFIGS[:2] if quick else je.MATMUL_CONFIGS:
+            label = _config_label(cfg.kwargs, cfg.num_warps, cfg.num_stages)
+            bm, bn, bk = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]
+            for prec in [p for p in ("tf32", "bf16")
+                         if cfg in je.configs_for(je.MATMUL_CONFIGS, p, SMEM_LIMIT[arch])]:
+                op = "bf16" if prec == "bf16" else "fp32"
+                for layout in ("NT",) if prec == "tf32" else ("NN", "NT"):
+                    kmajor = layout == "NT"
+                    b_block = f"{bn}, {bk}" if kmajor else f"{bk}, {bn}"
+                    const = {**cfg.kwargs, "ACCUMULATE": layout == "NN" or prec == "tf32",
+                             "PRECISION": prec, "EMULATE_BF16": False, "B_KMAJOR": kmajor,
+                             "EMULATE_TF32": False}
+                    specs.append(_spec(
+                        "grad_product", f"{prec},{layout},tma", je.scaled_matmul_tma_kernel,
+                        {"a_desc": f"tensordesc<{op}[{bm}, {bk}]>",
+                         "b_desc": f"tensordesc<{op}[{b_block}]>",
+                         "c_desc": f"tensordesc<fp32[{bm}, {bn}]>"}, const, cfg.num_warps,
+                        cfg.num_stages, label, needs_tensor_cores=True))
     # int64 offsets (N * D >= 2**31) in the largest product config of sm_80's bf16.
     big = je.configs_for(je.MATMUL_CONFIGS, "bf16", SMEM_LIMIT[80])[-1]
     const = {**big.kwargs, "ACCUMULATE": True, "PRECISION": "bf16", "EMULATE_BF16": False,

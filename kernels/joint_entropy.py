@@ -43,6 +43,13 @@ paper's shape, freed after the forward), and ``dp2 = p1 G`` reads ``G^T``, writt
 joint kernel next to ``G`` (66,846,720 bytes more): 535,328,640 bytes in all. ieee and bf16
 (16-bit ``wgmma`` takes either major order) keep the row-major operands.
 
+TMA (opt-in, ``MUSIC_LOSS_TMA=1``): on sm_90 the two gradient products can move their tiles
+through host-side tensor descriptors (:func:`scaled_matmul_tma_kernel`: Hopper's bulk tensor
+copies, no masks, the same tiles and configs) where the installed Triton has them (3.4 and
+newer) and the operands meet TMA's layout rules (16-byte aligned base and row strides);
+anything else takes the pointer kernel. The joint kernel still reads through pointers (not
+converted yet). Not the default: it has not run on a GPU.
+
 Why Liger style rather than recomputing ``P`` in the backward: at the paper's shape the
 recomputation is a fourth ``N x D x D`` product, 2 N D^2 = 273 GFLOP more per step (+33%),
 while keeping the gradient costs the saved ``dp1, dp2``: 134 MB, ``O(N D)``, half of one
@@ -52,6 +59,7 @@ two products and costs one product.
 
 from __future__ import annotations
 
+import os
 from typing import Any, NamedTuple
 
 import torch
@@ -323,6 +331,37 @@ def scaled_matmul_kernel(
     tl.store(c_ptrs, acc, mask=mask_c)
 
 
+@triton.jit
+def scaled_matmul_tma_kernel(
+    a_desc, b_desc, c_desc, c_ptr, M, N, K, alpha,
+    ACCUMULATE: tl.constexpr, PRECISION: tl.constexpr, EMULATE_BF16: tl.constexpr,
+    B_KMAJOR: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr, EMULATE_TF32: tl.constexpr = False,
+):
+    """:func:`scaled_matmul_kernel` with TMA: operand tiles and the output tile move through
+    tensor descriptors (Hopper's bulk tensor copies; out-of-bounds reads are zero-filled and
+    stores clipped by the hardware, so no masks). ``B_KMAJOR``: ``b_desc`` describes ``B^T``,
+    ``(N, K)`` contiguous along K (tf32's K-major operand), read as ``[BLOCK_N, BLOCK_K]``
+    tiles. ``c_ptr`` is the output's storage, only named for the autotuner's restore."""
+    pid = tl.program_id(0)
+    pid_m, pid_n = _grouped_tile(pid, tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    off_m = pid_m * BLOCK_M
+    off_n = pid_n * BLOCK_N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        a = a_desc.load([off_m, k0])
+        if B_KMAJOR:
+            b = b_desc.load([off_n, k0]).T
+        else:
+            b = b_desc.load([k0, off_n])
+        acc = dot_acc(a, b, acc, PRECISION, EMULATE_BF16, EMULATE_TF32)
+    acc = acc * alpha
+    if ACCUMULATE:
+        acc += c_desc.load([off_m, off_n])
+    c_desc.store([off_m, off_n], acc)
+
+
 # The GPU launchers autotune; the raw kernels above are what the interpreter and the AOT
 # check (music_loss.kernels.aot) use.
 _joint_autotuned: Any = None if INTERPRET else triton.autotune(
@@ -345,6 +384,97 @@ def _matmul_autotuner(restore_output: bool) -> Any:
 
 
 _matmul_store: Any = None if INTERPRET else _matmul_autotuner(restore_output=False)
+
+
+def _tma_block_shapes(nargs: dict[str, Any]) -> None:
+    """Config pre-hook: give the descriptors the tile shapes of the config being run."""
+    bm, bn, bk = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
+    nargs["a_desc"].block_shape = [bm, bk]
+    nargs["b_desc"].block_shape = [bn, bk] if nargs["B_KMAJOR"] else [bk, bn]
+    nargs["c_desc"].block_shape = [bm, bn]
+
+
+def _tma_autotuner(restore_output: bool) -> Any:
+    configs = [triton.Config(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages,
+                             pre_hook=_tma_block_shapes) for c in MATMUL_CONFIGS]
+    return triton.autotune(
+        configs=configs, key=["M", "N", "K", "PRECISION", "B_KMAJOR"],
+        prune_configs_by={"early_config_prune": _prune},
+        restore_value=["c_ptr"] if restore_output else None,
+    )(scaled_matmul_tma_kernel)
+
+
+_tma_store: Any = None if INTERPRET else _tma_autotuner(restore_output=False)
+_tma_accumulate: Any = None if INTERPRET else _tma_autotuner(restore_output=True)
+
+
+def tma_available() -> bool:
+    """True when this Triton has host-side tensor descriptors (triton >= 3.4)."""
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401
+    except ImportError:  # pragma: no cover - older Triton: the pointer kernels
+        return False
+    return True
+
+
+def use_tma(device: torch.device, precision: str) -> bool:
+    """Whether the gradient products go through TMA descriptors here.
+
+    Only tensor-core modes on sm_90 or newer (TMA is Hopper's), with a Triton that has
+    descriptors, and only when asked (``MUSIC_LOSS_TMA=1``; under the interpreter too, which
+    emulates descriptors): the path compiles for sm_90 (``python -m
+    music_loss.kernels.aot``) and matches the reference in the interpreter, but has not run
+    on a GPU yet, so the pointer kernels stay the default until ``make gpu-validate`` has
+    timed both.
+    """
+    if precision == "ieee" or os.environ.get("MUSIC_LOSS_TMA", "0") in ("", "0"):
+        return False
+    if not tma_available():
+        return False
+    if INTERPRET:
+        return True
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def _tma_ready(*tensors: Tensor) -> bool:
+    """TMA's layout rules: unit last stride, 16-byte aligned base and other strides."""
+    for t in tensors:
+        item = t.element_size()
+        if t.stride(-1) != 1 or (t.data_ptr() % 16) or any((st * item) % 16
+                                                            for st in t.stride()[:-1]):
+            return False
+    return True
+
+
+def _matmul_tma(a: Tensor, b: Tensor, c: Tensor, alpha: float, accumulate: bool,
+                precision: str, meta: dict[str, Any] | None) -> bool:
+    """``c (+)= alpha * a @ b`` through TMA descriptors; False (nothing launched) when an
+    operand breaks TMA's layout rules, for the pointer kernel to take over."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    b_kmajor = b.stride(0) == 1 and b.stride(1) != 1  # B^T is contiguous along K
+    b_stored = b.T if b_kmajor else b
+    if not _tma_ready(a, b_stored, c):
+        return False
+    m, k = a.shape
+    n = b.shape[1]
+    placeholder = [16, 16]  # set per config (the pre-hook, or below for a pinned config)
+    a_desc = TensorDescriptor(a, list(a.shape), list(a.stride()), placeholder)
+    b_desc = TensorDescriptor(b_stored, list(b_stored.shape), list(b_stored.stride()),
+                              placeholder)
+    c_desc = TensorDescriptor(c, list(c.shape), list(c.stride()), placeholder)
+    args = (a_desc, b_desc, c_desc, c, m, n, k, alpha)
+    kwargs = {"ACCUMULATE": accumulate, "PRECISION": precision,
+              "EMULATE_BF16": emulate_bf16(), "B_KMAJOR": b_kmajor,
+              "EMULATE_TF32": emulate_tf32()}
+    grid = lambda cfg: (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
+    if meta is not None or INTERPRET:
+        fixed = dict(meta or INTERPRET_MATMUL_META)
+        _tma_block_shapes({"a_desc": a_desc, "b_desc": b_desc, "c_desc": c_desc,
+                           "B_KMAJOR": b_kmajor, **fixed})
+    launch(_tma_accumulate if accumulate else _tma_store, scaled_matmul_tma_kernel, grid,
+           None if meta is None and not INTERPRET else fixed, *args, **kwargs)
+    return True
 _matmul_accumulate: Any = None if INTERPRET else _matmul_autotuner(restore_output=True)
 
 
@@ -451,7 +581,11 @@ def _meta_of(config: triton.Config) -> dict[str, Any]:
 
 def _matmul(a: Tensor, b: Tensor, c: Tensor, alpha: float, accumulate: bool, precision: str,
             meta: dict[str, Any] | None) -> None:
-    """``c (+)= alpha * a @ b`` with the Triton product (``c`` fp32, any strides)."""
+    """``c (+)= alpha * a @ b`` with the Triton product (``c`` fp32, any strides): through
+    TMA descriptors where :func:`use_tma` says so and the layouts allow, else pointers."""
+    if use_tma(a.device, precision) and _matmul_tma(a, b, c, alpha, accumulate, precision,
+                                                    meta):
+        return
     m, k = a.shape
     n = b.shape[1]
     grid = lambda cfg: (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)

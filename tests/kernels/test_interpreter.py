@@ -472,3 +472,43 @@ def test_fast_log_worst_case_fits_the_budgets(temperature):
     WORST.record("fast log worst case: entropy terms", loss_rel)
     WORST.record("fast log worst case: G (Frobenius)", grad_rel)
     assert loss_rel <= 1e-6 and grad_rel <= 1e-6, (loss_rel, grad_rel)
+
+
+# ---------------------------------------------------------------------------------------
+# The TMA gradient products (opt-in, MUSIC_LOSS_TMA=1; Hopper, or the interpreter).
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("precision", ["tf32", "bf16"])
+@pytest.mark.parametrize("n,d,k,chunk", [(45, 240, 80, 64), (33, 96, 8, 32), (21, 105, 7, 64)],
+                         ids=["K80-3-chunks", "K8-3-chunks", "D105-unaligned-falls-back"])
+def test_tma_products_match_the_pointer_products(monkeypatch, precision, n, d, k, chunk):
+    """With descriptors the products give what the pointer kernels give (bit for bit under
+    the interpreter: same tiles, same order), edge tiles included (TMA zero-fills reads and
+    clips stores past the shape); a row stride that is no multiple of 16 bytes (D=105)
+    keeps the pointer kernels."""
+    from music_loss.kernels import joint_entropy as je
+
+    taken: list[bool] = []
+    real = je._matmul_tma
+
+    def spy(*args, **kwargs):
+        taken.append(real(*args, **kwargs))
+        return taken[-1]
+
+    monkeypatch.setattr(je, "_matmul_tma", spy)
+    monkeypatch.setenv("MUSIC_LOSS_TMA", "1")
+    if not je.use_tma(torch.device(DEVICE), precision):
+        pytest.skip("TMA needs sm_90+ (or the interpreter) and triton >= 3.4")
+    z1, z2 = _views(n, d, seed=11)
+    config = LossConfig(segment_dim=k)
+    results = {}
+    for flag in ("0", "1"):
+        monkeypatch.setenv("MUSIC_LOSS_TMA", flag)
+        terms, g1, g2 = _triton_terms_and_grads(z1, z2, config, precision, chunk_rows=chunk)
+        results[flag] = [*terms, g1, g2]
+    aligned = (d * 4) % 16 == 0
+    assert taken == [aligned] * (2 * -(-d // chunk)), taken
+    for got, want in zip(results["1"], results["0"]):
+        if _common.INTERPRET:
+            assert torch.equal(got, want)
+        else:  # tensor cores: the TMA path may pick other tiles
+            assert relative_error(got, want) <= PRECISION_TOL[precision].grad
