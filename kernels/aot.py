@@ -13,7 +13,7 @@ row per kernel/variant/config/arch: shared memory (and the per-block limit: 227 
 ``mma.sync`` on sm_80). Exits 1 if a compile fails, a config exceeds the shared-memory
 limit, or the joint-distribution kernel (or a gradient product) emits no tensor-core
 instruction in tf32/bf16 mode. On sm_90 it also compiles the TMA variant of the gradient
-products (``grad_product <mode>,<layout>,tma``: tensor-descriptor arguments). Static facts
+products and of the joint kernel (``<mode>,tma`` variants: tensor-descriptor arguments). Static facts
 per tensor-core product (SPEC 5 layer 3): widest mma shape, narrowest ``cp.async`` (or TMA),
 shared-memory bank conflicts (Triton's Gluon counter), the joint kernel's epilogue SASS per
 entry, and for the softmax kernels the scalar (unvectorised) global stores; the gate fails
@@ -155,6 +155,19 @@ def kernel_specs(quick: bool = False, arch: int = 90) -> list[KernelSpec]:
                                {"p1_ptr": op, "p2_ptr": op, "g_ptr": op, "gt_ptr": op}, const,
                                cfg.num_warps, cfg.num_stages, label, unit_p,
                                needs_tensor_cores=prec != "ieee"))
+            if prec != "ieee" and arch >= 90 and je.tma_available():
+                # TMA operand tiles (sm_90): descriptors of the (D, N) transposes in tf32,
+                # of the row-major (N, D) arrays in bf16.
+                ba, bb, bn = cfg.kwargs["BLOCK_A"], cfg.kwargs["BLOCK_B"], cfg.kwargs["BLOCK_N"]
+                dt = op.removeprefix("*")
+                blocks = ((f"{ba}, {bn}", f"{bb}, {bn}") if k_major
+                          else (f"{bn}, {ba}", f"{bn}, {bb}"))
+                specs.append(_spec("joint_entropy", f"{prec},tma", je.joint_entropy_kernel,
+                                   {"p1_ptr": f"tensordesc<{dt}[{blocks[0]}]>",
+                                    "p2_ptr": f"tensordesc<{dt}[{blocks[1]}]>",
+                                    "g_ptr": op, "gt_ptr": op}, {**const, "USE_TMA": True},
+                                   cfg.num_warps, cfg.num_stages, label, unit_p,
+                                   needs_tensor_cores=True))
     # The two products: dp2 += p1[:, a0:a1] @ G (row-major "NN" in ieee/bf16; in tf32 it
     # reads G^T, so B is K-major, "NT") and dp1[:, a0:a1] = p2 @ G^T ("NT"); the latter in
     # tensor-core modes. Variants name the layout the launcher passes.

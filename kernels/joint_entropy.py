@@ -43,12 +43,12 @@ paper's shape, freed after the forward), and ``dp2 = p1 G`` reads ``G^T``, writt
 joint kernel next to ``G`` (66,846,720 bytes more): 535,328,640 bytes in all. ieee and bf16
 (16-bit ``wgmma`` takes either major order) keep the row-major operands.
 
-TMA (opt-in, ``MUSIC_LOSS_TMA=1``): on sm_90 the two gradient products can move their tiles
-through host-side tensor descriptors (:func:`scaled_matmul_tma_kernel`: Hopper's bulk tensor
-copies, no masks, the same tiles and configs) where the installed Triton has them (3.4 and
+TMA (opt-in, ``MUSIC_LOSS_TMA=1``): on sm_90 the joint product's operand tiles and the two
+gradient products' tiles can move through host-side tensor descriptors (``USE_TMA`` of
+:func:`joint_entropy_kernel`, :func:`scaled_matmul_tma_kernel`: Hopper's bulk tensor copies,
+edges zero-filled, the same tiles and configs) where the installed Triton has them (3.4 and
 newer) and the operands meet TMA's layout rules (16-byte aligned base and row strides);
-anything else takes the pointer kernel. The joint kernel still reads through pointers (not
-converted yet). Not the default: it has not run on a GPU.
+anything else takes the pointer kernels. Not the default: it has not run on a GPU.
 
 Why Liger style rather than recomputing ``P`` in the backward: at the paper's shape the
 recomputation is a fourth ``N x D x D`` product, 2 N D^2 = 273 GFLOP more per step (+33%),
@@ -217,7 +217,7 @@ def joint_entropy_kernel(
     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
     GROUP_A: tl.constexpr, EMULATE_TF32: tl.constexpr = False, ROUND_TF32: tl.constexpr = True,
     WRITE_GT: tl.constexpr = False, USE_INT64: tl.constexpr = False,
-    FAST_LOG: tl.constexpr = True,
+    FAST_LOG: tl.constexpr = True, USE_TMA: tl.constexpr = False,
 ):
     """One ``[BLOCK_A, BLOCK_B]`` tile of rows ``row_begin + [0, num_rows)`` of ``P``.
 
@@ -227,6 +227,8 @@ def joint_entropy_kernel(
     operand of the tf32 products: stored rounded to nearest tf32 there, ``ROUND_TF32``);
     ``WRITE_GT``: also ``G^T`` (``gt[b, a - row_begin]``), the K-major operand of ``dp2``.
     ``FAST_LOG`` (tf32/bf16 only; ieee always takes the accurate log): ``lg2.approx.f32``.
+    ``USE_TMA``: ``p1_ptr, p2_ptr`` are tensor descriptors of the operands (the strides are
+    then unused), read with TMA bulk copies; the epilogue's stores keep pointers.
 
     The operands are read through both strides: ``p[n, a]`` at ``n * stride_p1n + a *
     stride_p1a``. Row-major ``(N, D)`` arrays (ieee, bf16) or their ``(D, N)`` transposes
@@ -249,16 +251,28 @@ def joint_entropy_kernel(
     if USE_INT64:
         cols_a = cols_a.to(tl.int64)
         cols_b = cols_b.to(tl.int64)
-    a_ptrs = p1_ptr + cols_a[:, None] * stride_p1a + offs_n[None, :] * stride_p1n
-    b_ptrs = p2_ptr + offs_n[:, None] * stride_p2n + cols_b[None, :] * stride_p2b
     acc = tl.zeros((BLOCK_A, BLOCK_B), dtype=tl.float32)
-    for n0 in range(0, N, BLOCK_N):
-        mask_n = offs_n < N - n0
-        a = tl.load(a_ptrs, mask=mask_a[:, None] & mask_n[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=mask_n[:, None] & mask_b[None, :], other=0.0)
-        acc = dot_acc(a, b, acc, PRECISION, EMULATE_BF16, EMULATE_TF32)
-        a_ptrs += BLOCK_N * stride_p1n
-        b_ptrs += BLOCK_N * stride_p2n
+    if USE_TMA:  # p1_ptr, p2_ptr are tensor descriptors (bulk copies; edges zero-filled)
+        a_start = row_begin + pid_a * BLOCK_A
+        b_start = pid_b * BLOCK_B
+        for n0 in range(0, N, BLOCK_N):
+            if PRECISION == "tf32":  # the (D, N) transposes: K-major tiles
+                a = p1_ptr.load([a_start, n0])
+                b = p2_ptr.load([b_start, n0]).T
+            else:
+                a = p1_ptr.load([n0, a_start]).T
+                b = p2_ptr.load([n0, b_start])
+            acc = dot_acc(a, b, acc, PRECISION, EMULATE_BF16, EMULATE_TF32)
+    else:
+        a_ptrs = p1_ptr + cols_a[:, None] * stride_p1a + offs_n[None, :] * stride_p1n
+        b_ptrs = p2_ptr + offs_n[:, None] * stride_p2n + cols_b[None, :] * stride_p2b
+        for n0 in range(0, N, BLOCK_N):
+            mask_n = offs_n < N - n0
+            a = tl.load(a_ptrs, mask=mask_a[:, None] & mask_n[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=mask_n[:, None] & mask_b[None, :], other=0.0)
+            acc = dot_acc(a, b, acc, PRECISION, EMULATE_BF16, EMULATE_TF32)
+            a_ptrs += BLOCK_N * stride_p1n
+            b_ptrs += BLOCK_N * stride_p2n
 
     # Epilogue, fp32: masks from segment ids, one log per entry, two tree reductions.
     joint = acc * inv_n
@@ -366,6 +380,22 @@ def scaled_matmul_tma_kernel(
 # check (music_loss.kernels.aot) use.
 _joint_autotuned: Any = None if INTERPRET else triton.autotune(
     configs=JOINT_CONFIGS, key=["N", "D", "num_rows", "PRECISION", "WRITE_G", "FAST_LOG"],
+    prune_configs_by={"early_config_prune": _prune},
+)(joint_entropy_kernel)
+
+
+def _joint_tma_block_shapes(nargs: dict[str, Any]) -> None:
+    """Config pre-hook of the TMA joint kernel: descriptor tiles of the config being run."""
+    ba, bb, bn = nargs["BLOCK_A"], nargs["BLOCK_B"], nargs["BLOCK_N"]
+    k_major = nargs["PRECISION"] == "tf32"
+    nargs["p1_ptr"].block_shape = [ba, bn] if k_major else [bn, ba]
+    nargs["p2_ptr"].block_shape = [bb, bn] if k_major else [bn, bb]
+
+
+_joint_tma_autotuned: Any = None if INTERPRET else triton.autotune(
+    configs=[triton.Config(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages,
+                           pre_hook=_joint_tma_block_shapes) for c in JOINT_CONFIGS],
+    key=["N", "D", "num_rows", "PRECISION", "WRITE_G", "FAST_LOG"],
     prune_configs_by={"early_config_prune": _prune},
 )(joint_entropy_kernel)
 
@@ -679,6 +709,17 @@ def joint_entropy_pass(
     write_gt = want2 and k_major  # G^T only feeds the dp2 product
     workspace_t = torch.empty((d, min(rows_per_chunk, d)) if write_gt else (0,), device=dev,
                               dtype=p1.dtype)
+    joint_tuner, operands = _joint_autotuned, (op1, op2)
+    joint_tma = use_tma(dev, precision) and _tma_ready(op1, op2)
+    if joint_tma:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        operands = tuple(TensorDescriptor(t, list(t.shape), list(t.stride()), [16, 16])
+                         for t in (op1, op2))
+        joint_tuner = _joint_tma_autotuned
+        if joint_meta is not None:
+            _joint_tma_block_shapes({"p1_ptr": operands[0], "p2_ptr": operands[1],
+                                     "PRECISION": precision, **joint_meta})
     sums: list[Tensor] = []
     for a0 in range(r0, r1, rows_per_chunk):
         rows = min(rows_per_chunk, r1 - a0)
@@ -686,14 +727,15 @@ def joint_entropy_pass(
         partial = torch.empty((2, slots), device=dev, dtype=torch.float32)
         grid = lambda cfg, rows=rows: (triton.cdiv(rows, cfg["BLOCK_A"])
                                        * triton.cdiv(d, cfg["BLOCK_B"]),)
-        used = launch(_joint_autotuned, joint_entropy_kernel, grid, joint_meta,
-                      op1, op2, workspace if write_grad else p_diag,
+        used = launch(joint_tuner, joint_entropy_kernel, grid, joint_meta,
+                      *operands, workspace if write_grad else p_diag,
                       workspace_t if write_gt else p_diag, p_diag, partial,
                       n, d, segment_dim, a0, rows, *strides, d, max(1, workspace_t.shape[-1]),
                       slots, 1.0 / n, c_off,
                       WRITE_G=write_grad, PRECISION=precision, EMULATE_BF16=emulate_bf16(),
                       EMULATE_TF32=emulate_tf32(), ROUND_TF32=round_tf32, WRITE_GT=write_gt,
-                      USE_INT64=needs_int64(op1, op2), FAST_LOG=fast_log)
+                      USE_INT64=needs_int64(op1, op2), FAST_LOG=fast_log,
+                      USE_TMA=joint_tma)
         tiles = triton.cdiv(rows, used["BLOCK_A"]) * triton.cdiv(d, used["BLOCK_B"])
         sums.append(partial[:, :tiles].sum(dim=1, dtype=torch.float64))
         if write_grad:

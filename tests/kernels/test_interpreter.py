@@ -478,23 +478,30 @@ def test_fast_log_worst_case_fits_the_budgets(temperature):
 # The TMA gradient products (opt-in, MUSIC_LOSS_TMA=1; Hopper, or the interpreter).
 # ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("precision", ["tf32", "bf16"])
-@pytest.mark.parametrize("n,d,k,chunk", [(45, 240, 80, 64), (33, 96, 8, 32), (21, 105, 7, 64)],
-                         ids=["K80-3-chunks", "K8-3-chunks", "D105-unaligned-falls-back"])
-def test_tma_products_match_the_pointer_products(monkeypatch, precision, n, d, k, chunk):
-    """With descriptors the products give what the pointer kernels give (bit for bit under
-    the interpreter: same tiles, same order), edge tiles included (TMA zero-fills reads and
-    clips stores past the shape); a row stride that is no multiple of 16 bytes (D=105)
-    keeps the pointer kernels."""
+@pytest.mark.parametrize("n,d,k,chunk", [(44, 240, 80, 64), (32, 96, 8, 32), (21, 105, 7, 64)],
+                         ids=["K80-3-chunks", "K8-3-chunks", "D105-N21-unaligned-fall-back"])
+def test_tma_kernels_match_the_pointer_kernels(monkeypatch, precision, n, d, k, chunk):
+    """With descriptors the joint kernel and the products give what the pointer kernels give
+    (bit for bit under the interpreter: same tiles, same order), edge tiles included (TMA
+    zero-fills reads and clips stores past the shape); rows that are no multiple of 16 bytes
+    (N=21 for tf32's transposes, D=105) keep the pointer kernels."""
     from music_loss.kernels import joint_entropy as je
 
-    taken: list[bool] = []
-    real = je._matmul_tma
+    products: list[bool] = []
+    joint: list[bool] = []
+    real_tma, real_launch = je._matmul_tma, je.launch
 
-    def spy(*args, **kwargs):
-        taken.append(real(*args, **kwargs))
-        return taken[-1]
+    def product_spy(*args, **kwargs):
+        products.append(real_tma(*args, **kwargs))
+        return products[-1]
 
-    monkeypatch.setattr(je, "_matmul_tma", spy)
+    def launch_spy(tuner, raw, *args, **kwargs):
+        if raw is je.joint_entropy_kernel:
+            joint.append(kwargs["USE_TMA"])
+        return real_launch(tuner, raw, *args, **kwargs)
+
+    monkeypatch.setattr(je, "_matmul_tma", product_spy)
+    monkeypatch.setattr(je, "launch", launch_spy)
     monkeypatch.setenv("MUSIC_LOSS_TMA", "1")
     if not je.use_tma(torch.device(DEVICE), precision):
         pytest.skip("TMA needs sm_90+ (or the interpreter) and triton >= 3.4")
@@ -503,10 +510,14 @@ def test_tma_products_match_the_pointer_products(monkeypatch, precision, n, d, k
     results = {}
     for flag in ("0", "1"):
         monkeypatch.setenv("MUSIC_LOSS_TMA", flag)
+        joint.clear()
         terms, g1, g2 = _triton_terms_and_grads(z1, z2, config, precision, chunk_rows=chunk)
         results[flag] = [*terms, g1, g2]
-    aligned = (d * 4) % 16 == 0
-    assert taken == [aligned] * (2 * -(-d // chunk)), taken
+    chunks = -(-d // chunk)
+    rows_aligned = d % 4 == 0  # fp32 (N, D) rows; bf16 on a GPU: d % 8, here all fp32
+    joint_aligned = (n % 4 == 0) if precision == "tf32" else rows_aligned
+    assert products == [rows_aligned] * (2 * chunks), products
+    assert joint == [joint_aligned] * chunks, joint
     for got, want in zip(results["1"], results["0"]):
         if _common.INTERPRET:
             assert torch.equal(got, want)
