@@ -644,6 +644,57 @@ def summarize(rows: list[AotRow]) -> str:
     return "\n".join(lines)
 
 
+def static_summary(rows: list[dict[str, Any]]) -> dict[tuple[str, str, int], dict[str, str]]:
+    """The static facts per (kernel, variant, arch) over all its configs: narrowest copy (or
+    TMA), worst bank conflicts, widest mma, the epilogue's SASS per entry (range), scalar
+    global stores (softmax kernels). Rows as :func:`main`'s ``--json`` writes them."""
+    groups: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
+    for row in rows:
+        if row["needs_tensor_cores"] or row["kernel"].startswith("softmax_fwd"):
+            groups.setdefault((row["kernel"], row["variant"], row["arch"]), []).append(row)
+    summary = {}
+    for key, group in sorted(groups.items(), key=lambda kv: (kv[0][2], kv[0][0], kv[0][1])):
+        copies = [r["async_copy_min_bytes"] for r in group if r["async_copy_min_bytes"]]
+        ways = [r["smem_bank_conflicts"] for r in group if r["smem_bank_conflicts"]]
+        shapes = [r["mma_shape"] for r in group if r["mma_shape"]]
+        epi = [r["epilogue_instructions_per_entry"] for r in group
+               if r["epilogue_instructions_per_entry"] is not None]
+        stores = [r["scalar_global_stores"] for r in group
+                  if r.get("scalar_global_stores") is not None]
+        tma = all(r["uses_tma"] for r in group)
+        summary[key] = {
+            "configs": str(len(group)),
+            "copy": "TMA" if tma else (f"{min(copies)} B" if copies else "-"),
+            "bank conflicts": f"{max(ways)}-way" if ways else "-",
+            "widest mma": max(shapes, key=lambda m: int(re.findall(r"\d+", m)[1]))
+            if shapes else "-",
+            "epilogue SASS/entry": "-" if not epi else "-".join(
+                dict.fromkeys((f"{min(epi):.0f}", f"{max(epi):.0f}"))),
+            "scalar stores": str(max(stores)) if stores else "-",
+        }
+    return summary
+
+
+def compare_markdown(tables: list[tuple[str, list[dict[str, Any]]]]) -> str:
+    """A markdown table of :func:`static_summary` for several ``--json`` tables side by side
+    (``old -> new`` per fact; rows only one table has show ``-`` for the others)."""
+    summaries = [(label, static_summary(rows)) for label, rows in tables]
+    keys = sorted({k for _, summary in summaries for k in summary},
+                  key=lambda k: (-k[2], k[0], k[1]))
+    facts = ["copy", "bank conflicts", "widest mma", "epilogue SASS/entry", "scalar stores"]
+    labels = " -> ".join(label for label, _ in summaries)
+    lines = [f"Static facts per kernel/variant/arch over its configs ({labels}).", "",
+             "| kernel | variant | arch | " + " | ".join(facts) + " |",
+             "|---|---|---|" + "---|" * len(facts)]
+    for key in keys:
+        cells = []
+        for fact in facts:
+            values = [summary.get(key, {}).get(fact, "-") for _, summary in summaries]
+            cells.append(" -> ".join(values) if len(set(values)) > 1 else values[0])
+        lines.append(f"| {key[0]} | {key[1]} | sm_{key[2]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit status."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -659,7 +710,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--known", default=None,
                         help="a previous --json: static-gate violations recorded there (and "
                              "not worse now) do not fail the run (a ratchet)")
+    parser.add_argument("--compare", nargs="+", metavar="LABEL=JSON", default=None,
+                        help="print a markdown table of the static facts of earlier --json "
+                             "tables side by side (old -> new) and exit; compiles nothing")
     args = parser.parse_args(argv)
+    if args.compare:
+        tables = []
+        for item in args.compare:
+            label, _, path = item.rpartition("=")
+            with open(path) as fh:
+                tables.append((label or os.path.basename(path), json.load(fh)))
+        print(compare_markdown(tables), end="")
+        return 0
     if args.dump_dir:
         os.makedirs(args.dump_dir, exist_ok=True)
         os.environ["MUSIC_LOSS_AOT_DUMP_DIR"] = os.path.abspath(args.dump_dir)

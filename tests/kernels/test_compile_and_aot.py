@@ -191,3 +191,24 @@ def test_only_the_accumulating_product_restores_its_output_while_autotuning():
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.split("\n")[0] == "[] ['c_ptr']"
+
+
+def test_static_tables_compare_side_by_side():
+    from dataclasses import asdict
+
+    from music_loss.kernels import aot
+
+    def row(variant, copy, ways, mma, epi, tma=False):
+        return asdict(aot.AotRow("joint_entropy", variant, "64x64x32 w4 s4", 90, ok=True,
+                                 needs_tensor_cores=True, async_copy_min_bytes=copy,
+                                 smem_bank_conflicts=ways, mma_shape=mma, uses_tma=tma,
+                                 epilogue_instructions_per_entry=epi))
+
+    old = [row("tf32", 4, 16, "m64n64k8", 57.4), row("tf32", 16, 8, "m64n64k8", 60.0)]
+    new = [row("tf32", 16, 1, "m64n128k8", 40.0), row("tf32,tma", None, None, "m64n64k8", 39.0,
+                                                      tma=True)]
+    table = aot.compare_markdown([("old", old), ("new", new)])
+    assert "| joint_entropy | tf32 | sm_90 | 4 B -> 16 B | 16-way -> 1-way | " \
+           "m64n64k8 -> m64n128k8 | 57-60 -> 40 | - |" in table
+    assert "| joint_entropy | tf32,tma | sm_90 | - -> TMA | - | - -> m64n64k8 | - -> 39 | - |" \
+        in table
