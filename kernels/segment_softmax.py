@@ -294,15 +294,15 @@ def softmax_forward(
                              "arrays, and needs two views (tf32 operands, not bf16)")
         meta = transposed_blocks(segment_dim)
         grid = (triton.cdiv(n, meta["BLOCK_R"]), s)
-        inv = torch.empty(grid, device=z1.device, dtype=torch.float32)
+        partials = torch.empty(grid, device=z1.device, dtype=torch.float32)
         pt1, pt2 = out_transposed
         segment_softmax_fwd_t_kernel[grid](
-            z1, zb, p1, p2, pt1, pt2, inv, n, segment_dim, d, z1.stride(0), z1.stride(1),
+            z1, zb, p1, p2, pt1, pt2, partials, n, segment_dim, d, z1.stride(0), z1.stride(1),
             zb.stride(0), zb.stride(1), start, stop, 1.0 / temperature, eps,
             USE_INT64=needs_int64(z1, zb, p1), ROUND_TF32=round_tf32,
             EMULATE_TF32=emulate_tf32(), **meta,
         )
-        return p1, p2, inv
+        return p1, p2, partials
     meta = softmax_blocks(segment_dim, s)
     grid = (n, triton.cdiv(s, meta["BLOCK_S"]))
     inv = torch.empty(grid, device=z1.device, dtype=torch.float32) if two else None
