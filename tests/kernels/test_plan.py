@@ -107,3 +107,16 @@ def test_launches_per_step_counts_what_runs(monkeypatch, precision, chunk_rows):
                               chunk_rows=chunk_rows or None)
     terms.loss.backward()
     assert len(launched) == je.launches_per_step(d, precision, chunk_rows or None, n=n), launched
+
+
+def test_kernel_module_doctests():
+    """The docstring examples of the kernel modules (the plan numbers above among them) run:
+    ``--doctest-modules music_loss`` does not reach ``kernels/``, which installs as
+    ``music_loss.kernels``."""
+    import doctest
+
+    from music_loss.kernels import _common, ops, segment_softmax
+
+    for module in (je, ops, segment_softmax, _common):
+        result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+        assert result.attempted > 0 and result.failed == 0, (module.__name__, result)
