@@ -124,10 +124,25 @@ class MUSICLoss(nn.Module):
         return terms if return_terms else terms.loss
 
     def extra_repr(self) -> str:
+        """Every hyperparameter that changes the loss or how it is computed; the weights,
+        the distributed options and the tuning knobs only when they are not the defaults."""
         c = self.config
-        return (f"segment_dim={c.segment_dim}, temperature={c.temperature}, eps={c.eps}, "
-                f"normalization={c.normalization!r}, backend={self.backend!r}, "
-                f"precision={self.precision!r}")
+        parts = [f"segment_dim={c.segment_dim}", f"temperature={c.temperature}",
+                 f"eps={c.eps}"]
+        parts += [f"{name}={value}" for name, value in (
+            ("diag_weight", c.diag_weight), ("off_weight", c.off_weight),
+            ("invariance_weight", c.invariance_weight)) if value != 1.0]
+        parts += [f"normalization={c.normalization!r}", f"backend={self.backend!r}",
+                  f"precision={self.precision!r}"]
+        if self.gather_distributed:
+            parts += ["gather_distributed=True", f"shard={self.shard}"]
+            if self.uneven_batches:
+                parts.append("uneven_batches=True")
+        if self.chunk_size is not None:
+            parts.append(f"chunk_size={self.chunk_size}")
+        if self.check_finite:
+            parts.append("check_finite=True")
+        return ", ".join(parts)
 
 
 class SegmentSoftmax(nn.Module):

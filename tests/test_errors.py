@@ -121,3 +121,15 @@ def test_torch_func_transforms_work_on_the_reference(transform):
         a = z1[0].clone().requires_grad_(True)
         (want,) = torch.autograd.grad(fn(a, z2[0]), a)
         assert torch.allclose(got, want, rtol=1e-10)
+
+
+def test_module_repr_shows_what_changes_the_loss():
+    plain = repr(MUSICLoss())
+    assert plain == ("MUSICLoss(segment_dim=80, temperature=1.0, eps=1e-08, "
+                     "normalization='blocks', backend='auto', precision='auto')")
+    custom = repr(MUSICLoss(40, off_weight=0.5, gather_distributed=True, shard=False,
+                            uneven_batches=True, chunk_size=256, check_finite=True))
+    for part in ("segment_dim=40", "off_weight=0.5", "gather_distributed=True", "shard=False",
+                 "uneven_batches=True", "chunk_size=256", "check_finite=True"):
+        assert part in custom, custom
+    assert "diag_weight" not in custom  # defaults stay out
