@@ -119,7 +119,7 @@ def plan(dry_run: bool, out_dir: Path, python: str) -> list[Step]:
         # shapes, then the per-phase profile with them (compare with the profile step's).
         Step("tma-tests", "MUSIC_LOSS_TMA=1: paper shape vs float64, TMA vs pointer products",
              [*pytest, "-s", "tests/kernels", "-k",
-              "tma_products and K8" if dry_run else "tma_products or paper_shape",
+              "tma_kernels and K8" if dry_run else "tma_kernels or paper_shape",
               f"--junitxml={out_dir / 'tma-tests.xml'}"],
              timeout_s=120 if dry_run else 150, env={**interp, "MUSIC_LOSS_TMA": "1"}),
         Step("tma-profile", "MUSIC_LOSS_TMA=1: per-phase timing of the fused path",
