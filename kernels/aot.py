@@ -155,7 +155,8 @@ def kernel_specs(quick: bool = False, arch: int = 90) -> list[KernelSpec]:
                                {"p1_ptr": op, "p2_ptr": op, "g_ptr": op, "gt_ptr": op}, const,
                                cfg.num_warps, cfg.num_stages, label, unit_p,
                                needs_tensor_cores=prec != "ieee"))
-            if prec != "ieee" and arch >= 90 and je.tma_available():
+            if prec != "ieee" and arch >= 90 and je.tma_available() \
+                    and cfg in je.configs_for(je.JOINT_CONFIGS, prec, SMEM_LIMIT[arch], tma=True):
                 # TMA operand tiles (sm_90): descriptors of the (D, N) transposes in tf32,
                 # of the row-major (N, D) arrays in bf16.
                 ba, bb, bn = cfg.kwargs["BLOCK_A"], cfg.kwargs["BLOCK_B"], cfg.kwargs["BLOCK_N"]
@@ -540,15 +541,19 @@ DUMP_DIR: str | None = os.environ.get("MUSIC_LOSS_AOT_DUMP_DIR")
 
 
 def static_problems(row: AotRow) -> list[str]:
-    """The gate of SPEC 5 layer 3: a tf32/bf16 product on sm_90 must copy its operands with
-    16-byte ``cp.async`` or TMA and store them to shared memory with at most 2-way bank
-    conflicts; the tf32 softmax (which writes ``p^T``) may store nothing but its partial sum
-    one element at a time."""
-    if row.kernel == "softmax_fwd_t" and (row.scalar_global_stores or 0) > 1:
-        return [f"{row.scalar_global_stores} scalar global stores (p^T not vectorised)"]
-    if not (row.needs_tensor_cores and row.arch >= 90):
-        return []
+    """The gate of SPEC 5 layer 3: no autotune config of any kernel may spill registers (the
+    configs are filtered so that none does); a tf32/bf16 product on sm_90 must copy its
+    operands with 16-byte ``cp.async`` or TMA and store them to shared memory with at most
+    2-way bank conflicts; the tf32 softmax (which writes ``p^T``) may store nothing but its
+    partial sum one element at a time."""
     problems = []
+    if row.spill_stores > 0 or row.spill_loads > 0:
+        problems.append(f"register spills ({row.spill_stores} bytes stored, "
+                        f"{row.spill_loads} loaded)")
+    if row.kernel == "softmax_fwd_t" and (row.scalar_global_stores or 0) > 1:
+        problems.append(f"{row.scalar_global_stores} scalar global stores (p^T not vectorised)")
+    if not (row.needs_tensor_cores and row.arch >= 90):
+        return problems
     if not row.uses_tma and row.async_copy_min_bytes is not None \
             and row.async_copy_min_bytes < 16:
         problems.append(f"{row.async_copy_min_bytes}-byte async copies (< 16, no TMA)")
@@ -564,8 +569,9 @@ def _row_key(row: dict[str, Any]) -> tuple[Any, ...]:
 def accept_known(rows: list[AotRow], known: list[dict[str, Any]]) -> int:
     """Let rows whose only failures are static-gate violations already recorded in ``known``
     (an earlier ``--json``, e.g. the committed table of today's kernels) pass, unless they got
-    worse (narrower copies, more conflict ways). Returns how many rows it accepted: a ratchet
-    that fails on any regression or new violation, and never on an improvement."""
+    worse (narrower copies, more conflict ways, more spills). Returns how many rows it
+    accepted: a ratchet that fails on any regression or new violation, and never on an
+    improvement."""
     before = {_row_key(r): r for r in known}
     accepted = 0
     for row in rows:
@@ -574,7 +580,8 @@ def accept_known(rows: list[AotRow], known: list[dict[str, Any]]) -> int:
         if row.ok or old is None or not static or len(static) != len(row.problems):
             continue
         worse = ((row.async_copy_min_bytes or 16) < (old.get("async_copy_min_bytes") or 16)
-                 or (row.smem_bank_conflicts or 1) > (old.get("smem_bank_conflicts") or 1))
+                 or (row.smem_bank_conflicts or 1) > (old.get("smem_bank_conflicts") or 1)
+                 or row.spill_stores > max(0, old.get("spill_stores", 0)))
         if not worse:
             row.ok = True
             row.problems = [f"known: {p}" for p in row.problems]

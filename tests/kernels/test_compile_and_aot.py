@@ -95,6 +95,13 @@ def test_aot_compile_check_sm80_sm90(tmp_path):
     assert all(r["uses_tma"] and r["async_copy_min_bytes"] is None and r["mma_shape"]
                for r in tma)
     assert all(r["epilogue_instructions_per_entry"] for r in joint_tc)
+    assert all(r["spill_stores"] == 0 and r["spill_loads"] == 0 for r in rows)
+    # Hopper: the 64-accumulator joint tiles issue m64n128 wgmma in both tensor-core modes
+    # (the 32-accumulator ones only m64n64).
+    for mode in ("tf32", "bf16", "tf32,tma", "bf16,tma"):
+        shapes = {r["mma_shape"] for r in joint_tc if r["arch"] == 90 and r["variant"] == mode}
+        assert {"m64n64k8", "m64n128k8"} <= shapes if mode.startswith("tf32") else \
+            {"m64n64k16", "m64n128k16"} <= shapes, (mode, shapes)
     assert len(list((tmp_path / "ptx").glob("joint_entropy-*-sm_90.ptx"))) >= 2
 
 
@@ -121,6 +128,8 @@ def test_static_facts_are_read_from_the_ptx_and_gated():
     row.arch = 80  # the gate is for sm_90
     row.async_copy_min_bytes = 4
     assert aot.static_problems(row) == []
+    row.spill_stores, row.spill_loads = 84, 92  # ... but spills fail on every arch
+    assert aot.static_problems(row) == ["register spills (84 bytes stored, 92 loaded)"]
     # Scalar stores: a strided p^T store of one element per row fails the softmax's gate.
     ptx = "st.global.v4.b32 [%rd1], {%r1, %r2, %r3, %r4};\n@%p1 st.global.b32 [%rd2], %r5;\n"
     assert aot.scalar_global_stores(ptx) == 1

@@ -288,11 +288,15 @@ def test_segment_softmax_kernel_forward_backward(n, d, k, temperature, eps):
     assert WORST.record("softmax kernel dz", relative_error(dz.cpu(), dz64)) <= tol.grad
 
 
+# Pinned tiles: narrow ones (several tiles and chunks per pass) and the widest autotune tile
+# (128x128, 64 accumulators per thread: one tile holds all of D, every edge masked).
 JOINT_METAS = [None, {"BLOCK_A": 32, "BLOCK_B": 16, "BLOCK_N": 16, "GROUP_A": 2},
-               {"BLOCK_A": 16, "BLOCK_B": 64, "BLOCK_N": 64, "GROUP_A": 8}]
+               {"BLOCK_A": 16, "BLOCK_B": 64, "BLOCK_N": 64, "GROUP_A": 8},
+               {"BLOCK_A": 128, "BLOCK_B": 128, "BLOCK_N": 32, "GROUP_A": 8}]
 
 
-@pytest.mark.parametrize("meta", JOINT_METAS, ids=["default", "32x16x16", "16x64x64"])
+@pytest.mark.parametrize("meta", JOINT_METAS,
+                         ids=["default", "32x16x16", "16x64x64", "128x128x32"])
 def test_joint_entropy_kernel_forward_backward(meta):
     from music_loss.kernels.joint_entropy import JointEntropyFunction, joint_entropy_pass
 
