@@ -84,6 +84,8 @@ class AotRow:
     uses_tma: bool = False
     smem_bank_conflicts: int | None = None
     epilogue_instructions_per_entry: float | None = None
+    epilogue_instructions_per_entry_diagonal: float | None = None
+    spill_instructions_in_loops: int | None = None
     scalar_global_stores: int | None = None
     seconds: float = 0.0
     problems: list[str] = field(default_factory=list)
@@ -438,11 +440,24 @@ def smem_bank_conflicts(ttgir: str, arch: int, num_warps: int) -> int | None:
     return worst
 
 
-def epilogue_instructions_per_entry(cubin: bytes, arch: int, entries_per_thread: int
-                                    ) -> float | None:
-    """SASS instructions after the last tensor-core instruction (the epilogue, straight-line
-    code plus the pipeline drain), per entry of the tile each thread holds; static count from
-    the bundled ``cuobjdump -sass``. None without the tool or a tensor-core instruction."""
+_SASS_INSTRUCTION = re.compile(
+    r"^\s+/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);", re.MULTILINE)
+
+
+def _sass_program(sass: str) -> list[tuple[int, str, str, str]]:
+    """``(address, predicate, opcode, operands)`` of each instruction of ``cuobjdump -sass``."""
+    return [(int(m.group(1), 16), (m.group(2) or "").strip(), m.group(3), m.group(4))
+            for m in _SASS_INSTRUCTION.finditer(sass)]
+
+
+def _branch_target(operands: str) -> int | None:
+    """The address a ``BRA`` jumps to (its last hexadecimal operand), if it names one."""
+    targets = re.findall(r"0x([0-9a-f]+)", operands)
+    return int(targets[-1], 16) if targets else None
+
+
+def sass_of(cubin: bytes) -> str | None:
+    """``cuobjdump -sass`` of ``cubin`` by the tool Triton bundles; None without it."""
     from triton.backends.nvidia import compiler as nv
 
     tool = os.path.join(os.path.dirname(nv.__file__), "bin", "cuobjdump")
@@ -452,14 +467,100 @@ def epilogue_instructions_per_entry(cubin: bytes, arch: int, entries_per_thread:
         path = os.path.join(tmp, "k.cubin")
         with open(path, "wb") as fh:
             fh.write(cubin)
-        sass = subprocess.run([tool, "-sass", path], capture_output=True, text=True).stdout
-    ops = re.findall(r"^\s+/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", sass,
-                     re.MULTILINE)
-    last = max((i for i, op in enumerate(ops) if op.startswith(("HGMMA", "HMMA"))), default=-1)
+        return subprocess.run([tool, "-sass", path], capture_output=True, text=True).stdout
+
+
+def spill_instructions_in_loops(sass: str) -> int:
+    """Local-memory instructions (``LDL``/``STL``: register spills) inside a loop: between a
+    backward branch's target and the branch. Spills outside loops (ptxas parking a few
+    loop-invariant values across the main loop, stored once before it and loaded once
+    after, per tile) cost a few instructions per tile; inside the main loop they cost on
+    every step.
+
+    Example:
+        >>> sass = '''
+        ...         /*0000*/                   STL [R1], R64 ;
+        ...         /*0010*/                   HMMA.16816.F32.BF16 R4, R8, R12, R4 ;
+        ...         /*0020*/                   LDL R64, [R1] ;
+        ...         /*0030*/              @!P2 BRA 0x10 ;
+        ...         /*0040*/                   LDL R65, [R1] ;
+        ... '''
+        >>> spill_instructions_in_loops(sass)
+        1
+    """
+    program = _sass_program(sass)
+    loops = [(target, address) for address, _, opcode, operands in program
+             if opcode.startswith("BRA") and (target := _branch_target(operands)) is not None
+             and target <= address]
+    return sum(1 for address, _, opcode, _ in program if opcode.startswith(("LDL", "STL"))
+               and any(first <= address <= last for first, last in loops))
+
+
+def sass_path_lengths(sass: str, after: tuple[str, ...] = ("HGMMA", "HMMA")
+                      ) -> tuple[int, int] | None:
+    """Instructions (NOPs not counted) on the shortest and on the longest path from the last
+    instruction whose opcode starts with ``after`` to the end of the program, over the
+    forward branches of ``cuobjdump -sass`` text (``BRA`` to an address; a predicated
+    ``BRA``/``EXIT`` may also fall through; loops back are not followed). None when no
+    instruction matches ``after``.
+
+    Example:
+        >>> sass = '''
+        ...         /*0000*/                   HGMMA.64x64x16.F32 R24, gdesc[UR4], R24 ;
+        ...         /*0010*/              @!P0 BRA 0x40 ;
+        ...         /*0020*/                   FADD R1, R2, R3 ;
+        ...         /*0030*/                   FADD R1, R2, R3 ;
+        ...         /*0040*/                   STG.E [R4], R1 ;
+        ...         /*0050*/                   EXIT ;
+        ... '''
+        >>> sass_path_lengths(sass)
+        (3, 5)
+    """
+    program = _sass_program(sass)
+    last = max((i for i, ins in enumerate(program) if ins[2].startswith(after)), default=-1)
     if last < 0:
         return None
-    tail = [op for op in ops[last + 1:] if op != "NOP"]
-    return round(len(tail) / entries_per_thread, 1)
+    region = program[last + 1:]
+    index_of = {address: i for i, (address, *_rest) in enumerate(region)}
+    shortest = [0] * (len(region) + 1)  # past the end: no more instructions
+    longest = [0] * (len(region) + 1)
+    for i in range(len(region) - 1, -1, -1):
+        _, predicate, opcode, operands = region[i]
+        always = predicate in ("", "@PT")
+        successors: list[int] = []
+        if opcode.startswith(("EXIT", "RET")):
+            ends = True
+            if not always:
+                successors.append(i + 1)
+        elif opcode.startswith("BRA"):
+            address = _branch_target(operands)
+            target = index_of.get(address) if address is not None else None
+            if target is not None and target > i:
+                successors.append(target)
+            if not always:
+                successors.append(i + 1)
+            ends = not successors  # a loop back, or a jump out of the region
+        else:
+            ends = False
+            successors.append(i + 1)
+        own = 0 if opcode == "NOP" else 1
+        shortest[i] = own + min([shortest[j] for j in successors] + ([0] if ends else []))
+        longest[i] = own + max([longest[j] for j in successors] + ([0] if ends else []))
+    return shortest[0], longest[0]
+
+
+def epilogue_instructions_per_entry(sass: str, entries_per_thread: int
+                                    ) -> tuple[float, float] | None:
+    """SASS instructions after the last tensor-core instruction (the epilogue plus the
+    pipeline drain), per entry of the tile each thread holds, on the shortest and on the
+    longest path (:func:`sass_path_lengths`): the joint kernel's tiles that do not meet the
+    block diagonal take the short one, the few that do the long one. None without a
+    tensor-core instruction."""
+    lengths = sass_path_lengths(sass)
+    if lengths is None:
+        return None
+    return (round(lengths[0] / entries_per_thread, 1),
+            round(lengths[1] / entries_per_thread, 1))
 
 
 def scalar_global_stores(ptx: str) -> int:
@@ -509,8 +610,12 @@ def compile_spec(spec: KernelSpec, arch: int) -> AotRow:
                                                       spec.num_warps)
         if spec.kernel == "joint_entropy":
             tile = spec.constexprs["BLOCK_A"] * spec.constexprs["BLOCK_B"]
-            row.epilogue_instructions_per_entry = epilogue_instructions_per_entry(
-                compiled.asm["cubin"], arch, tile // (32 * spec.num_warps))
+            sass = sass_of(compiled.asm["cubin"])
+            per_entry = sass and epilogue_instructions_per_entry(
+                sass, tile // (32 * spec.num_warps))
+            if per_entry:
+                (row.epilogue_instructions_per_entry,
+                 row.epilogue_instructions_per_entry_diagonal) = per_entry
     if spec.kernel.startswith("softmax_fwd"):
         row.scalar_global_stores = scalar_global_stores(ptx)
     if DUMP_DIR:
@@ -521,6 +626,10 @@ def compile_spec(spec: KernelSpec, arch: int) -> AotRow:
     if stats[0] < 0:
         stats = _ptxas_stats(ptx, arch)
     row.registers, row.spill_stores, row.spill_loads = stats
+    if row.spill_stores > 0 or row.spill_loads > 0:
+        sass = sass_of(compiled.asm["cubin"])
+        row.spill_instructions_in_loops = (None if sass is None
+                                           else spill_instructions_in_loops(sass))
     row.ok = True
     if row.shared_bytes > row.smem_limit:
         row.ok = False
@@ -540,16 +649,28 @@ def compile_spec(spec: KernelSpec, arch: int) -> AotRow:
 DUMP_DIR: str | None = os.environ.get("MUSIC_LOSS_AOT_DUMP_DIR")
 
 
+#: Spill bytes per thread a config may have outside its loops (see
+#: :func:`spill_instructions_in_loops`): a few values parked across the main loop.
+SPILL_BYTES_OUTSIDE_LOOPS = 64
+
+
 def static_problems(row: AotRow) -> list[str]:
-    """The gate of SPEC 5 layer 3: no autotune config of any kernel may spill registers (the
-    configs are filtered so that none does); a tf32/bf16 product on sm_90 must copy its
-    operands with 16-byte ``cp.async`` or TMA and store them to shared memory with at most
-    2-way bank conflicts; the tf32 softmax (which writes ``p^T``) may store nothing but its
-    partial sum one element at a time."""
+    """The gate of SPEC 5 layer 3: no autotune config of any kernel may spill registers in a
+    loop, nor more than :data:`SPILL_BYTES_OUTSIDE_LOOPS` outside (the configs are
+    filtered so); a tf32/bf16 product on sm_90 must copy its operands with 16-byte
+    ``cp.async`` or TMA and store them to shared memory with at most 2-way bank conflicts;
+    the tf32 softmax (which writes ``p^T``) may store nothing but its partial sum one
+    element at a time."""
     problems = []
     if row.spill_stores > 0 or row.spill_loads > 0:
-        problems.append(f"register spills ({row.spill_stores} bytes stored, "
-                        f"{row.spill_loads} loaded)")
+        spills = f"({row.spill_stores} bytes stored, {row.spill_loads} loaded)"
+        if row.spill_instructions_in_loops is None:
+            problems.append(f"register spills {spills}, not located (no cuobjdump)")
+        elif row.spill_instructions_in_loops > 0:
+            problems.append(f"register spills in a loop {spills}: "
+                            f"{row.spill_instructions_in_loops} local-memory instructions")
+        elif max(row.spill_stores, row.spill_loads) > SPILL_BYTES_OUTSIDE_LOOPS:
+            problems.append(f"register spills {spills} over {SPILL_BYTES_OUTSIDE_LOOPS} bytes")
     if row.kernel == "softmax_fwd_t" and (row.scalar_global_stores or 0) > 1:
         problems.append(f"{row.scalar_global_stores} scalar global stores (p^T not vectorised)")
     if not (row.needs_tensor_cores and row.arch >= 90):
@@ -594,7 +715,8 @@ def _print_row(row: AotRow) -> None:
     copy = "TMA" if row.uses_tma else ("-" if row.async_copy_min_bytes is None
                                         else f"{row.async_copy_min_bytes}B")
     epilogue = ("-" if row.epilogue_instructions_per_entry is None
-                else f"{row.epilogue_instructions_per_entry:.0f}")
+                else f"{row.epilogue_instructions_per_entry:.0f}/"
+                     f"{row.epilogue_instructions_per_entry_diagonal:.0f}")
     print(f"{row.kernel:<14} {row.variant:<17} {row.config:<23} sm_{row.arch:<3} "
           f"{row.shared_bytes:>7} /{row.smem_limit:>7} {row.registers:>4} "
           f"{row.spill_stores:>5}/{row.spill_loads:<5} {row.tensor_core_instructions:>5} "
@@ -639,12 +761,13 @@ def summarize(rows: list[AotRow]) -> str:
         sub = [r for r in rows if r.arch == arch]
         ok = [r for r in sub if r.ok]
         spilled = [r for r in sub if r.spill_stores > 0]
+        in_loops = [r for r in spilled if r.spill_instructions_in_loops != 0]
         tc = [r for r in sub if r.needs_tensor_cores]
         lines.append(
             f"sm_{arch}: {len(ok)}/{len(sub)} ok; max shared {max(r.shared_bytes for r in sub)} B "
             f"(limit {SMEM_LIMIT[arch]}); max registers {max(r.registers for r in sub)}; "
-            f"configs with spills: {len(spilled)}"
-            + (f" ({', '.join(sorted({f'{r.kernel} {r.variant} {r.config}' for r in spilled}))})"
+            f"configs with spills: {len(spilled)} ({len(in_loops)} in a loop)"
+            + (f": {', '.join(sorted({f'{r.kernel} {r.variant} {r.config}' for r in spilled}))}"
                if spilled else "")
             + f"; tf32/bf16 products with tensor-core instructions: "
               f"{sum(r.tensor_core_instructions > 0 for r in tc)}/{len(tc)}")
@@ -666,6 +789,8 @@ def static_summary(rows: list[dict[str, Any]]) -> dict[tuple[str, str, int], dic
         shapes = [r["mma_shape"] for r in group if r["mma_shape"]]
         epi = [r["epilogue_instructions_per_entry"] for r in group
                if r["epilogue_instructions_per_entry"] is not None]
+        epi_diagonal = [r.get("epilogue_instructions_per_entry_diagonal") for r in group]
+        epi_diagonal = [e for e in epi_diagonal if e is not None]
         stores = [r["scalar_global_stores"] for r in group
                   if r.get("scalar_global_stores") is not None]
         tma = all(r["uses_tma"] for r in group)
@@ -675,11 +800,18 @@ def static_summary(rows: list[dict[str, Any]]) -> dict[tuple[str, str, int], dic
             "bank conflicts": f"{max(ways)}-way" if ways else "-",
             "widest mma": max(shapes, key=lambda m: int(re.findall(r"\d+", m)[1]))
             if shapes else "-",
-            "epilogue SASS/entry": "-" if not epi else "-".join(
-                dict.fromkeys((f"{min(epi):.0f}", f"{max(epi):.0f}"))),
+            "epilogue SASS/entry": _value_range(epi),
+            "diagonal tiles": _value_range(epi_diagonal),
             "scalar stores": str(max(stores)) if stores else "-",
         }
     return summary
+
+
+def _value_range(values: list[float]) -> str:
+    """``"lo-hi"`` of ``values`` rounded to integers (one number when equal), or ``"-"``."""
+    if not values:
+        return "-"
+    return "-".join(dict.fromkeys((f"{min(values):.0f}", f"{max(values):.0f}")))
 
 
 def compare_markdown(tables: list[tuple[str, list[dict[str, Any]]]]) -> str:
@@ -688,7 +820,8 @@ def compare_markdown(tables: list[tuple[str, list[dict[str, Any]]]]) -> str:
     summaries = [(label, static_summary(rows)) for label, rows in tables]
     keys = sorted({k for _, summary in summaries for k in summary},
                   key=lambda k: (-k[2], k[0], k[1]))
-    facts = ["copy", "bank conflicts", "widest mma", "epilogue SASS/entry", "scalar stores"]
+    facts = ["copy", "bank conflicts", "widest mma", "epilogue SASS/entry", "diagonal tiles",
+             "scalar stores"]
     labels = " -> ".join(label for label, _ in summaries)
     lines = [f"Static facts per kernel/variant/arch over its configs ({labels}).", "",
              "| kernel | variant | arch | " + " | ".join(facts) + " |",

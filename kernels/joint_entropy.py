@@ -134,8 +134,8 @@ _MAX_STAGING = max(SMEM_LIMITS.values()) - EPILOGUE_SMEM
 #: 4 stages at 64) where the staging fits. The 32-per-thread tiles come first: deterministic
 #: mode pins a mode's first config.
 JOINT_CONFIGS: list[triton.Config] = [
-    triton.Config({"BLOCK_A": ba, "BLOCK_B": bb, "BLOCK_N": bn, "GROUP_A": 8},
-                  num_warps=warps, num_stages=stages)
+    triton.Config({"BLOCK_A": ba, "BLOCK_B": bb, "BLOCK_N": bn, "GROUP_A": 8,
+                   "WIDE_TILE": ba * bb > 32 * 32 * warps}, num_warps=warps, num_stages=stages)
     for ba, bb, warps in ((64, 64, 4), (128, 64, 8), (64, 128, 8), (64, 128, 4), (128, 128, 8))
     for bn, stages in ((32, 4), (64, 3), (64, 4), (128, 3))
     if _operand_smem(ba, bb, bn, stages, 2) <= _MAX_STAGING
@@ -235,6 +235,7 @@ def joint_entropy_kernel(
     GROUP_A: tl.constexpr, EMULATE_TF32: tl.constexpr = False, ROUND_TF32: tl.constexpr = True,
     WRITE_GT: tl.constexpr = False, USE_INT64: tl.constexpr = False,
     FAST_LOG: tl.constexpr = True, USE_TMA: tl.constexpr = False,
+    WIDE_TILE: tl.constexpr = False,
 ):
     """One ``[BLOCK_A, BLOCK_B]`` tile of rows ``row_begin + [0, num_rows)`` of ``P``.
 
@@ -246,6 +247,8 @@ def joint_entropy_kernel(
     ``FAST_LOG`` (tf32/bf16 only; ieee always takes the accurate log): ``lg2.approx.f32``.
     ``USE_TMA``: ``p1_ptr, p2_ptr`` are tensor descriptors of the operands (the strides are
     then unused), read with TMA bulk copies; the epilogue's stores keep pointers.
+    ``WIDE_TILE`` (set by the autotune configs): 64 accumulators per thread, which with
+    ``WRITE_GT`` keeps the general epilogue on every tile (see the epilogue's comment).
 
     The operands are read through both strides: ``p[n, a]`` at ``n * stride_p1n + a *
     stride_p1a``. Row-major ``(N, D)`` arrays (ieee, bf16) or their ``(D, N)`` transposes
@@ -291,33 +294,88 @@ def joint_entropy_kernel(
             a_ptrs += BLOCK_N * stride_p1n
             b_ptrs += BLOCK_N * stride_p2n
 
-    # Epilogue, fp32: masks from segment ids, one log per entry, two tree reductions.
-    joint = acc * inv_n
+    # Epilogue. Only a tile whose segment ranges meet (it touches the block diagonal; see
+    # :func:`block_diagonal_tile_fraction`) needs the segment masks, the diagonal sum and
+    # P's diagonal: a uniform branch on the tile, the whole epilogue on each side (only the
+    # accumulator is live across it), every other tile taking its valid entries as
+    # off-block. Tensor-core modes only, and not where a wide tile (64 accumulators per
+    # thread) also writes G^T: with the branch, ptxas -v spills 4-32 bytes there (G^T's
+    # transposing store; ieee's FMA operand tiles), so every tile runs the general epilogue
+    # (ieee's FMA product dwarfs its epilogue anyway).
     valid = mask_a[:, None] & mask_b[None, :]
-    is_diag = (offs_a[:, None] == offs_b[None, :]) & valid
-    is_off = ((offs_a // K)[:, None] != (offs_b // K)[None, :]) & valid
+    a_first = row_begin + pid_a * BLOCK_A
+    b_first = pid_b * BLOCK_B
+    row_has_diag = mask_a & (offs_a >= b_first) & (offs_a < b_first + BLOCK_B) & (offs_a < D)
+    meets_blocks = True
+    if PRECISION != "ieee" and not (WIDE_TILE and WRITE_GT):
+        meets_blocks = ((a_first // K <= (b_first + BLOCK_B - 1) // K)
+                        & (b_first // K <= (a_first + BLOCK_A - 1) // K))
+    if meets_blocks:
+        _joint_epilogue(acc, valid, row_has_diag, offs_a, offs_b, local_a, cols_b, K, inv_n,
+                        c_off, pid,
+                        partial_ptr, stride_partial, pdiag_ptr, g_ptr, gt_ptr, stride_g,
+                        stride_gt, True, WRITE_G, WRITE_GT, PRECISION, FAST_LOG,
+                        EMULATE_BF16, EMULATE_TF32, ROUND_TF32)
+    else:
+        _joint_epilogue(acc, valid, row_has_diag, offs_a, offs_b, local_a, cols_b, K, inv_n,
+                        c_off, pid,
+                        partial_ptr, stride_partial, pdiag_ptr, g_ptr, gt_ptr, stride_g,
+                        stride_gt, False, WRITE_G, WRITE_GT, PRECISION, FAST_LOG,
+                        EMULATE_BF16, EMULATE_TF32, ROUND_TF32)
+
+
+@triton.jit
+def _joint_epilogue(acc, valid, row_has_diag, offs_a, offs_b, local_a, cols_b, K, inv_n,
+                    c_off, pid,
+                    partial_ptr, stride_partial, pdiag_ptr, g_ptr, gt_ptr, stride_g, stride_gt,
+                    MEETS_BLOCKS: tl.constexpr, WRITE_G: tl.constexpr, WRITE_GT: tl.constexpr,
+                    PRECISION: tl.constexpr, FAST_LOG: tl.constexpr,
+                    EMULATE_BF16: tl.constexpr, EMULATE_TF32: tl.constexpr,
+                    ROUND_TF32: tl.constexpr):
+    """The joint kernel's epilogue of one tile, fp32: ``P lg P`` reduced to the tile's two
+    partial sums, and the tile of ``G = c_off (lg P + [P >= tiny])`` (``WRITE_G``; rounded
+    as its store will be: to nearest tf32 for the tf32 products, or to bf16 under the
+    interpreter, as a GPU store does) and of ``G^T`` (``WRITE_GT``). ``MEETS_BLOCKS``: the
+    tile touches the block diagonal, so entries are classed by segment (diagonal / off-block
+    / neither) and ``P``'s diagonal is stored; else every valid entry is off-block."""
+    joint = acc * inv_n
+    if MEETS_BLOCKS:
+        is_diag = (offs_a[:, None] == offs_b[None, :]) & valid
+        is_off = ((offs_a // K)[:, None] != (offs_b // K)[None, :]) & valid
+    else:
+        is_off = valid
     if PRECISION == "ieee" or not FAST_LOG:
         log_joint = lg(joint)
     else:  # the SFU's log (FAST_LOG): its few ulps are far inside the tf32 / bf16 budgets
         log_joint = lg_fast(joint, EMULATE_TF32 or EMULATE_BF16)
     plogp = joint * log_joint
-    diag_sum = tl.sum(tl.sum(tl.where(is_diag, plogp, 0.0), axis=1), axis=0)
+    if MEETS_BLOCKS:
+        # P's diagonal by rows (each row's one diagonal entry, where the tile holds it): a
+        # row vector to store and take P lg P of, not a masked store of every entry.
+        p_diag = tl.sum(tl.where(is_diag, joint, 0.0), axis=1)
+        if PRECISION == "ieee" or not FAST_LOG:
+            log_diag = lg(p_diag)
+        else:
+            log_diag = lg_fast(p_diag, EMULATE_TF32 or EMULATE_BF16)
+        diag_sum = tl.sum(tl.where(row_has_diag, p_diag * log_diag, 0.0), axis=0)
+        tl.store(pdiag_ptr + offs_a, p_diag, mask=row_has_diag)
+    else:
+        diag_sum = 0.0
     off_sum = tl.sum(tl.sum(tl.where(is_off, plogp, 0.0), axis=1), axis=0)
     tl.store(partial_ptr + pid, diag_sum)
     tl.store(partial_ptr + stride_partial + pid, off_sum)
-    tl.store(pdiag_ptr + offs_a[:, None] + 0 * offs_b[None, :], joint, mask=is_diag)
     if WRITE_G:
         grad = c_off * (log_joint + tl.where(joint >= 1.1754943508222875e-38, 1.0, 0.0))
-        grad = tl.where(is_off, grad, 0.0)
+        if MEETS_BLOCKS:  # elsewhere only invalid entries are not off-block: never stored
+            grad = tl.where(is_off, grad, 0.0)
         if PRECISION == "bf16" and EMULATE_BF16:
-            grad = round_to_bf16(grad)  # what a bf16 store does on a GPU
+            grad = round_to_bf16(grad)
         if PRECISION == "tf32" and ROUND_TF32:
             grad = round_to_tf32(grad, EMULATE_TF32)
-        g_ptrs = g_ptr + local_a[:, None] * stride_g + offs_b[None, :]
-        tl.store(g_ptrs, grad, mask=valid)
+        tl.store(g_ptr + local_a[:, None] * stride_g + offs_b[None, :], grad, mask=valid)
         if WRITE_GT:
-            gt_ptrs = gt_ptr + cols_b[None, :] * stride_gt + local_a[:, None]
-            tl.store(gt_ptrs, grad, mask=valid)
+            tl.store(gt_ptr + cols_b[None, :] * stride_gt + local_a[:, None], grad,
+                     mask=valid)
 
 
 @triton.jit
@@ -601,6 +659,25 @@ def gradient_phase_bytes(n: int, dim: int, precision: str, chunk_rows: int | Non
         total += n * dim * op + r * dim * op + n * r * 4        # dp1[:, a0:a1] = p2 G^T / N
         total += n * r * op + r * dim * op + n * dim * 4 * (2 if a0 else 1)  # dp2 (+)= p1 G
     return total
+
+
+def block_diagonal_tile_fraction(dim: int, segment_dim: int, block_a: int,
+                                 block_b: int) -> float:
+    """Fraction of the joint kernel's ``block_a x block_b`` tiles over a ``D x D`` pass whose
+    segment ranges meet: they touch the block diagonal and run the general epilogue (segment
+    masks, the diagonal sum, ``P``'s diagonal); the others take every valid entry as
+    off-block (see :func:`joint_entropy_kernel`).
+
+    Example:
+        >>> round(block_diagonal_tile_fraction(8160, 80, 128, 128), 3)  # the paper's shape
+        0.041
+    """
+    def meets(a: int, b: int) -> bool:
+        return (a // segment_dim <= (b + block_b - 1) // segment_dim
+                and b // segment_dim <= (a + block_a - 1) // segment_dim)
+
+    tiles = [(a, b) for a in range(0, dim, block_a) for b in range(0, dim, block_b)]
+    return sum(meets(a, b) for a, b in tiles) / len(tiles)
 
 
 class JointPass(NamedTuple):
