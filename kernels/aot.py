@@ -157,8 +157,7 @@ def kernel_specs(quick: bool = False, arch: int = 90) -> list[KernelSpec]:
                                {"p1_ptr": op, "p2_ptr": op, "g_ptr": op, "gt_ptr": op}, const,
                                cfg.num_warps, cfg.num_stages, label, unit_p,
                                needs_tensor_cores=prec != "ieee"))
-            if prec != "ieee" and arch >= 90 and je.tma_available() \
-                    and cfg in je.configs_for(je.JOINT_CONFIGS, prec, SMEM_LIMIT[arch], tma=True):
+            if prec != "ieee" and arch >= 90 and je.tma_available():
                 # TMA operand tiles (sm_90): descriptors of the (D, N) transposes in tf32,
                 # of the row-major (N, D) arrays in bf16.
                 ba, bb, bn = cfg.kwargs["BLOCK_A"], cfg.kwargs["BLOCK_B"], cfg.kwargs["BLOCK_N"]

@@ -127,12 +127,12 @@ _MAX_STAGING = max(SMEM_LIMITS.values()) - EPILOGUE_SMEM
 #: :func:`configs_for` picks those of one). Tiles of 32 fp32 accumulators per thread (64x64
 #: with 4 warps, 128x64 and 64x128 with 8) and of 64 (64x128 with 4 warps: one warpgroup
 #: issuing Hopper's m64n128 ``wgmma``; 128x128 with 8: two of them). The epilogue (masks, a
-#: log, two reductions, the G store) holds the accumulator plus same-shaped temporaries:
-#: with 64 per thread ptxas -v reports 241-255 registers and no spills in every mode, both
-#: archs, triton 3.6 and 3.8 (``python -m music_loss.kernels.aot``, which fails on a spill);
-#: 128 per thread would not fit. Each tile goes deeper along the batch (``BLOCK_N`` 128, or
-#: 4 stages at 64) where the staging fits. The 32-per-thread tiles come first: deterministic
-#: mode pins a mode's first config.
+#: log, reductions, the G store) holds the accumulator plus same-shaped temporaries: with
+#: 64 per thread ptxas -v reports up to 255 registers and no spills in every mode, both
+#: archs, triton 3.6 and 3.8 (``python -m music_loss.kernels.aot`` fails on a spill in a
+#: loop, or on more than 64 bytes outside one); 128 per thread would not fit. Each tile goes
+#: deeper along the batch (``BLOCK_N`` 128, or 4 stages at 64) where the staging fits. The
+#: 32-per-thread tiles come first: deterministic mode pins a mode's first config.
 JOINT_CONFIGS: list[triton.Config] = [
     triton.Config({"BLOCK_A": ba, "BLOCK_B": bb, "BLOCK_N": bn, "GROUP_A": 8,
                    "WIDE_TILE": ba * bb > 32 * 32 * warps}, num_warps=warps, num_stages=stages)
@@ -140,12 +140,6 @@ JOINT_CONFIGS: list[triton.Config] = [
     for bn, stages in ((32, 4), (64, 3), (64, 4), (128, 3))
     if _operand_smem(ba, bb, bn, stages, 2) <= _MAX_STAGING
 ]
-
-#: Joint tiles the TMA variant leaves out, as ``(precision, BLOCK_A, BLOCK_B, num_warps)``:
-#: with operand descriptors, bf16 at 128x128 and 8 warps spills 4 bytes on sm_90 under
-#: triton 3.8 (none under 3.6); 64x128 with 4 warps gives the same m64n128 instructions.
-JOINT_TMA_EXCLUDED: frozenset[tuple[str, int, int, int]] = frozenset({("bf16", 128, 128, 8)})
-
 
 #: Autotune configs of the gradient products: a plain epilogue, so up to 64 accumulators
 #: per thread (ptxas -v, sm_90: 128 and more spill); deeper K steps where they fit.
@@ -169,10 +163,9 @@ def device_smem_limit() -> int:
 
 
 def configs_for(configs: list[triton.Config], precision: str,
-                smem_limit: int | None = None, tma: bool = False) -> list[triton.Config]:
+                smem_limit: int | None = None) -> list[triton.Config]:
     """The configs a precision mode autotunes over on a device with ``smem_limit`` bytes of
-    shared memory per block (default: the current device's); ``tma``: for the joint
-    kernel's TMA variant (without :data:`JOINT_TMA_EXCLUDED`).
+    shared memory per block (default: the current device's).
 
     The operand staging (real element size: 4 bytes, 2 in bf16) plus
     :data:`EPILOGUE_SMEM` must fit the limit. ``ieee`` runs on FMA units, where the
@@ -186,8 +179,7 @@ def configs_for(configs: list[triton.Config], precision: str,
         True
     """
     limit = device_smem_limit() if smem_limit is None else smem_limit
-    fitting = [c for c in configs if config_smem(c, precision) <= limit - EPILOGUE_SMEM
-               and not (tma and (precision, *_tile(c)[:2], c.num_warps) in JOINT_TMA_EXCLUDED)]
+    fitting = [c for c in configs if config_smem(c, precision) <= limit - EPILOGUE_SMEM]
     if precision != "ieee":
         return fitting
     return [c for c in fitting if _tile(c)[2] == 32 and ("BLOCK_A" not in c.kwargs
@@ -198,12 +190,6 @@ def _prune(configs: list[triton.Config], named_args: dict[str, Any],
            **kwargs: Any) -> list[triton.Config]:
     precision = kwargs.get("PRECISION", named_args.get("PRECISION", "tf32"))
     return configs_for(configs, precision) or list(configs)
-
-
-def _prune_tma(configs: list[triton.Config], named_args: dict[str, Any],
-               **kwargs: Any) -> list[triton.Config]:
-    precision = kwargs.get("PRECISION", named_args.get("PRECISION", "tf32"))
-    return configs_for(configs, precision, tma=True) or list(configs)
 
 
 #: Configs used under the interpreter (and by tests that pin one): few, large programs.
@@ -471,7 +457,7 @@ _joint_tma_autotuned: Any = None if INTERPRET else triton.autotune(
     configs=[triton.Config(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages,
                            pre_hook=_joint_tma_block_shapes) for c in JOINT_CONFIGS],
     key=["N", "D", "num_rows", "PRECISION", "WRITE_G", "FAST_LOG"],
-    prune_configs_by={"early_config_prune": _prune_tma},
+    prune_configs_by={"early_config_prune": _prune},
 )(joint_entropy_kernel)
 
 
