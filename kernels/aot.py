@@ -497,11 +497,13 @@ def spill_instructions_in_loops(sass: str) -> int:
 
 def sass_path_lengths(sass: str, after: tuple[str, ...] = ("HGMMA", "HMMA")
                       ) -> tuple[int, int] | None:
-    """Instructions (NOPs not counted) on the shortest and on the longest path from the last
-    instruction whose opcode starts with ``after`` to the end of the program, over the
-    forward branches of ``cuobjdump -sass`` text (``BRA`` to an address; a predicated
-    ``BRA``/``EXIT`` may also fall through; loops back are not followed). None when no
-    instruction matches ``after``.
+    """Instructions (NOPs not counted) on the shortest and on the longest path through the
+    code after the main loop, over the forward branches of ``cuobjdump -sass`` text (``BRA``
+    to an address; a predicated ``BRA``/``EXIT`` may also fall through; loops back are not
+    followed). The region starts after the last instruction whose opcode starts with
+    ``after`` (the tensor-core pipeline's drain), or after the back branch of the last loop
+    holding one, whichever comes later (ptxas may place the loop after its exit). None when
+    no instruction matches ``after``.
 
     Example:
         >>> sass = '''
@@ -514,11 +516,21 @@ def sass_path_lengths(sass: str, after: tuple[str, ...] = ("HGMMA", "HMMA")
         ... '''
         >>> sass_path_lengths(sass)
         (3, 5)
+        >>> looped = sass.replace("@!P0 BRA 0x40", "     BRA 0x0")  # the loop ends there
+        >>> sass_path_lengths(looped)
+        (4, 4)
     """
     program = _sass_program(sass)
-    last = max((i for i, ins in enumerate(program) if ins[2].startswith(after)), default=-1)
-    if last < 0:
+    tensor_ops = [i for i, ins in enumerate(program) if ins[2].startswith(after)]
+    if not tensor_ops:
         return None
+    index_at = {address: i for i, (address, *_rest) in enumerate(program)}
+    last = tensor_ops[-1]
+    for i, (address, _, opcode, operands) in enumerate(program):
+        target = _branch_target(operands) if opcode.startswith("BRA") else None
+        first = index_at.get(target) if target is not None and target <= address else None
+        if first is not None and any(first <= t <= i for t in tensor_ops):
+            last = max(last, i)  # the back branch of a loop with tensor-core work
     region = program[last + 1:]
     index_of = {address: i for i, (address, *_rest) in enumerate(region)}
     shortest = [0] * (len(region) + 1)  # past the end: no more instructions

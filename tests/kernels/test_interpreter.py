@@ -436,7 +436,7 @@ def test_tf32_rounding_removes_the_truncation_bias():
     emulation; GPU: real tensor cores)."""
     config = LossConfig(segment_dim=80)
     z1, z2 = _views(64, 480, seed=5)
-    truth = float(_float64_truth(z1, z2, config)[0].loss)
+    truth = float(_float64_truth(z1, z2, config)[0].loss.detach())
     truncated = abs(float(_tf32_loss(z1, z2, config, False)) - truth) / abs(truth)
     rounded = abs(float(_tf32_loss(z1, z2, config, True)) - truth) / abs(truth)
     WORST.record("tf32 loss error, operands truncated", truncated)
