@@ -501,9 +501,9 @@ def sass_path_lengths(sass: str, after: tuple[str, ...] = ("HGMMA", "HMMA")
     code after the main loop, over the forward branches of ``cuobjdump -sass`` text (``BRA``
     to an address; a predicated ``BRA``/``EXIT`` may also fall through; loops back are not
     followed). The region starts after the last instruction whose opcode starts with
-    ``after`` (the tensor-core pipeline's drain), or after the back branch of the last loop
-    holding one, whichever comes later (ptxas may place the loop after its exit). None when
-    no instruction matches ``after``.
+    ``after`` (the tensor-core pipeline's drain) or, when that instruction is in a loop,
+    after the innermost loop's back branch (ptxas may place the loop after its exit). None
+    when no instruction matches ``after``.
 
     Example:
         >>> sass = '''
@@ -526,11 +526,14 @@ def sass_path_lengths(sass: str, after: tuple[str, ...] = ("HGMMA", "HMMA")
         return None
     index_at = {address: i for i, (address, *_rest) in enumerate(program)}
     last = tensor_ops[-1]
+    loops = []  # (first, back branch) of each loop around the last tensor-core instruction
     for i, (address, _, opcode, operands) in enumerate(program):
         target = _branch_target(operands) if opcode.startswith("BRA") else None
         first = index_at.get(target) if target is not None and target <= address else None
-        if first is not None and any(first <= t <= i for t in tensor_ops):
-            last = max(last, i)  # the back branch of a loop with tensor-core work
+        if first is not None and first <= last <= i:
+            loops.append((first, i))
+    if loops:  # the innermost one is the main loop (TMA waits branch back from far away)
+        last = min(loops, key=lambda loop: loop[1] - loop[0])[1]
     region = program[last + 1:]
     index_of = {address: i for i, (address, *_rest) in enumerate(region)}
     shortest = [0] * (len(region) + 1)  # past the end: no more instructions

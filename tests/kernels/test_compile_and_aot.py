@@ -94,7 +94,9 @@ def test_aot_compile_check_sm80_sm90(tmp_path):
                                            "tf32,tma", "bf16,tma"}
     assert all(r["uses_tma"] and r["async_copy_min_bytes"] is None and r["mma_shape"]
                for r in tma)
-    assert all(r["epilogue_instructions_per_entry"] for r in joint_tc)
+    # Per entry: a mask, a log, a product, sums, the G store - never a handful (a misread
+    # program structure gave 0-2 once).
+    assert all(r["epilogue_instructions_per_entry"] >= 10 for r in joint_tc)
     # The split epilogue: in the tensor-core modes, tiles off the block diagonal run a
     # shorter epilogue than the few that touch it (except wide tiles writing G^T).
     for r in joint_tc:
@@ -159,6 +161,31 @@ def test_static_facts_are_read_from_the_ptx_and_gated():
     assert aot.static_problems(soft) == []
     soft.scalar_global_stores = 33  # what the one-row-per-program kernel compiled to
     assert aot.static_problems(soft)
+
+
+_SASS_TMA_LAYOUT = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/                   SYNCS.PHASECHK.TRANS64.TRYWAIT P0, [UR8], R2 ;
+        /*0020*/              @!P0 BRA 0x90 ;
+        /*0030*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], R24 ;
+        /*0040*/              @!P1 BRA 0x10 ;
+        /*0050*/                   MUFU.LG2 R3, R24 ;
+        /*0060*/                   FMUL R3, R3, 0.69314718246459960938 ;
+        /*0070*/                   STG.E [R4.64], R3 ;
+        /*0080*/                   EXIT ;
+        /*0090*/                   BRA 0x10 ;
+"""
+
+
+def test_epilogue_path_starts_after_the_main_loop():
+    # The main loop (0x10-0x40) holds the tensor-core instruction; an out-of-line wait
+    # (0x90) branches back into it from the end of the program, as TMA kernels do: the
+    # epilogue is what follows the innermost loop, 4 instructions.
+    from music_loss.kernels import aot
+
+    assert aot.sass_path_lengths(_SASS_TMA_LAYOUT) == (4, 4)
+    assert aot.epilogue_instructions_per_entry(_SASS_TMA_LAYOUT, 2) == (2.0, 2.0)
+    assert aot.spill_instructions_in_loops(_SASS_TMA_LAYOUT) == 0
 
 
 def test_known_violations_pass_only_when_not_worse():
