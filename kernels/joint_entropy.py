@@ -131,13 +131,16 @@ _MAX_STAGING = max(SMEM_LIMITS.values()) - EPILOGUE_SMEM
 #: 64 per thread ptxas -v reports up to 255 registers and no spills in every mode, both
 #: archs, triton 3.6 and 3.8 (``python -m music_loss.kernels.aot`` fails on a spill in a
 #: loop, or on more than 64 bytes outside one); 128 per thread would not fit. Each tile goes
-#: deeper along the batch (``BLOCK_N`` 128, or 4 stages at 64) where the staging fits. The
-#: 32-per-thread tiles come first: deterministic mode pins a mode's first config.
+#: deeper along the batch (``BLOCK_N`` 128, or 4 stages at 64) where the staging fits; the
+#: wide tiles take the two shallower depths only (each config costs the first step an
+#: autotuning run and a compile per key). The 32-per-thread tiles come first:
+#: deterministic mode pins a mode's first config.
 JOINT_CONFIGS: list[triton.Config] = [
     triton.Config({"BLOCK_A": ba, "BLOCK_B": bb, "BLOCK_N": bn, "GROUP_A": 8,
-                   "WIDE_TILE": ba * bb > 32 * 32 * warps}, num_warps=warps, num_stages=stages)
+                   "WIDE_TILE": wide}, num_warps=warps, num_stages=stages)
     for ba, bb, warps in ((64, 64, 4), (128, 64, 8), (64, 128, 8), (64, 128, 4), (128, 128, 8))
-    for bn, stages in ((32, 4), (64, 3), (64, 4), (128, 3))
+    for wide in (ba * bb > 32 * 32 * warps,)
+    for bn, stages in ((32, 4), (64, 3)) + (() if wide else ((64, 4), (128, 3)))
     if _operand_smem(ba, bb, bn, stages, 2) <= _MAX_STAGING
 ]
 
@@ -475,6 +478,7 @@ def _matmul_autotuner(restore_output: bool) -> Any:
 
 
 _matmul_store: Any = None if INTERPRET else _matmul_autotuner(restore_output=False)
+_matmul_accumulate: Any = None if INTERPRET else _matmul_autotuner(restore_output=True)
 
 
 def _tma_block_shapes(nargs: dict[str, Any]) -> None:
@@ -497,6 +501,28 @@ def _tma_autotuner(restore_output: bool) -> Any:
 
 _tma_store: Any = None if INTERPRET else _tma_autotuner(restore_output=False)
 _tma_accumulate: Any = None if INTERPRET else _tma_autotuner(restore_output=True)
+
+
+def chosen_configs(precision: str | None = None) -> dict[str, list[str]]:
+    """The configs the GPU autotuners have picked so far, per tuner: ``str(config)`` of each
+    tuning key's choice (keys of ``precision`` only, when given). Empty under the
+    interpreter, which does not autotune. ``python -m music_loss.kernels.profile`` records
+    it, so a GPU run shows which tiles win on its card.
+
+    Example:
+        >>> isinstance(chosen_configs("tf32"), dict)
+        True
+    """
+    tuners = {"joint": _joint_autotuned, "joint_tma": _joint_tma_autotuned,
+              "product": _matmul_store, "product_accumulate": _matmul_accumulate,
+              "product_tma": _tma_store, "product_tma_accumulate": _tma_accumulate}
+    chosen = {}
+    for name, tuner in tuners.items():
+        picks = sorted({str(config) for key, config in getattr(tuner, "cache", {}).items()
+                        if precision is None or precision in key})
+        if picks:
+            chosen[name] = picks
+    return chosen
 
 
 def tma_available() -> bool:
@@ -566,7 +592,6 @@ def _matmul_tma(a: Tensor, b: Tensor, c: Tensor, alpha: float, accumulate: bool,
     launch(_tma_accumulate if accumulate else _tma_store, scaled_matmul_tma_kernel, grid,
            None if meta is None and not INTERPRET else fixed, *args, **kwargs)
     return True
-_matmul_accumulate: Any = None if INTERPRET else _matmul_autotuner(restore_output=True)
 
 
 def chunk_rows_for(dim: int, precision: str, n: int | None = None,

@@ -9,7 +9,8 @@ Usage (GPU machine)::
 Prints, per precision: milliseconds of the softmax forward, the joint pass without and
 with the gradient products, the backward kernel, the whole forward+backward, the matmul
 floor (the same three ``N x D x D`` products by ``torch.matmul`` at the same precision), the
-achieved TFLOP/s counting ``6 N D^2``, and the extra peak memory. Under
+achieved TFLOP/s counting ``6 N D^2``, the extra peak memory, and the configs the
+autotuners picked (:func:`~music_loss.kernels.joint_entropy.chosen_configs`). Under
 ``TRITON_INTERPRET=1`` it runs on CPU tensors (a smoke check: the timings mean nothing).
 """
 
@@ -25,7 +26,7 @@ import torch
 
 from music_loss._config import LossConfig
 from music_loss.kernels._common import INTERPRET, emulate_bf16, operand_dtype
-from music_loss.kernels.joint_entropy import joint_entropy_pass
+from music_loss.kernels.joint_entropy import chosen_configs, joint_entropy_pass
 from music_loss.kernels.ops import music_loss_triton
 from music_loss.kernels.segment_softmax import music_loss_backward, softmax_forward
 
@@ -126,6 +127,7 @@ def profile(n: int, d: int, k: int, precision: str, repeats: int = 5,
     row["fused_fwd_bwd_ms"] = _timer(fused, dev, repeats)
     if dev.type == "cuda":
         row["extra_peak_bytes"] = torch.cuda.max_memory_allocated() - before
+    row["autotuned"] = chosen_configs(precision)
     flops = 6 * n * d * d
     row["fused_tflops"] = flops / (row["fused_fwd_bwd_ms"] * 1e-3) / 1e12
     row["fused_over_floor"] = row["fused_fwd_bwd_ms"] / row["matmul_floor_ms"]
