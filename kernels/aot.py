@@ -547,8 +547,8 @@ def sass_path_lengths(sass: str, after: tuple[str, ...] = ("HGMMA", "HMMA")
             if not always:
                 successors.append(i + 1)
         elif opcode.startswith("BRA"):
-            address = _branch_target(operands)
-            target = index_of.get(address) if address is not None else None
+            jump = _branch_target(operands)
+            target = index_of.get(jump) if jump is not None else None
             if target is not None and target > i:
                 successors.append(target)
             if not always:
@@ -625,9 +625,9 @@ def compile_spec(spec: KernelSpec, arch: int) -> AotRow:
         if spec.kernel == "joint_entropy":
             tile = spec.constexprs["BLOCK_A"] * spec.constexprs["BLOCK_B"]
             sass = sass_of(compiled.asm["cubin"])
-            per_entry = sass and epilogue_instructions_per_entry(
-                sass, tile // (32 * spec.num_warps))
-            if per_entry:
+            per_entry = (None if sass is None else epilogue_instructions_per_entry(
+                sass, tile // (32 * spec.num_warps)))
+            if per_entry is not None:
                 (row.epilogue_instructions_per_entry,
                  row.epilogue_instructions_per_entry_diagonal) = per_entry
     if spec.kernel.startswith("softmax_fwd"):
@@ -803,8 +803,8 @@ def static_summary(rows: list[dict[str, Any]]) -> dict[tuple[str, str, int], dic
         shapes = [r["mma_shape"] for r in group if r["mma_shape"]]
         epi = [r["epilogue_instructions_per_entry"] for r in group
                if r["epilogue_instructions_per_entry"] is not None]
-        epi_diagonal = [r.get("epilogue_instructions_per_entry_diagonal") for r in group]
-        epi_diagonal = [e for e in epi_diagonal if e is not None]
+        epi_diagonal = [r["epilogue_instructions_per_entry_diagonal"] for r in group
+                        if r.get("epilogue_instructions_per_entry_diagonal") is not None]
         stores = [r["scalar_global_stores"] for r in group
                   if r.get("scalar_global_stores") is not None]
         tma = all(r["uses_tma"] for r in group)
