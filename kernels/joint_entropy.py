@@ -288,9 +288,9 @@ def joint_entropy_kernel(
     # P's diagonal: a uniform branch on the tile, the whole epilogue on each side (only the
     # accumulator is live across it), every other tile taking its valid entries as
     # off-block. Tensor-core modes only, and not where a wide tile (64 accumulators per
-    # thread) also writes G^T: with the branch, ptxas -v spills 4-32 bytes there (G^T's
-    # transposing store; ieee's FMA operand tiles), so every tile runs the general epilogue
-    # (ieee's FMA product dwarfs its epilogue anyway).
+    # thread) also writes G^T: with the branch, ptxas -v spilled 4-32 bytes in both (G^T's
+    # transposing store; ieee's FMA operand tiles, whose product dwarfs the epilogue
+    # anyway), so every tile runs the general epilogue there.
     valid = mask_a[:, None] & mask_b[None, :]
     a_first = row_begin + pid_a * BLOCK_A
     b_first = pid_b * BLOCK_B
@@ -301,22 +301,20 @@ def joint_entropy_kernel(
                         & (b_first // K <= (a_first + BLOCK_A - 1) // K))
     if meets_blocks:
         _joint_epilogue(acc, valid, row_has_diag, offs_a, offs_b, local_a, cols_b, K, inv_n,
-                        c_off, pid,
-                        partial_ptr, stride_partial, pdiag_ptr, g_ptr, gt_ptr, stride_g,
-                        stride_gt, True, WRITE_G, WRITE_GT, PRECISION, FAST_LOG,
+                        c_off, pid, partial_ptr, stride_partial, pdiag_ptr, g_ptr, gt_ptr,
+                        stride_g, stride_gt, True, WRITE_G, WRITE_GT, PRECISION, FAST_LOG,
                         EMULATE_BF16, EMULATE_TF32, ROUND_TF32)
     else:
         _joint_epilogue(acc, valid, row_has_diag, offs_a, offs_b, local_a, cols_b, K, inv_n,
-                        c_off, pid,
-                        partial_ptr, stride_partial, pdiag_ptr, g_ptr, gt_ptr, stride_g,
-                        stride_gt, False, WRITE_G, WRITE_GT, PRECISION, FAST_LOG,
+                        c_off, pid, partial_ptr, stride_partial, pdiag_ptr, g_ptr, gt_ptr,
+                        stride_g, stride_gt, False, WRITE_G, WRITE_GT, PRECISION, FAST_LOG,
                         EMULATE_BF16, EMULATE_TF32, ROUND_TF32)
 
 
 @triton.jit
 def _joint_epilogue(acc, valid, row_has_diag, offs_a, offs_b, local_a, cols_b, K, inv_n,
-                    c_off, pid,
-                    partial_ptr, stride_partial, pdiag_ptr, g_ptr, gt_ptr, stride_g, stride_gt,
+                    c_off, pid, partial_ptr, stride_partial, pdiag_ptr, g_ptr, gt_ptr,
+                    stride_g, stride_gt,
                     MEETS_BLOCKS: tl.constexpr, WRITE_G: tl.constexpr, WRITE_GT: tl.constexpr,
                     PRECISION: tl.constexpr, FAST_LOG: tl.constexpr,
                     EMULATE_BF16: tl.constexpr, EMULATE_TF32: tl.constexpr,
