@@ -11,13 +11,15 @@ ptxas bundled with Triton with ``-v`` on the PTX to read registers and spills. P
 row per kernel/variant/config/arch: shared memory (and the per-block limit: 227 KiB sm_90,
 163 KiB sm_80), registers, spill bytes, tensor-core instructions (``wgmma`` on sm_90,
 ``mma.sync`` on sm_80). Exits 1 if a compile fails, a config exceeds the shared-memory
-limit, or the joint-distribution kernel (or a gradient product) emits no tensor-core
+limit, spills registers inside a loop (or more than 64 bytes outside one: located in the
+SASS), or the joint-distribution kernel (or a gradient product) emits no tensor-core
 instruction in tf32/bf16 mode. On sm_90 it also compiles the TMA variant of the gradient
-products and of the joint kernel (``<mode>,tma`` variants: tensor-descriptor arguments). Static facts
-per tensor-core product (SPEC 5 layer 3): widest mma shape, narrowest ``cp.async`` (or TMA),
-shared-memory bank conflicts (Triton's Gluon counter), the joint kernel's epilogue SASS per
-entry, and for the softmax kernels the scalar (unvectorised) global stores; the gate fails
-the run on a regression. Must run without ``TRITON_INTERPRET`` (with it,
+products and of the joint kernel (``<mode>,tma`` variants: tensor-descriptor arguments).
+Static facts per tensor-core product (SPEC 5 layer 3): widest mma shape, narrowest
+``cp.async`` (or TMA), shared-memory bank conflicts (Triton's Gluon counter), the joint
+kernel's epilogue SASS per entry (for tiles off and on the block diagonal), and for the
+softmax kernels the scalar (unvectorised) global stores; the gate fails the run on a
+regression. Must run without ``TRITON_INTERPRET`` (with it,
 ``triton.compile`` fails: an interpreted function has no ``cache_key``).
 """
 
@@ -565,11 +567,11 @@ def sass_path_lengths(sass: str, after: tuple[str, ...] = ("HGMMA", "HMMA")
 
 def epilogue_instructions_per_entry(sass: str, entries_per_thread: int
                                     ) -> tuple[float, float] | None:
-    """SASS instructions after the last tensor-core instruction (the epilogue plus the
-    pipeline drain), per entry of the tile each thread holds, on the shortest and on the
-    longest path (:func:`sass_path_lengths`): the joint kernel's tiles that do not meet the
-    block diagonal take the short one, the few that do the long one. None without a
-    tensor-core instruction."""
+    """SASS instructions after the main loop and the pipeline drain (the epilogue), per entry
+    of the tile each thread holds, on the shortest and on the longest path
+    (:func:`sass_path_lengths`): the joint kernel's tiles that do not meet the block
+    diagonal take the short one, the few that do the long one. None without a tensor-core
+    instruction."""
     lengths = sass_path_lengths(sass)
     if lengths is None:
         return None
