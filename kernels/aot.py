@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import inspect
 import io
 import json
@@ -614,6 +615,7 @@ def compile_spec(spec: KernelSpec, arch: int) -> AotRow:
         row.seconds = time.perf_counter() - start
         return row
     ptx = compiled.asm["ptx"]
+    sass = functools.cache(lambda: sass_of(compiled.asm["cubin"]))  # cuobjdump once, if asked
     row.shared_bytes = int(compiled.metadata.shared)
     row.tensor_core_instructions = len(re.findall(r"\bwgmma\.mma_async" if arch >= 90
                                                   else r"\bmma\.sync", ptx))
@@ -626,9 +628,9 @@ def compile_spec(spec: KernelSpec, arch: int) -> AotRow:
                                                       spec.num_warps)
         if spec.kernel == "joint_entropy":
             tile = spec.constexprs["BLOCK_A"] * spec.constexprs["BLOCK_B"]
-            sass = sass_of(compiled.asm["cubin"])
-            per_entry = (None if sass is None else epilogue_instructions_per_entry(
-                sass, tile // (32 * spec.num_warps)))
+            text = sass()
+            per_entry = (None if text is None else epilogue_instructions_per_entry(
+                text, tile // (32 * spec.num_warps)))
             if per_entry is not None:
                 (row.epilogue_instructions_per_entry,
                  row.epilogue_instructions_per_entry_diagonal) = per_entry
@@ -643,9 +645,9 @@ def compile_spec(spec: KernelSpec, arch: int) -> AotRow:
         stats = _ptxas_stats(ptx, arch)
     row.registers, row.spill_stores, row.spill_loads = stats
     if row.spill_stores > 0 or row.spill_loads > 0:
-        sass = sass_of(compiled.asm["cubin"])
-        row.spill_instructions_in_loops = (None if sass is None
-                                           else spill_instructions_in_loops(sass))
+        text = sass()
+        row.spill_instructions_in_loops = (None if text is None
+                                           else spill_instructions_in_loops(text))
     row.ok = True
     if row.shared_bytes > row.smem_limit:
         row.ok = False

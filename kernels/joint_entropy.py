@@ -312,6 +312,17 @@ def joint_entropy_kernel(
 
 
 @triton.jit
+def _epilogue_log(x, PRECISION: tl.constexpr, FAST_LOG: tl.constexpr, EMULATE: tl.constexpr):
+    """The epilogue's ``lg``: libdevice's accurate log in ieee mode (or ``FAST_LOG=False``),
+    else the special-function unit's (:func:`lg_fast`), whose few ulps are far inside the
+    tf32 / bf16 budgets."""
+    if PRECISION == "ieee" or not FAST_LOG:
+        return lg(x)
+    else:
+        return lg_fast(x, EMULATE)
+
+
+@triton.jit
 def _joint_epilogue(acc, valid, row_has_diag, offs_a, offs_b, local_a, cols_b, K, inv_n,
                     c_off, pid, partial_ptr, stride_partial, pdiag_ptr, g_ptr, gt_ptr,
                     stride_g, stride_gt,
@@ -331,19 +342,13 @@ def _joint_epilogue(acc, valid, row_has_diag, offs_a, offs_b, local_a, cols_b, K
         is_off = ((offs_a // K)[:, None] != (offs_b // K)[None, :]) & valid
     else:
         is_off = valid
-    if PRECISION == "ieee" or not FAST_LOG:
-        log_joint = lg(joint)
-    else:  # the SFU's log (FAST_LOG): its few ulps are far inside the tf32 / bf16 budgets
-        log_joint = lg_fast(joint, EMULATE_TF32 or EMULATE_BF16)
+    log_joint = _epilogue_log(joint, PRECISION, FAST_LOG, EMULATE_TF32 or EMULATE_BF16)
     plogp = joint * log_joint
     if MEETS_BLOCKS:
         # P's diagonal by rows (each row's one diagonal entry, where the tile holds it): a
         # row vector to store and take P lg P of, not a masked store of every entry.
         p_diag = tl.sum(tl.where(is_diag, joint, 0.0), axis=1)
-        if PRECISION == "ieee" or not FAST_LOG:
-            log_diag = lg(p_diag)
-        else:
-            log_diag = lg_fast(p_diag, EMULATE_TF32 or EMULATE_BF16)
+        log_diag = _epilogue_log(p_diag, PRECISION, FAST_LOG, EMULATE_TF32 or EMULATE_BF16)
         diag_sum = tl.sum(tl.where(row_has_diag, p_diag * log_diag, 0.0), axis=0)
         tl.store(pdiag_ptr + offs_a, p_diag, mask=row_has_diag)
     else:
