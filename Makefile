@@ -81,12 +81,12 @@ $(VENV)/.docs-installed: $(VENV)/.installed
 	touch $@
 
 aot: env
-	env -u TRITON_INTERPRET $(BIN)/python -m music_loss.kernels.aot --arch 80 90
+	env -u TRITON_INTERPRET $(BIN)/python -m benchmarks.aot --arch 80 90
 
-# SPEC 5 layer 3 with its gate (exit 1 on a regression), the table kept as JSON.
+# The compile check with its static gate (exit 1 on a regression), the table kept as JSON.
 AOT_JSON ?= /tmp/music-loss-aot.json
 aot-gate: env
-	env -u TRITON_INTERPRET $(BIN)/python -m music_loss.kernels.aot --arch 80 90 \
+	env -u TRITON_INTERPRET $(BIN)/python -m benchmarks.aot --arch 80 90 \
 		--json $(AOT_JSON) --jobs 2
 
 clean:

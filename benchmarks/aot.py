@@ -1,11 +1,11 @@
-"""Ahead-of-time compile check of every kernel, for sm_80 and sm_90, with no GPU (SPEC 5).
+"""Ahead-of-time compile check of every kernel, for sm_80 and sm_90, with no GPU.
 
 Usage::
 
-    python -m music_loss.kernels.aot --arch 80 90 [--json results.json] [--quick] [--jobs 2]
+    python -m benchmarks.aot --arch 80 90 [--json results.json] [--quick] [--jobs 2]
 
 Compiles every kernel in every autotune config of every precision mode
-(``joint_entropy.configs_for``) to PTX and cubin
+(:func:`music_loss.kernels.configs.configs_for`) to PTX and cubin
 with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))``, then re-runs the
 ptxas bundled with Triton with ``-v`` on the PTX to read registers and spills. Prints one
 row per kernel/variant/config/arch: shared memory (and the per-block limit: 227 KiB sm_90,
@@ -15,7 +15,7 @@ limit, spills registers inside a loop (or more than 64 bytes outside one: locate
 SASS), or the joint-distribution kernel (or a gradient product) emits no tensor-core
 instruction in tf32/bf16 mode. On sm_90 it also compiles the TMA variant of the gradient
 products and of the joint kernel (``<mode>,tma`` variants: tensor-descriptor arguments).
-Static facts per tensor-core product (SPEC 5 layer 3): widest mma shape, narrowest
+Static facts per tensor-core product: widest mma shape, narrowest
 ``cp.async`` (or TMA), shared-memory bank conflicts (Triton's Gluon counter), the joint
 kernel's epilogue SASS per entry (for tiles off and on the block diagonal), and for the
 softmax kernels the scalar (unvectorised) global stores; the gate fails the run on a
@@ -41,8 +41,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-#: Per-block shared memory limits in bytes (opt-in maximum).
-SMEM_LIMIT: dict[int, int] = {80: 163 * 1024, 90: 227 * 1024}  # = joint_entropy.SMEM_LIMITS
+from music_loss.kernels.configs import SMEM_LIMITS
 
 #: Representative segment sizes for the elementwise kernels' launch heuristics: K = 1, the
 #: paper's 80 (not a power of two), and a wide 2048-bin segment.
@@ -125,7 +124,7 @@ def _spec(kernel: str, variant: str, fn: Any, types: dict[str, str], constexprs:
             signature[name] = "fp32"
         else:
             signature[name] = "i32"
-        aligned_int = signature[name] == "i32" and name not in ("S", "row_start", "row_stop")
+        aligned_int = signature[name] == "i32" and name not in ("S", "local_start", "local_stop")
         if signature[name].startswith("*") or aligned_int:
             attrs[(index,)] = [["tt.divisibility", 16]]
     return KernelSpec(kernel, variant, fn, signature, constexprs, num_warps, num_stages,
@@ -139,16 +138,18 @@ def _config_label(meta: dict[str, Any], num_warps: int, num_stages: int) -> str:
 
 def kernel_specs(quick: bool = False, arch: int = 90) -> list[KernelSpec]:
     """Every compile job for ``arch``: all kernels x the autotune configs each precision mode
-    uses there (``joint_entropy.configs_for`` with the arch's shared memory) x layouts."""
+    uses there (``configs_for`` with the arch's shared memory) x layouts."""
+    from music_loss.kernels import configs as cf
     from music_loss.kernels import joint_entropy as je
     from music_loss.kernels import segment_softmax as ss
+    from music_loss.kernels.launchers import tma_available
 
     specs: list[KernelSpec] = []
     precisions = ("ieee", "tf32", "bf16")
-    for cfg in je.JOINT_CONFIGS[:2] if quick else je.JOINT_CONFIGS:
+    for cfg in cf.JOINT_CONFIGS[:2] if quick else cf.JOINT_CONFIGS:
         label = _config_label(cfg.kwargs, cfg.num_warps, cfg.num_stages)
         for prec in [p for p in precisions
-                     if cfg in je.configs_for(je.JOINT_CONFIGS, p, SMEM_LIMIT[arch])]:
+                     if cfg in cf.configs_for(cf.JOINT_CONFIGS, p, SMEM_LIMITS[arch])]:
             op = "*bf16" if prec == "bf16" else "*fp32"
             # tf32 reads the (D, N) transposes (batch-contiguous) and also writes G^T.
             k_major = prec == "tf32"
@@ -160,7 +161,7 @@ def kernel_specs(quick: bool = False, arch: int = 90) -> list[KernelSpec]:
                                {"p1_ptr": op, "p2_ptr": op, "g_ptr": op, "gt_ptr": op}, const,
                                cfg.num_warps, cfg.num_stages, label, unit_p,
                                needs_tensor_cores=prec != "ieee"))
-            if prec != "ieee" and arch >= 90 and je.tma_available():
+            if prec != "ieee" and arch >= 90 and tma_available():
                 # TMA operand tiles (sm_90): descriptors of the (D, N) transposes in tf32,
                 # of the row-major (N, D) arrays in bf16.
                 ba, bb, bn = cfg.kwargs["BLOCK_A"], cfg.kwargs["BLOCK_B"], cfg.kwargs["BLOCK_N"]
@@ -178,14 +179,14 @@ def kernel_specs(quick: bool = False, arch: int = 90) -> list[KernelSpec]:
     # tensor-core modes. Variants name the layout the launcher passes.
     layouts = {"NN": ("stride_ak", "stride_bn", "stride_cn"),
                "NT": ("stride_ak", "stride_bk", "stride_cn")}
-    for cfg in je.MATMUL_CONFIGS[:2] if quick else je.MATMUL_CONFIGS:
+    for cfg in cf.MATMUL_CONFIGS[:2] if quick else cf.MATMUL_CONFIGS:
         label = _config_label(cfg.kwargs, cfg.num_warps, cfg.num_stages)
         for layout, unit in layouts.items():
             modes = [p for p in precisions
-                     if cfg in je.configs_for(je.MATMUL_CONFIGS, p, SMEM_LIMIT[arch])]
+                     if cfg in cf.configs_for(cf.MATMUL_CONFIGS, p, SMEM_LIMITS[arch])]
             # dp2's layout in every config (NN, NT in tf32); dp1's NT once per tensor-core
             # mode, in the first config (tf32's NT is already there as dp2).
-            first = cfg is je.MATMUL_CONFIGS[0]
+            first = cfg is cf.MATMUL_CONFIGS[0]
             nn_modes = [p for p in modes if p != "tf32"]
             nt_modes = [p for p in modes if p == "tf32" or (first and p == "bf16")]
             for prec in nn_modes if layout == "NN" else nt_modes:
@@ -199,12 +200,12 @@ def kernel_specs(quick: bool = False, arch: int = 90) -> list[KernelSpec]:
     # The TMA variant of the products (sm_90: Hopper's tensor descriptors), every config and
     # tensor-core mode, in the layouts the launcher passes: tf32 reads B K-major in both
     # products ("NT"); bf16's dp2 reads G row-major ("NN"), its dp1 G^T ("NT").
-    if arch >= 90 and je.tma_available():
-        for cfg in je.MATMUL_CONFIGS[:2] if quick else je.MATMUL_CONFIGS:
+    if arch >= 90 and tma_available():
+        for cfg in cf.MATMUL_CONFIGS[:2] if quick else cf.MATMUL_CONFIGS:
             label = _config_label(cfg.kwargs, cfg.num_warps, cfg.num_stages)
             bm, bn, bk = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]
             for prec in [p for p in ("tf32", "bf16")
-                         if cfg in je.configs_for(je.MATMUL_CONFIGS, p, SMEM_LIMIT[arch])]:
+                         if cfg in cf.configs_for(cf.MATMUL_CONFIGS, p, SMEM_LIMITS[arch])]:
                 op = "bf16" if prec == "bf16" else "fp32"
                 for layout in ("NT",) if prec == "tf32" else ("NN", "NT"):
                     kmajor = layout == "NT"
@@ -219,7 +220,7 @@ def kernel_specs(quick: bool = False, arch: int = 90) -> list[KernelSpec]:
                          "c_desc": f"tensordesc<fp32[{bm}, {bn}]>"}, const, cfg.num_warps,
                         cfg.num_stages, label, needs_tensor_cores=True))
     # int64 offsets (N * D >= 2**31) in the largest product config of sm_80's bf16.
-    big = je.configs_for(je.MATMUL_CONFIGS, "bf16", SMEM_LIMIT[80])[-1]
+    big = cf.configs_for(cf.MATMUL_CONFIGS, "bf16", SMEM_LIMITS[80])[-1]
     const = {**big.kwargs, "ACCUMULATE": True, "PRECISION": "bf16", "EMULATE_BF16": False,
              "USE_INT64": True, "EMULATE_TF32": False}
     specs.append(_spec("grad_product", "bf16,NN,int64", je.scaled_matmul_kernel,
@@ -256,9 +257,6 @@ def kernel_specs(quick: bool = False, arch: int = 90) -> list[KernelSpec]:
             specs.append(_spec("loss_bwd", variant, ss.music_loss_bwd_kernel,
                                {"z1_ptr": z_type, "z2_ptr": z_type, "dz1_ptr": z_type,
                                 "dz2_ptr": z_type}, const, warps, 1, label, unit_z))
-        const = {**meta, "USE_INT64": False}
-        specs.append(_spec("softmax_bwd", "fp32", ss.segment_softmax_bwd_kernel, {}, const,
-                           warps, 1, label, ("stride_zd", "stride_dpd")))
     return specs
 
 
@@ -313,7 +311,7 @@ def _ptxas_stats(ptx: str, arch: int) -> tuple[int, int, int]:
 
 
 # ---------------------------------------------------------------------------------------
-# Static performance facts (SPEC 5 layer 3): read from the compiled code, never timed.
+# Static performance facts: read from the compiled code, never timed.
 # ---------------------------------------------------------------------------------------
 _LAYOUT_DEF = re.compile(r"^(#\w+) = #ttg\.(blocked|nvmma_shared|swizzled_shared)<\{(.*)\}>",
                          re.MULTILINE)
@@ -598,7 +596,7 @@ def compile_spec(spec: KernelSpec, arch: int) -> AotRow:
     from triton.compiler import ASTSource
 
     row = AotRow(spec.kernel, spec.variant, spec.config, arch, ok=False,
-                 smem_limit=SMEM_LIMIT[arch], needs_tensor_cores=spec.needs_tensor_cores)
+                 smem_limit=SMEM_LIMITS[arch], needs_tensor_cores=spec.needs_tensor_cores)
     start = time.perf_counter()
     log = io.StringIO()
     try:
@@ -673,7 +671,7 @@ SPILL_BYTES_OUTSIDE_LOOPS = 64
 
 
 def static_problems(row: AotRow) -> list[str]:
-    """The gate of SPEC 5 layer 3: no autotune config of any kernel may spill registers in a
+    """The static gate: no autotune config of any kernel may spill registers in a
     loop, nor more than :data:`SPILL_BYTES_OUTSIDE_LOOPS` outside (the configs are
     filtered so); a tf32/bf16 product on sm_90 must copy its operands with 16-byte
     ``cp.async`` or TMA and store them to shared memory with at most 2-way bank conflicts;
@@ -701,33 +699,6 @@ def static_problems(row: AotRow) -> list[str]:
     return problems
 
 
-def _row_key(row: dict[str, Any]) -> tuple[Any, ...]:
-    return row["kernel"], row["variant"], row["config"], row["arch"]
-
-
-def accept_known(rows: list[AotRow], known: list[dict[str, Any]]) -> int:
-    """Let rows whose only failures are static-gate violations already recorded in ``known``
-    (an earlier ``--json``, e.g. the committed table of today's kernels) pass, unless they got
-    worse (narrower copies, more conflict ways, more spills). Returns how many rows it
-    accepted: a ratchet that fails on any regression or new violation, and never on an
-    improvement."""
-    before = {_row_key(r): r for r in known}
-    accepted = 0
-    for row in rows:
-        old = before.get(_row_key(asdict(row)))
-        static = static_problems(row)
-        if row.ok or old is None or not static or len(static) != len(row.problems):
-            continue
-        worse = ((row.async_copy_min_bytes or 16) < (old.get("async_copy_min_bytes") or 16)
-                 or (row.smem_bank_conflicts or 1) > (old.get("smem_bank_conflicts") or 1)
-                 or row.spill_stores > max(0, old.get("spill_stores", 0)))
-        if not worse:
-            row.ok = True
-            row.problems = [f"known: {p}" for p in row.problems]
-            accepted += 1
-    return accepted
-
-
 def _print_row(row: AotRow) -> None:
     status = "ok" if row.ok else "FAIL"
     copy = "TMA" if row.uses_tma else ("-" if row.async_copy_min_bytes is None
@@ -735,11 +706,12 @@ def _print_row(row: AotRow) -> None:
     epilogue = ("-" if row.epilogue_instructions_per_entry is None
                 else f"{row.epilogue_instructions_per_entry:.0f}/"
                      f"{row.epilogue_instructions_per_entry_diagonal:.0f}")
+    scalar = "-" if row.scalar_global_stores is None else row.scalar_global_stores
     print(f"{row.kernel:<14} {row.variant:<17} {row.config:<23} sm_{row.arch:<3} "
           f"{row.shared_bytes:>7} /{row.smem_limit:>7} {row.registers:>4} "
           f"{row.spill_stores:>5}/{row.spill_loads:<5} {row.tensor_core_instructions:>5} "
           f"{row.mma_shape or '-':<10} {copy:>5} {row.smem_bank_conflicts or '-':>4} "
-          f"{epilogue:>5} {'-' if row.scalar_global_stores is None else row.scalar_global_stores:>4} "
+          f"{epilogue:>5} {scalar:>4} "
           f"{status:<4} {'; '.join(row.problems)}", flush=True)
 
 
@@ -783,7 +755,7 @@ def summarize(rows: list[AotRow]) -> str:
         tc = [r for r in sub if r.needs_tensor_cores]
         lines.append(
             f"sm_{arch}: {len(ok)}/{len(sub)} ok; max shared {max(r.shared_bytes for r in sub)} B "
-            f"(limit {SMEM_LIMIT[arch]}); max registers {max(r.registers for r in sub)}; "
+            f"(limit {SMEM_LIMITS[arch]}); max registers {max(r.registers for r in sub)}; "
             f"configs with spills: {len(spilled)} ({len(in_loops)} in a loop)"
             + (f": {', '.join(sorted({f'{r.kernel} {r.variant} {r.config}' for r in spilled}))}"
                if spilled else "")
@@ -857,7 +829,7 @@ def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit status."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--arch", type=int, nargs="+", default=[80, 90],
-                        choices=sorted(SMEM_LIMIT), help="compute capabilities (80, 90)")
+                        choices=sorted(SMEM_LIMITS), help="compute capabilities (80, 90)")
     parser.add_argument("--json", default=None, help="write the rows to this JSON file")
     parser.add_argument("--quick", action="store_true",
                         help="first two configs of each product and K=80 only")
@@ -865,9 +837,6 @@ def main(argv: list[str] | None = None) -> int:
                         help="compile processes (default: min(4, CPUs))")
     parser.add_argument("--dump-dir", default=None,
                         help="keep each compile's PTX as <kernel>-<variant>-<config>-sm_<arch>.ptx")
-    parser.add_argument("--known", default=None,
-                        help="a previous --json: static-gate violations recorded there (and "
-                             "not worse now) do not fail the run (a ratchet)")
     parser.add_argument("--compare", nargs="+", metavar="LABEL=JSON", default=None,
                         help="print a markdown table of the static facts of earlier --json "
                              "tables side by side (old -> new) and exit; compiles nothing")
@@ -891,10 +860,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     start = time.perf_counter()
     rows = run(args.arch, args.quick, args.jobs)
-    if args.known:
-        with open(args.known) as fh:
-            accepted = accept_known(rows, json.load(fh))
-        print(f"{accepted} rows pass only because {args.known} records the same violations")
     print(summarize(rows))
     failed = [r for r in rows if not r.ok]
     print(f"{len(rows)} compiles in {time.perf_counter() - start:.1f} s; {len(failed)} failed")

@@ -1,5 +1,5 @@
 """The ``distributed`` suite: per-rank cost of the loss under ``gather_distributed=True``,
-sharded (SPEC 3) and unsharded, for W = 1, 2, 4 ranks at one global batch.
+sharded and unsharded, for W = 1, 2, 4 ranks at one global batch.
 
 Usage::
 

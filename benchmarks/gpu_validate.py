@@ -1,4 +1,4 @@
-"""The whole GPU validation in one rerunnable command (issue 14, SPEC 5 layer 4).
+"""The whole GPU validation in one rerunnable command.
 
 Usage (GPU machine, no internet; ``make gpu-validate`` does the same)::
 
@@ -13,7 +13,7 @@ GPU steps, and no pytest ``-x``):
    N*D >= 2**31 against the torch backend, torch.compile with no graph break);
 2. ``benchmark``: the ``gpu-headline`` suite (N=2048, D=8160, K=80, tf32 and bf16, fused vs
    every peer, fraction of the dense tensor-core peak, the matmul floor), then its table;
-3. ``profile``: per-phase timing of the fused path (``music_loss.kernels.profile``);
+3. ``profile``: per-phase timing of the fused path (``benchmarks.profile``);
 4. ``kernel-tests``: ``pytest tests/kernels -m "not gpu"`` (the interpreter suite's small odd
    shapes, compiled, on real tensor cores);
 5. ``tma-tests``, ``tma-profile``: the same with the opt-in TMA products
@@ -105,7 +105,7 @@ def plan(dry_run: bool, out_dir: Path, python: str) -> list[Step]:
              + ([] if importlib.util.find_spec("matplotlib") else ["--no-plots"]),
              timeout_s=120),
         Step("profile", "per-phase timing of the fused path",
-             [*py, "-m", "music_loss.kernels.profile", "--json", str(out_dir / "profile.json")]
+             [*py, "-m", "benchmarks.profile", "--json", str(out_dir / "profile.json")]
              + (["--n", "16", "--d", "40", "--k", "20", "--precision", "ieee", "tf32",
                  "--repeats", "1"] if dry_run else ["--n", "2048", "--d", "8160", "--k", "80",
                                                     "--precision", "tf32", "bf16"]),
@@ -123,7 +123,7 @@ def plan(dry_run: bool, out_dir: Path, python: str) -> list[Step]:
               f"--junitxml={out_dir / 'tma-tests.xml'}"],
              timeout_s=120 if dry_run else 150, env={**interp, "MUSIC_LOSS_TMA": "1"}),
         Step("tma-profile", "MUSIC_LOSS_TMA=1: per-phase timing of the fused path",
-             [*py, "-m", "music_loss.kernels.profile", "--json",
+             [*py, "-m", "benchmarks.profile", "--json",
               str(out_dir / "profile-tma.json")]
              + (["--n", "16", "--d", "40", "--k", "20", "--precision", "tf32", "--repeats", "1"]
                 if dry_run else ["--n", "2048", "--d", "8160", "--k", "80", "--precision",

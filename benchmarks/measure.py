@@ -86,7 +86,7 @@ def build_step(case: Case, device: torch.device) -> Callable[[], None]:
     z1.requires_grad_(True)
     z2.requires_grad_(True)
     # Gradient buffers exist before the call: AccumulateGrad adds into them in place, and
-    # they count as the baseline ("beyond the inputs and their gradients", SPEC 6).
+    # they count as the baseline ("beyond the inputs and their gradients").
     z1.grad = torch.zeros_like(z1)
     z2.grad = torch.zeros_like(z2)
     k, precision = case.segment_dim, case.precision

@@ -3,14 +3,14 @@
 
 Usage (GPU machine)::
 
-    python -m music_loss.kernels.profile --n 2048 --d 8160 --k 80 --precision tf32 bf16 \\
+    python -m benchmarks.profile --n 2048 --d 8160 --k 80 --precision tf32 bf16 \\
         --json kernels_profile.json
 
 Prints, per precision: milliseconds of the softmax forward, the joint pass without and
 with the gradient products, the backward kernel, the whole forward+backward, the matmul
 floor (the same three ``N x D x D`` products by ``torch.matmul`` at the same precision), the
 achieved TFLOP/s counting ``6 N D^2``, the extra peak memory, and the configs the
-autotuners picked (:func:`~music_loss.kernels.joint_entropy.chosen_configs`). Under
+autotuners picked (:func:`chosen_configs`). Under
 ``TRITON_INTERPRET=1`` it runs on CPU tensors (a smoke check: the timings mean nothing).
 """
 
@@ -25,10 +25,34 @@ from typing import Any
 import torch
 
 from music_loss._config import LossConfig
-from music_loss.kernels._common import INTERPRET, emulate_bf16, operand_dtype
-from music_loss.kernels.joint_entropy import chosen_configs, joint_entropy_pass
-from music_loss.kernels.ops import music_loss_triton
-from music_loss.kernels.segment_softmax import music_loss_backward, softmax_forward
+from music_loss.kernels import music_loss_triton
+from music_loss.kernels._common import INTERPRET, emulate_tensor_cores, operand_dtype
+from music_loss.kernels.launchers import (
+    AUTOTUNERS,
+    JointPlan,
+    joint_entropy_pass,
+    music_loss_backward,
+    softmax_forward,
+)
+
+
+def chosen_configs(precision: str | None = None) -> dict[str, list[str]]:
+    """The configs the GPU autotuners have picked so far, per tuner: ``str(config)`` of each
+    tuning key's choice (keys of ``precision`` only, when given). Empty under the
+    interpreter, which does not autotune. Recorded with each profile, so a GPU run shows
+    which tiles win on its card.
+
+    Example:
+        >>> isinstance(chosen_configs("tf32"), dict)
+        True
+    """
+    chosen = {}
+    for name, tuner in AUTOTUNERS.items():
+        picks = sorted({str(config) for key, config in getattr(tuner, "cache", {}).items()
+                        if precision is None or precision in key})
+        if picks:
+            chosen[name] = picks
+    return chosen
 
 
 def _timer(fn: Callable[[], Any], device: torch.device, repeats: int) -> float:
@@ -87,15 +111,17 @@ def profile(n: int, d: int, k: int, precision: str, repeats: int = 5,
     config = LossConfig(segment_dim=k)
     c_diag, c_off = config.coefficients(d)
     out_dtype = operand_dtype(precision)
-    round_bf16 = precision == "bf16" and emulate_bf16()
+    round_bf16 = precision == "bf16" and emulate_tensor_cores()
     round_tf32 = precision == "tf32"
-    # tf32: the softmax also writes the transposes the joint product reads (as in ops.py).
+    # tf32: the softmax also writes the transposes the joint product reads, as the backend
+    # does.
     p_t = (z1.new_empty((d, n)), z1.new_empty((d, n))) if round_tf32 else None
     p1, p2, _ = softmax_forward(z1, z2, k, 1.0, 1e-8, out_dtype, None, round_bf16, round_tf32,
                                 p_t)
     assert p2 is not None
-    p1_t, p2_t = p_t if p_t else (None, None)
-    joint = joint_entropy_pass(p1, p2, k, c_off, precision, True, p1_t=p1_t, p2_t=p2_t)
+    with_grad = JointPlan(k, c_off, precision, grads=(True, True))
+    sums_only = JointPlan(k, c_off, precision)
+    joint = joint_entropy_pass(p1, p2, with_grad, p_t)
     grad_terms = torch.tensor([1.0, 0, 0, 0], device=dev)
     rows = (0, n)
 
@@ -110,10 +136,9 @@ def profile(n: int, d: int, k: int, precision: str, repeats: int = 5,
         "softmax_fwd_ms": _timer(lambda: softmax_forward(z1, z2, k, 1.0, 1e-8, out_dtype, None,
                                                          round_bf16, round_tf32, p_t),
                                  dev, repeats),
-        "joint_no_grad_ms": _timer(lambda: joint_entropy_pass(p1, p2, k, c_off, precision,
-                                                              False, p1_t=p1_t, p2_t=p2_t), dev, repeats),
-        "joint_with_grad_ms": _timer(lambda: joint_entropy_pass(p1, p2, k, c_off, precision,
-                                                                True, p1_t=p1_t, p2_t=p2_t),
+        "joint_no_grad_ms": _timer(lambda: joint_entropy_pass(p1, p2, sums_only, p_t),
+                                   dev, repeats),
+        "joint_with_grad_ms": _timer(lambda: joint_entropy_pass(p1, p2, with_grad, p_t),
                                      dev, repeats),
         "backward_kernel_ms": _timer(lambda: music_loss_backward(
             z1, z2, joint.dp1, joint.dp2, joint.p_diag, grad_terms, k, 1.0, 1e-8, c_diag,

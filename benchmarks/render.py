@@ -134,7 +134,7 @@ def _case_table(rows: list[dict[str, Any]], with_case: bool) -> list[str]:
 
 
 def headline_lines(records: Sequence[dict[str, Any]]) -> list[str]:
-    """The headline case's table and the SPEC 6 ratios as sentences."""
+    """The headline case's table and the time and memory ratios as sentences."""
     key = headline_case(records)
     if key is None:
         return ["(no forward+backward case at D=8160 with the reference measured)"]
@@ -153,7 +153,7 @@ def headline_lines(records: Sequence[dict[str, Any]]) -> list[str]:
             mem_ratio = (r["peak_extra_mib"] / ref["peak_extra_mib"]
                          if r["peak_extra_mib"] is not None and ref["peak_extra_mib"] else None)
             notes.append(f"- `{fast}` / `{REFERENCE}`: time {time_ratio:.3f} "
-                         f"(SPEC 6 goal on CPU <= 0.5), peak extra memory "
+                         f"(goal on CPU <= 0.5), peak extra memory "
                          f"{'–' if mem_ratio is None else f'{mem_ratio:.3f}'} (goal <= 0.125).")
     # What a user gets with backend="auto": the Triton kernels on CUDA, else the torch path.
     default = next((by_method[m] for m in ("music-triton", "music-torch") if m in by_method),

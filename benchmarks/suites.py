@@ -2,13 +2,13 @@
 
 * ``quick`` (CPU, about 10 minutes on 2 cores): D sweep at N=512 up to D=8160, the
   N=512, D=8160 forward-only case, and an N sweep at D=2000.
-* ``full``: SPEC 6's sweeps: D in {960, 2000, 4080, 8160, 16320} at the paper's N=2048,
+* ``full``: the sweeps: D in {960, 2000, 4080, 8160, 16320} at the paper's N=2048,
   N in {256, ..., 4096} at D=8160, forward-only at the paper's shape. Hours on CPU.
 * ``gpu-core`` (CUDA, about 10 minutes on one H100): the ``full`` sweeps in tf32 and bf16,
   ``torch.compile`` only at the paper's shape (each shape compiles anew), plus the paper's
   shape in ieee fp32 for the MUSIC paths and the floor.
 * ``gpu-headline`` (CUDA, a few minutes): the paper's shape alone, every peer, tf32 and bf16,
-  forward+backward (``make gpu-validate``'s benchmark step; issue 14's table).
+  forward+backward (``make gpu-validate``'s benchmark step).
 * ``headline``: the N=512, D=8160 forward+backward case alone (a replicate, minutes).
 * ``smoke``: tiny shapes for the tests.
 """
@@ -57,7 +57,7 @@ def _unique(cases: Iterable[Case]) -> tuple[Case, ...]:
 
 def quick_suite() -> Suite:
     cases = (
-        # The headline case first: N=512, D=8160, all peers (SPEC 6's CPU goals).
+        # The headline case first: N=512, D=8160, all peers (the CPU goals).
         _grid(ALL_PEERS, [512], [8160], ["ieee"], [FB])
         + _grid(ALL_PEERS, [512], [8160], ["ieee"], [FWD])
         + _grid(EAGER_PEERS, [512], [960, 2000, 4080], ["ieee"], [FB])
@@ -78,7 +78,7 @@ def full_suite(gpu: bool) -> Suite:
     )
     budget = Budget(0.1, 0.3, 5, 200) if gpu else Budget(1.0, 5.0, 3, 20)
     return Suite("full", _unique(cases), budget,
-                 "SPEC 6 sweeps: D sweep at N=2048, N sweep at D=8160, every peer")
+                 "sweeps: D sweep at N=2048, N sweep at D=8160, every peer")
 
 
 def gpu_core_suite() -> Suite:
@@ -106,7 +106,7 @@ def headline_suite() -> Suite:
     cases = _grid(ALL_PEERS, [512], [8160], ["ieee"], [FB])
     return Suite("headline", tuple(cases), Budget(warmup_s=0.3, time_s=2.0, min_reps=3,
                                                   max_reps=20),
-                 "CPU: SPEC 6's CPU case alone (N=512, D=8160, forward+backward), a replicate")
+                 "CPU: the CPU case alone (N=512, D=8160, forward+backward), a replicate")
 
 
 def smoke_suite() -> Suite:

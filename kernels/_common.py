@@ -2,7 +2,7 @@
 launch bookkeeping and the int64-offset rule.
 
 The interpreter flag is read once, at import: ``@triton.jit`` returns an interpreted
-function when ``TRITON_INTERPRET=1`` is set at decoration time (SPEC 5), so the launchers
+function when ``TRITON_INTERPRET=1`` is set at decoration time, so the launchers
 must agree with what the decorators saw.
 """
 
@@ -49,13 +49,13 @@ def _patch_interpreter_scalar_index() -> bool:
 #: True when triton's interpreter needed :func:`_patch_interpreter_scalar_index`.
 INTERPRETER_PATCHED: bool = INTERPRET and _patch_interpreter_scalar_index()
 
-#: Matmul operand modes (SPEC 2 ``precision``); the accumulator and the epilogue are fp32.
+#: Matmul operand modes (the ``precision`` argument); the accumulator and the epilogue are fp32.
 PRECISION_MODES: tuple[str, ...] = ("ieee", "tf32", "bf16")
 
 #: Smallest normal float32: the floor inside every log (``music_loss._config.TINY``).
 TINY_F32: float = float(torch.finfo(torch.float32).tiny)
 
-#: Offsets past this need 64-bit arithmetic (``N * D >= 2**31``, SPEC 2).
+#: Offsets past this need 64-bit arithmetic (``N * D >= 2**31``).
 INT32_LIMIT: int = 2**31
 
 
@@ -89,27 +89,27 @@ def needs_int64(*tensors: Tensor) -> bool:
     return False
 
 
-def emulate_bf16() -> bool:
-    """bf16 ``tl.dot`` is wrong in the interpreter (Triton #11584): round, then fp32 dot.
+def emulate_tensor_cores() -> bool:
+    """True when the kernels emulate the tensor cores' bf16 and tf32 operands (the interpreter).
 
-    The interpreter also converts fp32 to bf16 by truncation, where GPUs round to nearest
-    even, so emulation rounds with :func:`round_to_bf16` and keeps the values in fp32.
+    The interpreter's bf16 ``tl.dot`` is wrong (Triton #11584) and it converts fp32 to bf16
+    by truncation, where GPUs round to nearest even; it computes ``input_precision="tf32"``
+    as exact fp32, while tensor cores drop the low 13 mantissa bits of each fp32 operand
+    (truncation, no rounding). So under the interpreter the kernels round to bf16
+    (:func:`round_to_bf16`, values kept in fp32) or truncate to tf32 themselves and take an
+    exact fp32 dot: CPU tests see what a GPU computes, the tf32 truncation bias included.
+
+    Example:
+        >>> emulate_tensor_cores() == INTERPRET
+        True
     """
-    return INTERPRET
-
-
-def emulate_tf32() -> bool:
-    """The interpreter computes ``input_precision="tf32"`` as exact fp32, while tensor cores
-    drop the low 13 mantissa bits of each fp32 operand (truncation, no rounding). Under the
-    interpreter the kernels therefore truncate the operands themselves and take an fp32 dot,
-    so CPU tests see what a GPU computes (SPEC 1: the truncation bias)."""
     return INTERPRET
 
 
 def operand_dtype(precision: str) -> torch.dtype:
     """Storage dtype of the matmul operands: bf16 halves traffic in bf16 mode, else fp32
     (and fp32 holding bf16-rounded values when bf16 is emulated)."""
-    return torch.bfloat16 if precision == "bf16" and not emulate_bf16() else torch.float32
+    return torch.bfloat16 if precision == "bf16" and not emulate_tensor_cores() else torch.float32
 
 
 def next_power_of_2(x: int) -> int:

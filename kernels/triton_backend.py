@@ -3,13 +3,13 @@
 Two ops, ``music_loss::fused_forward`` and ``music_loss::fused_backward``, registered with
 ``torch.library.custom_op`` + ``register_fake`` + ``register_autograd``: ``torch.compile``
 traces through them without a graph break, and, unlike ``triton_op``, they also compile
-and run under ``TRITON_INTERPRET=1`` on CPU tensors (SPEC 5), so CI tests the compiled path.
+and run under ``TRITON_INTERPRET=1`` on CPU tensors, so CI tests the compiled path.
 No host syncs: the upstream gradients travel as a device tensor read by the kernel.
 
 Data flow of the forward (gradients computed in it, Liger style, when needed):
-  1. :func:`~music_loss.kernels.segment_softmax.softmax_forward`: ``p1, p2`` (operand
+  1. :func:`~music_loss.kernels.launchers.softmax_forward`: ``p1, p2`` (operand
      dtype) and the invariance partial sums, one read of each view;
-  2. :func:`~music_loss.kernels.joint_entropy.joint_entropy_pass`: entropy partial sums,
+  2. :func:`~music_loss.kernels.launchers.joint_entropy_pass`: entropy partial sums,
      ``diag(P)`` and the off-block gradients ``dp1, dp2`` (fp32, ``O(N D)``), chunk by chunk;
   3. the backward kernel (run in autograd's backward) combines them with the per-term
      upstream gradients and applies clamp mask and softmax Jacobian: ``dz1, dz2``.
@@ -17,16 +17,24 @@ Data flow of the forward (gradients computed in it, Liger style, when needed):
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from music_loss._config import LossConfig, MUSICTerms
-from music_loss.kernels._common import check_precision, emulate_bf16, operand_dtype
-from music_loss.kernels.joint_entropy import joint_entropy_pass
-from music_loss.kernels.segment_softmax import music_loss_backward, softmax_forward
+from music_loss.kernels._common import (
+    check_precision,
+    device_of,
+    emulate_tensor_cores,
+    operand_dtype,
+)
+from music_loss.kernels.launchers import (
+    JointPlan,
+    joint_entropy_pass,
+    music_loss_backward,
+    softmax_forward,
+)
 
 _NAMESPACE = "music_loss"
 
@@ -39,9 +47,9 @@ def _has_off(dim: int, segment_dim: int, c_off: float) -> bool:
 @torch.library.custom_op(f"{_NAMESPACE}::fused_forward", mutates_args=())
 def fused_forward(
     z1: Tensor, z2: Tensor, segment_dim: int, temperature: float, eps: float,
-    c_diag: float, c_off: float, invariance_weight: float, row_start: int, row_stop: int,
-    precision: str, chunk_rows: int, need_grad1: bool, need_grad2: bool,
-    own_start: int, own_stop: int,
+    c_diag: float, c_off: float, invariance_weight: float, local_start: int, local_stop: int,
+    precision: str, chunk_size: int, need_grad1: bool, need_grad2: bool,
+    p_row_start: int, p_row_stop: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Terms ``(loss, diag, off, inv)`` as a float32 ``(4,)`` tensor, plus saved gradients.
 
@@ -49,24 +57,19 @@ def fused_forward(
         ``(terms, dp_off1, dp_off2, p_diag)``; ``dp_off1`` (``dp_off2``) is empty unless
         ``need_grad1`` (``need_grad2``) and the off-block term has a nonzero coefficient:
         a view that does not require grad costs no gradient product. Only the rows
-        ``[own_start, own_stop)`` of ``P`` are computed (sharding; ``(0, D)``: all).
+        ``[p_row_start, p_row_stop)`` of ``P`` are computed (sharding; ``(0, D)``: all).
     """
-    with _device_of(z1):
+    with device_of(z1):
         return _fused_forward_impl(z1, z2, segment_dim, temperature, eps, c_diag, c_off,
-                                   invariance_weight, row_start, row_stop, precision,
-                                   chunk_rows, need_grad1, need_grad2, own_start, own_stop)
-
-
-def _device_of(z: Tensor) -> Any:
-    """Launch on ``z``'s GPU, not the current one (Triton launches on the current device)."""
-    return torch.cuda.device(z.device) if z.device.type == "cuda" else contextlib.nullcontext()
+                                   invariance_weight, local_start, local_stop, precision,
+                                   chunk_size, need_grad1, need_grad2, p_row_start, p_row_stop)
 
 
 def _fused_forward_impl(
     z1: Tensor, z2: Tensor, segment_dim: int, temperature: float, eps: float,
-    c_diag: float, c_off: float, invariance_weight: float, row_start: int, row_stop: int,
-    precision: str, chunk_rows: int, need_grad1: bool, need_grad2: bool,
-    own_start: int, own_stop: int,
+    c_diag: float, c_off: float, invariance_weight: float, local_start: int, local_stop: int,
+    precision: str, chunk_size: int, need_grad1: bool, need_grad2: bool,
+    p_row_start: int, p_row_stop: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     n, d = z1.shape
     s = d // segment_dim
@@ -74,21 +77,22 @@ def _fused_forward_impl(
     p_t = (z1.new_empty((d, n), dtype=torch.float32),
            z1.new_empty((d, n), dtype=torch.float32)) if precision == "tf32" else None
     p1, p2, inv_partials = softmax_forward(z1, z2, segment_dim, temperature, eps,
-                                           operand_dtype(precision), (row_start, row_stop),
-                                           round_bf16=precision == "bf16" and emulate_bf16(),
+                                           operand_dtype(precision), (local_start, local_stop),
+                                           round_bf16=precision == "bf16"
+                                           and emulate_tensor_cores(),
                                            round_tf32=precision == "tf32",
                                            out_transposed=p_t)
     assert p2 is not None and inv_partials is not None
     has_off = _has_off(d, segment_dim, c_off)
-    joint = joint_entropy_pass(p1, p2, segment_dim, c_off, precision,
-                               (need_grad1 or need_grad2) and has_off, chunk_rows or None,
-                               grad_views=(need_grad1, need_grad2),
-                               row_range=(own_start, own_stop),
-                               p1_t=p_t[0] if p_t else None, p2_t=p_t[1] if p_t else None)
+    plan = JointPlan(segment_dim, c_off, precision,
+                     grads=(need_grad1 and has_off, need_grad2 and has_off),
+                     chunk_size=chunk_size or None, p_rows=(p_row_start, p_row_stop))
+    joint = joint_entropy_pass(p1, p2, plan, p_t)
     del p1, p2, p_t
     diag = c_diag * joint.h_diag
     off = c_off * joint.h_off
-    inv = -invariance_weight * inv_partials.sum(dtype=torch.float64) / ((row_stop - row_start) * s)
+    local_count = local_stop - local_start
+    inv = -invariance_weight * inv_partials.sum(dtype=torch.float64) / (local_count * s)
     terms = torch.stack([diag + off + inv, diag, off, inv]).to(torch.float32)
     return terms, joint.dp1, joint.dp2, joint.p_diag
 
@@ -96,9 +100,9 @@ def _fused_forward_impl(
 @fused_forward.register_fake
 def _fused_forward_fake(
     z1: Tensor, z2: Tensor, segment_dim: int, temperature: float, eps: float,
-    c_diag: float, c_off: float, invariance_weight: float, row_start: int, row_stop: int,
-    precision: str, chunk_rows: int, need_grad1: bool, need_grad2: bool,
-    own_start: int, own_stop: int,
+    c_diag: float, c_off: float, invariance_weight: float, local_start: int, local_stop: int,
+    precision: str, chunk_size: int, need_grad1: bool, need_grad2: bool,
+    p_row_start: int, p_row_stop: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     n, d = z1.shape
     terms = z1.new_empty(4, dtype=torch.float32)
@@ -112,18 +116,18 @@ def _fused_forward_fake(
 def fused_backward(
     z1: Tensor, z2: Tensor, dp_off1: Tensor, dp_off2: Tensor, p_diag: Tensor,
     grad_terms: Tensor, segment_dim: int, temperature: float, eps: float, c_diag: float,
-    c_off: float, invariance_weight: float, row_start: int, row_stop: int,
-    own_start: int, own_stop: int,
+    c_off: float, invariance_weight: float, local_start: int, local_stop: int,
+    p_row_start: int, p_row_stop: int,
 ) -> tuple[Tensor, Tensor]:
     """``(dz1, dz2)`` from the saved gradients and the upstream gradients of the 4 terms."""
     n, d = z1.shape
-    inv_coef = -invariance_weight / ((row_stop - row_start) * (d // segment_dim))
-    with _device_of(z1):
+    inv_coef = -invariance_weight / ((local_stop - local_start) * (d // segment_dim))
+    with device_of(z1):
         return music_loss_backward(
             z1, z2, dp_off1, dp_off2, p_diag, grad_terms.to(torch.float32).contiguous(),
-            segment_dim, temperature, eps, c_diag, inv_coef, (row_start, row_stop),
+            segment_dim, temperature, eps, c_diag, inv_coef, (local_start, local_stop),
             has_off=dp_off1.numel() > 0 or dp_off2.numel() > 0,
-            diag_segments=(own_start // segment_dim, own_stop // segment_dim),
+            diag_segments=(p_row_start // segment_dim, p_row_stop // segment_dim),
         )
 
 
@@ -131,8 +135,8 @@ def fused_backward(
 def _fused_backward_fake(
     z1: Tensor, z2: Tensor, dp_off1: Tensor, dp_off2: Tensor, p_diag: Tensor,
     grad_terms: Tensor, segment_dim: int, temperature: float, eps: float, c_diag: float,
-    c_off: float, invariance_weight: float, row_start: int, row_stop: int,
-    own_start: int, own_stop: int,
+    c_off: float, invariance_weight: float, local_start: int, local_stop: int,
+    p_row_start: int, p_row_stop: int,
 ) -> tuple[Tensor, Tensor]:
     return (torch.empty(z1.shape, dtype=z1.dtype, device=z1.device),
             torch.empty(z2.shape, dtype=z2.dtype, device=z2.device))
@@ -140,19 +144,19 @@ def _fused_backward_fake(
 
 def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
     (z1, z2, segment_dim, temperature, eps, c_diag, c_off, invariance_weight,
-     row_start, row_stop, _precision, _chunk_rows, need_grad1, need_grad2,
-     own_start, own_stop) = inputs
+     local_start, local_stop, _precision, _chunk_size, need_grad1, need_grad2,
+     p_row_start, p_row_stop) = inputs
     _terms, dp_off1, dp_off2, p_diag = output
     ctx.save_for_backward(z1, z2, dp_off1, dp_off2, p_diag)
     ctx.params = (segment_dim, temperature, eps, c_diag, c_off, invariance_weight,
-                  row_start, row_stop, own_start, own_stop)
+                  local_start, local_stop, p_row_start, p_row_stop)
     ctx.need_grads = (need_grad1, need_grad2)
 
 
 def _backward(ctx: Any, grad_terms: Tensor | None, *_unused: Any) -> tuple[Any, ...]:
     if torch.is_grad_enabled():
         # create_graph=True: the saved gradient products are constants, so second
-        # derivatives through them would be silently wrong (SPEC 2).
+        # derivatives through them would be silently wrong.
         raise RuntimeError(
             "music_loss backend='triton' does not support double backward (create_graph=True "
             "through the loss, e.g. a gradient penalty): its second derivatives would be "
@@ -175,7 +179,7 @@ fused_forward.register_autograd(_backward, setup_context=_setup_context)
 
 def music_loss_triton(
     z1: Tensor, z2: Tensor, config: LossConfig, local_rows: tuple[int, int] | None,
-    precision: str, *, chunk_rows: int | None = None, row_range: tuple[int, int] | None = None,
+    precision: str, *, chunk_size: int | None = None, p_rows: tuple[int, int] | None = None,
 ) -> MUSICTerms:
     """The MUSIC loss through the fused Triton kernels (the ``backend="triton"`` path).
 
@@ -184,12 +188,14 @@ def music_loss_triton(
             fp32, any strides; the global batch when distributed.
         z2: Second view, same shape, dtype and device.
         config: Validated hyperparameters.
-        local_rows: ``(start, stop)`` rows whose invariance term counts; ``None`` = all.
+        local_rows: ``(local_start, local_stop)``: the batch rows whose invariance term
+            counts; ``None`` = all.
         precision: ``"ieee"``, ``"tf32"`` or ``"bf16"`` operands for the three products.
-        chunk_rows: Rows of ``P`` per chunk (default: the batch ``N`` rounded up to
-            128, at least a 32 MiB ``G`` chunk; see ``chunk_rows_for``).
-        row_range: Rows ``(start, stop)`` of ``P`` whose entropy entries count, on segment
-            boundaries (sharding, SPEC 3); ``None``: all ``D``.
+        chunk_size: Rows of ``P`` per chunk (default: the batch ``N`` rounded up to
+            128, at least a 32 MiB ``G`` chunk; see
+            :func:`~music_loss.kernels.configs.chunk_size_for`).
+        p_rows: ``(p_row_start, p_row_stop)``: the rows of ``P`` whose entropy entries
+            count, on segment boundaries (sharding); ``None``: all ``D``.
 
     Returns:
         :class:`MUSICTerms` of float32 scalars, differentiable w.r.t. ``z1`` and ``z2``.
@@ -206,47 +212,16 @@ def music_loss_triton(
     if z1.dtype == torch.float64 or z2.dtype == torch.float64:
         raise TypeError("the Triton kernels compute in float32; pass float32/bf16/fp16 views "
                         "or use backend='torch' for float64")
-    if chunk_rows is not None and chunk_rows < 1:
-        raise ValueError(f"chunk_rows must be a positive int or None, got {chunk_rows!r}")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     n, d = z1.shape
-    start, stop = local_rows if local_rows is not None else (0, n)
-    own_start, own_stop = row_range if row_range is not None else (0, d)
+    local_start, local_stop = local_rows if local_rows is not None else (0, n)
+    p_row_start, p_row_stop = p_rows if p_rows is not None else (0, d)
     c_diag, c_off = config.coefficients(d)
     grad_on = torch.is_grad_enabled()
     terms, _, _, _ = fused_forward(
         z1, z2, config.segment_dim, config.temperature, config.eps, c_diag, c_off,
-        config.invariance_weight, start, stop, precision, chunk_rows or 0,
-        grad_on and z1.requires_grad, grad_on and z2.requires_grad, own_start, own_stop,
+        config.invariance_weight, local_start, local_stop, precision, chunk_size or 0,
+        grad_on and z1.requires_grad, grad_on and z2.requires_grad, p_row_start, p_row_stop,
     )
     return MUSICTerms(terms[0], terms[1], terms[2], terms[3])
-
-
-def fused_memory_bytes(n: int, dim: int, precision: str, need_grad: bool = True,
-                       chunk_rows: int | None = None) -> dict[str, int]:
-    """Bytes the fused path allocates beyond the inputs and their gradients, by buffer.
-
-    ``p`` (operand dtype; in tf32 mode also its ``(D, N)`` transposes, the joint product's
-    K-major operands) lives during the forward only; ``dp_off`` (fp32) is saved for the
-    backward; the ``G`` chunk (tf32: and ``G^T``), partial sums and ``diag(P)`` are the
-    bounded workspace (:func:`music_loss.kernels.joint_entropy.workspace_bytes`). Nothing is
-    ``D x D``.
-
-    Example:
-        >>> plan = fused_memory_bytes(2048, 8160, "tf32")
-        >>> plan["workspace"] < 4 * 8160**2 // 1.9, plan["p1_p2_transposed"], plan["peak"]
-        (True, 133693440, 535328640)
-    """
-    from music_loss.kernels.joint_entropy import chunk_rows_for, workspace_bytes
-
-    check_precision(precision)
-    p_bytes = 2 * n * dim * operand_dtype(precision).itemsize
-    # tf32: the (D, N) transposes of p1, p2 (the joint product's K-major operands).
-    p_transposed = p_bytes if precision == "tf32" else 0
-    saved = 2 * n * dim * 4 if need_grad else 0
-    rows = min(chunk_rows or chunk_rows_for(dim, precision, n), dim)
-    workspace = workspace_bytes(dim, precision, rows)
-    if not need_grad:  # no G chunk without gradients
-        workspace -= rows * dim * operand_dtype(precision).itemsize * (
-            2 if precision == "tf32" else 1)
-    return {"p1_p2": p_bytes, "p1_p2_transposed": p_transposed, "saved_dp_off": saved,
-            "workspace": workspace, "peak": p_bytes + p_transposed + saved + workspace}

@@ -1,4 +1,4 @@
-"""Choosing a backend and a matmul precision, and calling the backend (SPEC 2).
+"""Choosing a backend and a matmul precision, and calling the backend.
 
 The one place that turns ``backend="auto"`` / ``precision="auto"`` into a concrete choice and
 runs it: API -> :mod:`music_loss._validate` -> here -> backend. No host syncs, and no
@@ -119,12 +119,13 @@ def run_backend(
     backend: Backend,
     precision: Precision,
     chunk_size: int | None,
-    row_range: tuple[int, int] | None = None,
+    p_rows: tuple[int, int] | None = None,
 ) -> MUSICTerms:
     """Resolve ``backend`` and ``precision`` for these inputs and run the backend.
 
-    ``row_range``: the rows of ``P`` whose entropy entries this rank computes when sharding
-    (SPEC 3); ``None``: all of them.
+    ``local_rows``: the batch rows ``(local_start, local_stop)`` whose invariance term this
+    rank computes; ``p_rows``: the rows ``(p_row_start, p_row_stop)`` of ``P`` whose entropy
+    entries it computes when sharding. ``None``: all of them.
 
     The parts of the result (``diag``, ``off``, ``invariance``) are detached on every backend:
     only ``loss`` carries a gradient (one rule, whatever the backend).
@@ -135,16 +136,16 @@ def run_backend(
     if chosen == "reference":
         from music_loss.reference import music_loss_reference
 
-        terms = music_loss_reference(z1, z2, config, local_rows, row_range)
+        terms = music_loss_reference(z1, z2, config, local_rows, p_rows)
     elif chosen == "torch":
-        from music_loss.chunked import music_loss_chunked
+        from music_loss.torch_backend import music_loss_torch
 
-        terms = music_loss_chunked(z1, z2, config, local_rows, precision=mode,
-                                   chunk_size=chunk_size, row_range=row_range)
+        terms = music_loss_torch(z1, z2, config, local_rows, precision=mode,
+                                 chunk_size=chunk_size, p_rows=p_rows)
     else:
         from music_loss.kernels import music_loss_triton
 
         terms = music_loss_triton(z1, z2, config, local_rows, precision=mode,
-                                  chunk_rows=chunk_size, row_range=row_range)
+                                  chunk_size=chunk_size, p_rows=p_rows)
     return MUSICTerms(terms.loss, terms.diag.detach(), terms.off.detach(),
                       terms.invariance.detach())

@@ -377,7 +377,7 @@ def _sharded(
     scaled = dataclasses.replace(config, diag_weight=config.diag_weight * world,
                                  off_weight=config.off_weight * world)
     terms = run_backend(z1, z2, scaled, local_rows, backend, precision, chunk_size,
-                        row_range=(s0 * k, s1 * k))
+                        p_rows=(s0 * k, s1 * k))
     diag, off = sum_over_ranks(torch.stack([terms.diag, terms.off]) / world, process_group)
     value = diag + off + terms.invariance
     # Value of the global loss, gradient of this rank's share (x - x.detach() is exactly 0).

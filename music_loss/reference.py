@@ -1,6 +1,6 @@
 """The plain, materialising MUSIC loss: the oracle, readable against the paper.
 
-Everything here follows ``SPEC.md`` section 1 line by line and lets autograd do the
+Everything here follows the paper's definitions line by line and lets autograd do the
 backward pass. It builds the full ``D x D`` joint distribution, so it is the slowest and
 hungriest backend; every other backend is tested against it.
 """
@@ -44,20 +44,21 @@ def block_masks(dim: int, segment_dim: int, device: torch.device) -> tuple[Tenso
 
 
 def joint_entropy_terms_reference(
-    p1: Tensor, p2: Tensor, segment_dim: int, row_range: tuple[int, int] | None = None
+    p1: Tensor, p2: Tensor, segment_dim: int, p_rows: tuple[int, int] | None = None
 ) -> tuple[Tensor, Tensor]:
     """Raw sums ``H_diag = sum_a P_aa lg P_aa`` and ``H_off`` over the off-diagonal blocks;
-    only over the rows ``a`` in ``row_range`` of ``P`` when given (sharding, SPEC 3)."""
+    only over the rows ``a`` in ``p_rows = (p_row_start, p_row_stop)`` of ``P`` when given
+    (sharding)."""
     n, d = p1.shape
     joint = p1.T @ p2 / n
     plogp = joint * lg(joint)
     diag, off = block_masks(d, segment_dim, joint.device)
-    if row_range is not None:
+    if p_rows is not None:
         rows = torch.arange(d, device=joint.device)
-        owned = ((rows >= row_range[0]) & (rows < row_range[1]))[:, None]
+        owned = ((rows >= p_rows[0]) & (rows < p_rows[1]))[:, None]
         diag, off = diag & owned, off & owned
-    # Multiply by the mask rather than index with it: torch.compile of boolean indexing was
-    # seen 2.4e-4 off float64 (SPEC 1), and 0 * lg(0) is 0, never NaN, thanks to the floor.
+    # Multiply by the mask rather than index with it: torch.compile of boolean indexing can
+    # drift far from float64, and 0 * lg(0) is 0, never NaN, thanks to the floor.
     return (plogp * diag).sum(), (plogp * off).sum()
 
 
@@ -70,7 +71,7 @@ def invariance_term_reference(p1: Tensor, p2: Tensor, segment_dim: int) -> Tenso
 
 def music_loss_reference(
     z1: Tensor, z2: Tensor, config: LossConfig, local_rows: tuple[int, int] | None = None,
-    row_range: tuple[int, int] | None = None,
+    p_rows: tuple[int, int] | None = None,
 ) -> MUSICTerms:
     """The MUSIC loss of two views of shape ``(N, D)``, materialising ``P`` (``D x D``).
 
@@ -78,18 +79,19 @@ def music_loss_reference(
         z1: First view, ``(N, D)``; the global batch when training distributed.
         z2: Second view, same shape.
         config: Hyperparameters.
-        local_rows: ``(start, stop)`` rows that belong to this process: the invariance term
-            uses only those (SPEC 3). ``None`` means all rows.
-        row_range: Rows ``(start, stop)`` of ``P`` whose entropy entries count (sharding,
-            SPEC 3); ``None`` means all ``D``.
+        local_rows: ``(local_start, local_stop)``: the batch rows that belong to this
+            process; the invariance term uses only those. ``None`` means all rows.
+        p_rows: ``(p_row_start, p_row_stop)``: the rows of ``P`` whose entropy entries count
+            (sharding); ``None`` means all ``D``.
     """
     device_type = z1.device.type
     with torch.autocast(device_type=device_type, enabled=False):
         p1 = segment_softmax_reference(z1, config.segment_dim, config.temperature, config.eps)
         p2 = segment_softmax_reference(z2, config.segment_dim, config.temperature, config.eps)
-        h_diag, h_off = joint_entropy_terms_reference(p1, p2, config.segment_dim, row_range)
-        start, stop = local_rows if local_rows is not None else (0, p1.shape[0])
-        l_inv = invariance_term_reference(p1[start:stop], p2[start:stop], config.segment_dim)
+        h_diag, h_off = joint_entropy_terms_reference(p1, p2, config.segment_dim, p_rows)
+        local_start, local_stop = local_rows if local_rows is not None else (0, p1.shape[0])
+        l_inv = invariance_term_reference(p1[local_start:local_stop], p2[local_start:local_stop],
+                                          config.segment_dim)
         c_diag, c_off = config.coefficients(p1.shape[1])
         diag = c_diag * h_diag
         off = c_off * h_off

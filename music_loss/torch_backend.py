@@ -1,22 +1,23 @@
 """The memory-light PyTorch backend (``backend="torch"``): never more than a block of ``P``.
 
-The joint distribution ``P = p1^T p2 / N`` is built ``chunk`` rows at a time. Each block is
+The joint distribution ``P = p1^T p2 / N`` is built ``chunk_size`` rows at a time. Each block is
 used three times while it exists: for its share of ``H_off``, for the gradient factor
 ``G = c * (lg P + [P >= tiny])`` and for the two gradient products ``dp1 = p2 G^T / N`` and
 ``dp2 = p1 G / N`` (Liger style: the gradients are finished in the forward pass, so the
 backward pass only scales them by ``grad_output``). The diagonal of ``P`` is ``O(N D)`` and
 handled apart from the blocks.
 
-Memory: three ``chunk x D`` buffers plus four ``N x D`` (probabilities and their gradients,
+Memory: three ``chunk_size x D`` buffers plus four ``N x D`` (probabilities and their gradients,
 which become ``dz1, dz2`` in place: the only tensors saved for backward, kept in float32
 whatever the input dtype, so that ``grad_output`` (a loss scale of 65536) multiplies them
 before any rounding to 16 bits). The unclamped softmax is recomputed from ``z`` with
 ``torch.softmax`` of the max-shifted logits: as accurate as the forward at any logit size
-(``exp(x - lse)`` from a saved log-sum-exp lost precision in proportion to the logits).
+(``exp(x - lse)`` from a saved log-sum-exp would lose precision in proportion to the
+logits).
 Work: three ``N x D x D`` products, the minimum (6 N D^2 FLOPs); one fewer when only one
 view requires grad.
 
-Sharding (``row_range``, SPEC 3): only the rows ``A = row_range`` of ``P`` are formed, i.e.
+Sharding (``p_rows``): only the rows ``A = p_rows`` of ``P`` are formed, i.e.
 the entropy entries of those rows (their diagonal entries included), ``dp1[:, A]`` complete
 and the partial ``dp2`` from ``p1[:, A]``: ``6 N D |A|`` FLOPs. Both products are linear in
 ``G``, so the partial gradients of the ranks sum to the whole.
@@ -37,7 +38,7 @@ from torch import Tensor
 
 from music_loss._config import TINY, LossConfig, MUSICTerms, ResolvedPrecision, compute_dtype
 
-#: Elements per ``chunk x D`` buffer: large enough for efficient matmuls, small next to D^2.
+#: Elements per ``chunk_size x D`` buffer: large enough for efficient matmuls, small next to D^2.
 _MIN_BUFFER = 1 << 20
 _MAX_BUFFER = 1 << 23
 
@@ -105,9 +106,9 @@ class _ChunkedMUSIC(torch.autograd.Function):
         config: LossConfig,
         local_rows: tuple[int, int],
         precision: str,
-        chunk: int,
+        chunk_size: int,
         need_grads: tuple[bool, bool],
-        row_range: tuple[int, int],
+        p_rows: tuple[int, int],
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         n, d = z1.shape
         k = config.segment_dim
@@ -122,13 +123,13 @@ class _ChunkedMUSIC(torch.autograd.Function):
         acc = torch.float64 if z1.device.type != "mps" else torch.float32
 
         # Rows A = [r0, r1) of P (all of them unless sharded); whole segments.
-        r0, r1 = row_range
+        r0, r1 = p_rows
         # Diagonal entries P[a, a] of the rows A: O(N |A|), no block needed.
         p_diag = (a1[:, r0:r1] * a2[:, r0:r1]).sum(0) / n
         lg_diag = p_diag.clamp_min(TINY).log()
         h_diag = (p_diag * lg_diag).sum(dtype=acc)
 
-        # Invariance term on this process's rows.
+        # Invariance term on this process's batch rows [l0, l1).
         l0, l1 = local_rows
         agreement = (p1[l0:l1] * p2[l0:l1]).view(l1 - l0, s, k).sum(-1)
         l_inv = -agreement.clamp_min(TINY).log().sum(dtype=acc) / ((l1 - l0) * s)
@@ -149,7 +150,7 @@ class _ChunkedMUSIC(torch.autograd.Function):
                 dp2 = a1 * g_diag
                 dp2[l0:l1].view(l1 - l0, s, k).addcmul_(p1[l0:l1].view(l1 - l0, s, k), g_agree)
 
-        # Off-diagonal blocks, `chunk` rows of P at a time.
+        # Off-diagonal blocks, `chunk_size` rows of P at a time.
         h_off = torch.zeros((), dtype=acc, device=z1.device)
         # Every entry of P is at least eps^2: with the default eps the floor never binds and
         # the clamp and its mask can be skipped (two passes over each block).
@@ -167,8 +168,8 @@ class _ChunkedMUSIC(torch.autograd.Function):
                     dp1[:, r0:r1].add_(_off_block_sums(a2, k)[:, r0:r1], alpha=c_off / n)
                 if dp2 is not None:
                     dp2.add_(_off_block_sums(a1, k, (r0 // k, r1 // k)), alpha=c_off / n)
-            for a0 in range(r0, r1, chunk):
-                a_end = min(a0 + chunk, r1)
+            for a0 in range(r0, r1, chunk_size):
+                a_end = min(a0 + chunk_size, r1)
                 rows = a1[:, a0:a_end]  # a strided view: BLAS reads it in place
                 block = torch.mm(rows.t(), a2).div_(n)  # P[a0:a_end, :]
                 lg_block = block.clamp_min(TINY).log_() if floor_binds else block.log()
@@ -272,14 +273,14 @@ def _softmax_backward_(
     return dq.sub_(dot).mul_(q).div_(config.temperature).view(n, d)
 
 
-def music_loss_chunked(
+def music_loss_torch(
     z1: Tensor,
     z2: Tensor,
     config: LossConfig,
     local_rows: tuple[int, int] | None = None,
     precision: ResolvedPrecision = "ieee",
     chunk_size: int | None = None,
-    row_range: tuple[int, int] | None = None,
+    p_rows: tuple[int, int] | None = None,
 ) -> MUSICTerms:
     """MUSIC loss holding at most ``chunk_size`` rows of ``P`` at a time.
 
@@ -287,13 +288,14 @@ def music_loss_chunked(
         z1: ``(N, D)`` first view (global batch when distributed).
         z2: ``(N, D)`` second view.
         config: Hyperparameters.
-        local_rows: Rows ``(start, stop)`` whose invariance term counts (``None``: all).
+        local_rows: Batch rows ``(local_start, local_stop)`` whose invariance term counts
+            (``None``: all).
         precision: ``"ieee"``, ``"tf32"`` (CUDA only; CPU computes fp32) or ``"bf16"``
             (operands rounded to bf16, fp32 accumulation).
         chunk_size: Rows of ``P`` per block; :func:`default_chunk_size` when ``None``.
-        row_range: Rows ``(start, stop)`` of ``P`` whose entropy entries this call computes,
-            on segment boundaries (sharding, SPEC 3); ``None``: all ``D``. The entropy parts
-            and their gradient are then this range's share.
+        p_rows: Rows ``(p_row_start, p_row_stop)`` of ``P`` whose entropy entries this call
+            computes, on segment boundaries (sharding); ``None``: all ``D``. The entropy
+            parts and their gradient are then this range's share.
 
     Returns:
         :class:`MUSICTerms`; only ``loss`` carries a gradient (the parts are for logging).
@@ -305,15 +307,15 @@ def music_loss_chunked(
         >>> import torch
         >>> from music_loss._config import LossConfig
         >>> z1 = torch.randn(8, 12, requires_grad=True)
-        >>> terms = music_loss_chunked(z1, torch.randn(8, 12), LossConfig(segment_dim=3))
+        >>> terms = music_loss_torch(z1, torch.randn(8, 12), LossConfig(segment_dim=3))
         >>> terms.loss.backward()
         >>> z1.grad.shape
         torch.Size([8, 12])
     """
     n, d = z1.shape
-    chunk = chunk_size if chunk_size is not None else default_chunk_size(n, d)
-    rows = local_rows if local_rows is not None else (0, n)
-    owned = row_range if row_range is not None else (0, d)
+    chunk_size = chunk_size if chunk_size is not None else default_chunk_size(n, d)
+    local_rows = local_rows if local_rows is not None else (0, n)
+    p_rows = p_rows if p_rows is not None else (0, d)
     # Only the views that require grad get a gradient (target networks, stop-gradient):
     # the other view's N x D x D product is skipped.
     grad_on = torch.is_grad_enabled()
@@ -321,6 +323,6 @@ def music_loss_chunked(
     # Precision is ours to choose (resolved from autocast by the dispatch): autocast would
     # otherwise lower every product, gradient products included, to 16 bits.
     with torch.autocast(z1.device.type, enabled=False):
-        loss, diag, off, inv = _ChunkedMUSIC.apply(z1, z2, config, rows, precision, chunk,
-                                                   need_grads, owned)
+        loss, diag, off, inv = _ChunkedMUSIC.apply(z1, z2, config, local_rows, precision,
+                                                   chunk_size, need_grads, p_rows)
     return MUSICTerms(loss, diag, off, inv)

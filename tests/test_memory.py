@@ -38,7 +38,7 @@ def test_torch_backend_saves_order_n_d_never_d_squared():
 
 @pytest.mark.parametrize("n,d", [(512, 8160), (2048, 8160), (256, 16320), (2048, 2000)])
 def test_default_chunk_stays_within_the_order_n_d_arrays(n, d):
-    from music_loss.chunked import default_chunk_size
+    from music_loss.torch_backend import default_chunk_size
 
     chunk = default_chunk_size(n, d)
     assert 1 <= chunk <= d

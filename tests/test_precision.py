@@ -15,7 +15,7 @@ import torch
 
 from music_loss import music_loss
 from music_loss._dispatch import float32_matmul_mode, resolve_backend, resolve_precision
-from music_loss.chunked import _round_to_tf32
+from music_loss.torch_backend import _round_to_tf32
 
 LEGACY = ["highest", "high", "medium"]
 NEW = ["none", "ieee", "tf32"]

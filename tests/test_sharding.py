@@ -158,13 +158,12 @@ def test_row_ranges_add_up_to_the_whole(backend, world):
     config = LossConfig(segment_dim=k)
     inv_only = LossConfig(segment_dim=k, diag_weight=0.0, off_weight=0.0)
 
-    def run(cfg, row_range=None):
+    def run(cfg, p_rows=None):
         if backend == "triton":
             from music_loss.kernels import music_loss_triton
 
-            return music_loss_triton(z1, z2, cfg, None, "ieee", chunk_rows=8,
-                                     row_range=row_range)
-        return run_backend(z1, z2, cfg, None, backend, "ieee", 8, row_range=row_range)
+            return music_loss_triton(z1, z2, cfg, None, "ieee", chunk_size=8, p_rows=p_rows)
+        return run_backend(z1, z2, cfg, None, backend, "ieee", 8, p_rows=p_rows)
 
     full = run(config)
     want_grads = torch.autograd.grad(full.loss, (z1, z2))

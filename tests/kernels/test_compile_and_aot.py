@@ -1,7 +1,7 @@
 """torch.compile over the Triton path (interpreter on CPU) and the AOT compile check.
 
 ``torch.compile(fullgraph=True)`` must trace through the custom ops without a graph break
-and stay accurate (SPEC 1 warns that compiled code can drift). The AOT check compiles every
+and stay accurate (compiled code can drift). The AOT check compiles every
 kernel in every autotune config for sm_80 and sm_90 in a subprocess without
 ``TRITON_INTERPRET`` (``triton.compile`` cannot compile interpreted functions).
 """
@@ -57,16 +57,11 @@ def test_compiled_training_step_on_triton_path_matches_float64():
         assert relative_error(got, p64.grad) <= tol.grad
 
 
-# The AOT static gate (SPEC 5 layer 3) is strict: since the tf32 products read K-major
-# operands every sm_90 tf32/bf16 product meets it, so no known-violation ratchet
-# (``--known``, ``aot.accept_known``) is passed any more.
-
-
 def test_aot_compile_check_sm80_sm90(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out_json = tmp_path / "aot.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "music_loss.kernels.aot", "--arch", "80", "90",
+        [sys.executable, "-m", "benchmarks.aot", "--arch", "80", "90",
          "--json", str(out_json), "--dump-dir",
          str(tmp_path / "ptx")],
         env=env, capture_output=True, text=True, timeout=1200)
@@ -74,8 +69,7 @@ def test_aot_compile_check_sm80_sm90(tmp_path):
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     rows = json.loads(out_json.read_text())
     kernels_seen = {(r["kernel"], r["arch"]) for r in rows}
-    for name in ("joint_entropy", "grad_product", "softmax_fwd", "softmax_fwd_t", "loss_bwd",
-                 "softmax_bwd"):
+    for name in ("joint_entropy", "grad_product", "softmax_fwd", "softmax_fwd_t", "loss_bwd"):
         assert (name, 80) in kernels_seen and (name, 90) in kernels_seen
     # tf32's softmax writes p^T with vectors: its one scalar store is the partial sum.
     assert all(r["scalar_global_stores"] == 1 for r in rows if r["kernel"] == "softmax_fwd_t")
@@ -126,7 +120,7 @@ _PTX = """
 
 
 def test_static_facts_are_read_from_the_ptx_and_gated():
-    from music_loss.kernels import aot
+    from benchmarks import aot
 
     assert aot.mma_shape(_PTX, 90) == "m64n128k8"
     assert aot.mma_shape(_PTX, 80) is None
@@ -181,31 +175,11 @@ def test_epilogue_path_starts_after_the_main_loop():
     # The main loop (0x10-0x40) holds the tensor-core instruction; an out-of-line wait
     # (0x90) branches back into it from the end of the program, as TMA kernels do: the
     # epilogue is what follows the innermost loop, 4 instructions.
-    from music_loss.kernels import aot
+    from benchmarks import aot
 
     assert aot.sass_path_lengths(_SASS_TMA_LAYOUT) == (4, 4)
     assert aot.epilogue_instructions_per_entry(_SASS_TMA_LAYOUT, 2) == (2.0, 2.0)
     assert aot.spill_instructions_in_loops(_SASS_TMA_LAYOUT) == 0
-
-
-def test_known_violations_pass_only_when_not_worse():
-    from dataclasses import asdict
-
-    from music_loss.kernels import aot
-
-    def failing(copy: int, ways: int) -> aot.AotRow:
-        row = aot.AotRow("grad_product", "tf32,NN", "64x64x64 w4 s3", 90, ok=True,
-                         needs_tensor_cores=True, async_copy_min_bytes=copy,
-                         smem_bank_conflicts=ways)
-        row.problems = aot.static_problems(row)
-        row.ok = not row.problems
-        return row
-
-    known = [asdict(failing(4, 8))]
-    same, worse, new = failing(4, 8), failing(4, 16), failing(4, 8)
-    new.config = "128x128x64 w8 s3"
-    assert aot.accept_known([same, worse, new], known) == 1
-    assert same.ok and not worse.ok and not new.ok
 
 
 @pytest.mark.parametrize("which", ["JOINT_CONFIGS", "MATMUL_CONFIGS"])
@@ -213,13 +187,13 @@ def test_autotune_configs_fit_each_arch_with_the_real_operand_size(which):
     """Operand staging (stages x (rows + columns) x depth x element size) plus the epilogue's
     reserve fits each arch's per-block shared memory; bf16 on sm_90 (2-byte operands, 227 KiB)
     may use tiles fp32 on sm_80 cannot: the filter is per arch and precision."""
-    from music_loss.kernels import joint_entropy as je
+    from music_loss.kernels import configs as cf
 
-    configs = getattr(je, which)
+    configs = getattr(cf, which)
     chosen = {}
-    for arch, limit in je.SMEM_LIMITS.items():
+    for arch, limit in cf.SMEM_LIMITS.items():
         for precision, itemsize in (("ieee", 4), ("tf32", 4), ("bf16", 2)):
-            picked = je.configs_for(configs, precision, limit)
+            picked = cf.configs_for(configs, precision, limit)
             assert picked, (arch, precision)
             for cfg in picked:
                 kw = cfg.kwargs
@@ -227,15 +201,15 @@ def test_autotune_configs_fit_each_arch_with_the_real_operand_size(which):
                                      if "BLOCK_A" in kw else
                                      (kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"]))
                 staging = cfg.num_stages * (rows + cols) * depth * itemsize
-                assert staging + je.EPILOGUE_SMEM <= limit, (arch, precision, cfg)
+                assert staging + cf.EPILOGUE_SMEM <= limit, (arch, precision, cfg)
             chosen[arch, precision] = {str(c) for c in picked}
     assert chosen[90, "bf16"] > chosen[80, "tf32"]
     assert chosen[90, "tf32"] > chosen[80, "tf32"]
 
 
 _AUTOTUNERS = """
-from music_loss.kernels import joint_entropy as j
-print(j._matmul_store.restore_value, j._matmul_accumulate.restore_value)
+from music_loss.kernels.launchers import AUTOTUNERS as tuners
+print(tuners["product"].restore_value, tuners["product_accumulate"].restore_value)
 """
 
 
@@ -252,7 +226,7 @@ def test_only_the_accumulating_product_restores_its_output_while_autotuning():
 def test_static_tables_compare_side_by_side():
     from dataclasses import asdict
 
-    from music_loss.kernels import aot
+    from benchmarks import aot
 
     def row(variant, copy, ways, mma, epi, tma=False, epi_diagonal=None):
         return asdict(aot.AotRow("joint_entropy", variant, "64x64x32 w4 s4", 90, ok=True,

@@ -169,15 +169,15 @@ def test_fast_log_costs_nothing_against_the_budgets(precision):
     """At the paper's shape: the entropy sums and off-block gradients with the fast log
     against the same kernels with the accurate log (libdevice's logf)."""
     from music_loss.kernels._common import operand_dtype
-    from music_loss.kernels.joint_entropy import joint_entropy_pass
-    from music_loss.kernels.segment_softmax import softmax_forward
+    from music_loss.kernels.launchers import JointPlan, joint_entropy_pass, softmax_forward
 
     n, d, k = 2048, 8160, 80
     z1, z2 = _views(n, d, torch.float32, seed=3)
     p1, p2, _ = softmax_forward(z1, z2, k, 1.0, 1e-8, operand_dtype(precision),
                                 round_tf32=precision == "tf32")
-    fast = joint_entropy_pass(p1, p2, k, 1.0, precision, True, fast_log=True)
-    accurate = joint_entropy_pass(p1, p2, k, 1.0, precision, True, fast_log=False)
+    plan = JointPlan(k, 1.0, precision, grads=(True, True))
+    fast = joint_entropy_pass(p1, p2, plan._replace(fast_log=True))
+    accurate = joint_entropy_pass(p1, p2, plan._replace(fast_log=False))
     sums = {name: (torch.stack([r.h_diag, r.h_off]).double()) for name, r in
             (("fast", fast), ("accurate", accurate))}
     loss_diff = relative_error(sums["fast"], sums["accurate"])

@@ -2,8 +2,8 @@
 
 On CPU these run in Triton's interpreter (``tests/conftest.py`` sets ``TRITON_INTERPRET=1``
 when there is no CUDA device); on a GPU machine the same tests run the compiled kernels.
-Shapes are small and odd (SPEC 5): K = 80, 7 and 1, S = 1, N and D multiples of no block
-size, and several chunks of rows of ``P``. Per precision (SPEC 5):
+Shapes are small and odd: K = 80, 7 and 1, S = 1, N and D multiples of no block
+size, and several chunks of rows of ``P``. Per precision:
 
 - ``ieee``: against float64 autograd of ``music_loss.reference`` (the float32 target);
 - ``tf32``: the interpreter computes ``input_precision="tf32"`` as exact fp32, so the kernels
@@ -44,16 +44,15 @@ from tests.tolerances import (
 
 kernels = pytest.importorskip("music_loss.kernels")
 from music_loss.kernels import _common  # noqa: E402
-from music_loss.kernels.joint_entropy import joint_entropy_triton  # noqa: E402
-from music_loss.kernels.ops import music_loss_triton  # noqa: E402
-from music_loss.kernels.segment_softmax import segment_softmax_triton  # noqa: E402
+from music_loss.kernels.launchers import JointPlan, joint_entropy_pass  # noqa: E402
+from music_loss.kernels.triton_backend import music_loss_triton  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(
     DEVICE == "cpu" and not _common.INTERPRET,
     reason="needs CUDA, or TRITON_INTERPRET=1 set before music_loss.kernels is imported")
 
-# (N, D, K, chunk_rows): K = 80 (paper), 7, 1 (every pair of bins is off-block), S = 1.
+# (N, D, K, chunk_size): K = 80 (paper), 7, 1 (every pair of bins is off-block), S = 1.
 SHAPES = [(45, 240, 80, 64), (33, 105, 7, 64), (20, 24, 1, 16), (19, 60, 60, 0)]
 PRECISIONS = ["ieee", "tf32", "bf16"]
 WORST = WorstErrors("kernel tests: worst relative errors (Frobenius) over the matrix")
@@ -73,11 +72,11 @@ def _views(n: int, d: int, dtype=torch.float32, seed: int = 0):
 
 
 def _triton_terms_and_grads(z1, z2, config, precision, local_rows=None, grad_terms=None,
-                            chunk_rows=None):
+                            chunk_size=None):
     z1 = z1.detach().clone().requires_grad_(True)
     z2 = z2.detach().clone().requires_grad_(True)
     terms = music_loss_triton(z1, z2, config, local_rows, precision,
-                              chunk_rows=chunk_rows or None)
+                              chunk_size=chunk_size or None)
     weights = grad_terms if grad_terms is not None else torch.tensor([1.0, 0, 0, 0])
     objective = sum(w * t for w, t in zip(weights.tolist(), terms))
     g1, g2 = torch.autograd.grad(objective, (z1, z2))
@@ -117,7 +116,7 @@ def test_fused_loss_matches_reference(shape, precision):
     n, d, k, chunk = shape
     config = LossConfig(segment_dim=k)
     z1, z2 = _views(n, d)
-    got = _triton_terms_and_grads(z1, z2, config, precision, chunk_rows=chunk)
+    got = _triton_terms_and_grads(z1, z2, config, precision, chunk_size=chunk)
     if precision == "bf16" and DEVICE == "cuda":
         _compare("bf16 (tensor cores) vs float64", got, _float64_truth(z1, z2, config),
                  PRECISION_TOL["bf16"])
@@ -174,7 +173,7 @@ def test_options_local_rows_and_per_term_gradients(options):
                         off_weight=wo, invariance_weight=wi, normalization=normalization)
     z1, z2 = _views(23, 60)
     grad_terms = torch.tensor([0.8, -1.5, 0.6, 2.5])  # each term's own gradient counts
-    got = _triton_terms_and_grads(z1, z2, config, "ieee", (4, 17), grad_terms, chunk_rows=32)
+    got = _triton_terms_and_grads(z1, z2, config, "ieee", (4, 17), grad_terms, chunk_size=32)
     _compare("ieee options vs float64", got,
              _float64_truth(z1, z2, config, (4, 17), grad_terms), PRECISION_TOL["ieee"])
 
@@ -183,7 +182,7 @@ def test_bf16_per_term_gradients_match_the_rounded_oracle():
     config = LossConfig(segment_dim=20, normalization="joint", invariance_weight=0.5)
     z1, z2 = _views(23, 60, seed=3)
     grad_terms = torch.tensor([1.0, 0.5, -2.0, 1.5])
-    got = _triton_terms_and_grads(z1, z2, config, "bf16", (0, 23), grad_terms, chunk_rows=32)
+    got = _triton_terms_and_grads(z1, z2, config, "bf16", (0, 23), grad_terms, chunk_size=32)
     want = rounded_oracle(z1.cpu(), z2.cpu(), config, (0, 23), round_bf16=DEVICE == "cpu",
                           grad_terms=grad_terms)
     tol = BF16_EMULATED_VS_ROUNDED_ORACLE if DEVICE == "cpu" else PRECISION_TOL["bf16"]
@@ -227,7 +226,7 @@ def test_deterministic_under_torch_deterministic_algorithms():
     previous = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
-        runs = [_triton_terms_and_grads(z1, z2, config, "tf32", chunk_rows=32) for _ in range(2)]
+        runs = [_triton_terms_and_grads(z1, z2, config, "tf32", chunk_size=32) for _ in range(2)]
     finally:
         torch.use_deterministic_algorithms(previous)
     (t_a, g1_a, g2_a), (t_b, g1_b, g2_b) = runs
@@ -243,7 +242,7 @@ def test_dispatch_routes_backend_triton():
 
 
 def test_known_optimum():
-    """One-hot, evenly spread, pairwise independent assignments: loss = -3 log K (SPEC 1)."""
+    """One-hot, evenly spread, pairwise independent assignments: loss = -3 log K."""
     k, s = 5, 3
     x, y = torch.meshgrid(torch.arange(k), torch.arange(k), indexing="ij")
     x, y = x.flatten(), y.flatten()  # N = K^2 rows; segment j uses x + j y mod K (OA(2))
@@ -261,8 +260,8 @@ def test_bad_arguments_are_refused():
         music_loss_triton(z1, z2, LossConfig(segment_dim=10), None, "fp8")
     with pytest.raises(TypeError, match="float64"):
         music_loss_triton(z1.double(), z2.double(), LossConfig(segment_dim=10), None, "ieee")
-    with pytest.raises(ValueError, match="chunk_rows"):
-        music_loss_triton(z1, z2, LossConfig(segment_dim=10), None, "ieee", chunk_rows=0)
+    with pytest.raises(ValueError, match="chunk_size"):
+        music_loss_triton(z1, z2, LossConfig(segment_dim=10), None, "ieee", chunk_size=0)
 
 
 # ---------------------------------------------------------------------------------------
@@ -273,19 +272,18 @@ SOFTMAX_CASES = [(9, 240, 80, 1.0, 1e-8), (13, 21, 7, 0.5, 0.0), (6, 5, 1, 1.0, 
 
 
 @pytest.mark.parametrize("n,d,k,temperature,eps", SOFTMAX_CASES)
-def test_segment_softmax_kernel_forward_backward(n, d, k, temperature, eps):
+def test_segment_softmax_kernel_forward(n, d, k, temperature, eps):
+    """One view through the forward kernel, column-major input; its backward is the loss's
+    (``music_loss_bwd_kernel``), held to float64 by the gradient tests above."""
+    from music_loss.kernels.launchers import softmax_forward
+
     z, _ = _views(n, d)
     z = z[:, :].T.contiguous().T  # column-major input
-    upstream = torch.randn(n, d, generator=torch.Generator().manual_seed(1)).to(DEVICE)
-    zt = z.clone().requires_grad_(True)
-    p = segment_softmax_triton(zt, k, temperature, eps)
-    (dz,) = torch.autograd.grad(p, zt, upstream)
-    z64 = z.detach().cpu().double().requires_grad_(True)
-    p64 = segment_softmax_reference(z64, k, temperature, eps)
-    (dz64,) = torch.autograd.grad(p64, z64, upstream.cpu().double())
+    p, p2, inv = softmax_forward(z, None, k, temperature, eps)
+    assert p2 is None and inv is None
+    p64 = segment_softmax_reference(z.cpu().double(), k, temperature, eps)
     tol = PRECISION_TOL["ieee"]
     assert WORST.record("softmax kernel p", relative_error(p.cpu(), p64)) <= tol.loss
-    assert WORST.record("softmax kernel dz", relative_error(dz.cpu(), dz64)) <= tol.grad
 
 
 # Pinned tiles: narrow ones (several tiles and chunks per pass) and the widest autotune tile
@@ -298,8 +296,6 @@ JOINT_METAS = [None, {"BLOCK_A": 32, "BLOCK_B": 16, "BLOCK_N": 16, "GROUP_A": 2}
 @pytest.mark.parametrize("meta", JOINT_METAS,
                          ids=["default", "32x16x16", "16x64x64", "128x128x32"])
 def test_joint_entropy_kernel_forward_backward(meta):
-    from music_loss.kernels.joint_entropy import JointEntropyFunction, joint_entropy_pass
-
     n, d, k = 27, 70, 7
     z1, z2 = _views(n, d)
     p1 = segment_softmax_reference(z1, k, 1.0, 1e-8)
@@ -310,28 +306,22 @@ def test_joint_entropy_kernel_forward_backward(meta):
     upstream = torch.tensor([0.7, -1.9], dtype=torch.float64)
     g64 = torch.autograd.grad(h64, (p1_64, p2_64), tuple(upstream))
     tol = PRECISION_TOL["ieee"]
-    if meta is None:
-        p1t, p2t = p1.clone().requires_grad_(True), p2.clone().requires_grad_(True)
-        h = joint_entropy_triton(p1t, p2t, k, "ieee")
-        g = torch.autograd.grad(h, (p1t, p2t), tuple(upstream.float().to(DEVICE)))
-        for a, b in zip(g, g64):
-            assert WORST.record("joint kernel dp", relative_error(a.cpu(), b)) <= tol.grad
-        assert JointEntropyFunction is not None
-    else:  # pinned tile shapes, several chunks: the raw pass
-        result = joint_entropy_pass(p1.contiguous(), p2.contiguous(), k, 1.0, "ieee", True,
-                                    chunk_rows=32, joint_meta=meta,
-                                    matmul_meta={"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 16,
-                                                 "GROUP_M": 2})
-        h = (result.h_diag, result.h_off)
-        joint64 = p1_64.detach().T @ p2_64.detach() / n
-        assert relative_error(result.p_diag.cpu(), torch.diagonal(joint64)) <= tol.loss
-        # The off-block part of the gradient, scaled by the upstream gradient of H_off.
-        per_col = (torch.log(torch.diagonal(joint64)) + 1) / n
-        off1 = (g64[0] - upstream[0] * per_col * p2_64.detach()) / upstream[1]
-        off2 = (g64[1] - upstream[0] * per_col * p1_64.detach()) / upstream[1]
-        assert WORST.record("joint kernel dp (pinned tiles)",
-                       relative_error(result.dp1.cpu(), off1)) <= tol.grad
-        assert relative_error(result.dp2.cpu(), off2) <= tol.grad
+    # Default: one chunk, the launcher's tiles; pinned tile shapes: several chunks.
+    plan = JointPlan(k, 1.0, "ieee", grads=(True, True))
+    if meta is not None:
+        plan = plan._replace(chunk_size=32, joint_meta=meta,
+                             matmul_meta={"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 16,
+                                          "GROUP_M": 2})
+    result = joint_entropy_pass(p1.contiguous(), p2.contiguous(), plan)
+    h = (result.h_diag, result.h_off)
+    joint64 = p1_64.detach().T @ p2_64.detach() / n
+    assert relative_error(result.p_diag.cpu(), torch.diagonal(joint64)) <= tol.loss
+    # The off-block part of the gradient, scaled by the upstream gradient of H_off.
+    per_col = (torch.log(torch.diagonal(joint64)) + 1) / n
+    off1 = (g64[0] - upstream[0] * per_col * p2_64.detach()) / upstream[1]
+    off2 = (g64[1] - upstream[0] * per_col * p1_64.detach()) / upstream[1]
+    assert WORST.record("joint kernel dp", relative_error(result.dp1.cpu(), off1)) <= tol.grad
+    assert WORST.record("joint kernel dp", relative_error(result.dp2.cpu(), off2)) <= tol.grad
     for a, b in zip(h, h64):
         assert WORST.record("joint kernel H", relative_error(a.cpu(), b)) <= tol.loss
 
@@ -352,7 +342,7 @@ def test_random_shapes_match_float64(n, s, k, chunk, seed):
         k = max(1, 320 // s)
     config = LossConfig(segment_dim=k)
     z1, z2 = _views(n, s * k, seed=seed)
-    got = _triton_terms_and_grads(z1, z2, config, "ieee", chunk_rows=chunk)
+    got = _triton_terms_and_grads(z1, z2, config, "ieee", chunk_size=chunk)
     _compare("ieee random shapes vs float64", got, _float64_truth(z1, z2, config),
              PRECISION_TOL["ieee"])
 
@@ -367,12 +357,12 @@ def test_non_finite_input_gives_nan_not_a_finite_number(bad):
 
 
 # ---------------------------------------------------------------------------------------
-# tf32: rounding where operands are stored removes the truncation bias (SPEC 1).
+# tf32: rounding where operands are stored removes the truncation bias.
 # ---------------------------------------------------------------------------------------
 def test_softmax_kernel_rounds_p_to_nearest_tf32():
     """The stored operand is exactly the nearest tf32 of the fp32 softmax (emulation on CPU,
     ``cvt.rna.tf32.f32`` on a GPU)."""
-    from music_loss.kernels.segment_softmax import softmax_forward
+    from music_loss.kernels.launchers import softmax_forward
     from tests.kernels._oracle import tf32_round
 
     z1, z2 = _views(13, 240)
@@ -395,7 +385,8 @@ def test_transposing_softmax_matches_the_row_kernel(n, d, k, local):
     """tf32 mode's softmax (row tiles: ``p``, ``p^T`` and the invariance sums in one pass)
     against the row kernel: the same rounded ``p``, its exact transpose, and the same
     invariance sum over the local rows (row counts no multiple of the row tile)."""
-    from music_loss.kernels.segment_softmax import softmax_forward, transposed_blocks
+    from music_loss.kernels.launchers import softmax_forward
+    from music_loss.kernels.segment_softmax import transposed_blocks
 
     assert n % transposed_blocks(k)["BLOCK_R"] != 0
     z1, z2 = _views(n, d, seed=n)
@@ -415,14 +406,13 @@ def test_transposing_softmax_matches_the_row_kernel(n, d, k, local):
 
 def _tf32_loss(z1, z2, config, round_tf32):
     """The loss from the kernels in tf32 mode, operands rounded where stored or not."""
-    from music_loss.kernels.joint_entropy import joint_entropy_pass
-    from music_loss.kernels.segment_softmax import softmax_forward
+    from music_loss.kernels.launchers import softmax_forward
 
     n, d = z1.shape
     p1, p2, inv_partials = softmax_forward(z1, z2, config.segment_dim, config.temperature,
                                            config.eps, round_tf32=round_tf32)
-    joint = joint_entropy_pass(p1, p2, config.segment_dim, 1.0, "tf32", False,
-                               round_tf32=round_tf32)
+    joint = joint_entropy_pass(p1, p2, JointPlan(config.segment_dim, 1.0, "tf32",
+                                                 round_tf32=round_tf32))
     c_diag, c_off = config.coefficients(d)
     inv = -config.invariance_weight * inv_partials.sum(dtype=torch.float64) / (
         n * (d // config.segment_dim))
@@ -432,7 +422,7 @@ def _tf32_loss(z1, z2, config, round_tf32):
 def test_tf32_rounding_removes_the_truncation_bias():
     """Tensor cores truncate fp32 operands; every p is positive, so unrounded operands bias
     P, and the loss, downward. With the operands rounded to nearest on store the loss meets
-    SPEC 1's tf32 target (1e-4 relative); without, it does not (CPU: the interpreter's tf32
+    the tf32 target (1e-4 relative); without, it does not (CPU: the interpreter's tf32
     emulation; GPU: real tensor cores)."""
     config = LossConfig(segment_dim=80)
     z1, z2 = _views(64, 480, seed=5)
@@ -446,13 +436,13 @@ def test_tf32_rounding_removes_the_truncation_bias():
 
 
 # ---------------------------------------------------------------------------------------
-# The fast log of the tf32/bf16 epilogue: what its assumed worst case costs (SPEC 1).
+# The fast log of the tf32/bf16 epilogue: what its assumed worst case costs.
 # ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("temperature", [1.0, 0.1], ids=["t1", "t0.1-peaked"])
 def test_fast_log_worst_case_fits_the_budgets(temperature):
     """Every log of ``P`` off by the assumed worst case (``FAST_LOG_BOUND``, all in the same
     direction) moves the entropy terms and ``G`` by at most this, in float64: far inside the
-    tf32 (1e-4) and bf16 (2e-3) loss targets of SPEC 1, and below the ieee one (1e-6), which
+    tf32 (1e-4) and bf16 (2e-3) loss targets, and below the ieee one (1e-6), which
     keeps the accurate log anyway. The device's own error is measured by
     ``tests/kernels/test_gpu.py::test_fast_log_error_on_the_device``."""
     from tests.tolerances import FAST_LOG_BOUND
@@ -490,10 +480,11 @@ def test_tma_kernels_match_the_pointer_kernels(monkeypatch, precision, n, d, k, 
     zero-fills reads and clips stores past the shape); rows that are no multiple of 16 bytes
     (N=21 for tf32's transposes, D=105) keep the pointer kernels."""
     from music_loss.kernels import joint_entropy as je
+    from music_loss.kernels import launchers
 
     products: list[bool] = []
     joint: list[bool] = []
-    real_tma, real_launch = je._matmul_tma, je.launch
+    real_tma, real_launch = launchers._matmul_tma, launchers.launch
 
     def product_spy(*args, **kwargs):
         products.append(real_tma(*args, **kwargs))
@@ -504,10 +495,10 @@ def test_tma_kernels_match_the_pointer_kernels(monkeypatch, precision, n, d, k, 
             joint.append(kwargs["USE_TMA"])
         return real_launch(tuner, raw, *args, **kwargs)
 
-    monkeypatch.setattr(je, "_matmul_tma", product_spy)
-    monkeypatch.setattr(je, "launch", launch_spy)
+    monkeypatch.setattr(launchers, "_matmul_tma", product_spy)
+    monkeypatch.setattr(launchers, "launch", launch_spy)
     monkeypatch.setenv("MUSIC_LOSS_TMA", "1")
-    if not je.use_tma(torch.device(DEVICE), precision):
+    if not launchers.use_tma(torch.device(DEVICE), precision):
         pytest.skip("TMA needs sm_90+ (or the interpreter) and triton >= 3.4")
     z1, z2 = _views(n, d, seed=11)
     config = LossConfig(segment_dim=k)
@@ -515,7 +506,7 @@ def test_tma_kernels_match_the_pointer_kernels(monkeypatch, precision, n, d, k, 
     for flag in ("0", "1"):
         monkeypatch.setenv("MUSIC_LOSS_TMA", flag)
         joint.clear()
-        terms, g1, g2 = _triton_terms_and_grads(z1, z2, config, precision, chunk_rows=chunk)
+        terms, g1, g2 = _triton_terms_and_grads(z1, z2, config, precision, chunk_size=chunk)
         results[flag] = [*terms, g1, g2]
     chunks = -(-d // chunk)
     rows_aligned = d % 4 == 0  # fp32 (N, D) rows; bf16 on a GPU: d % 8, here all fp32

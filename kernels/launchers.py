@@ -1,0 +1,494 @@
+"""Launchers of the fused kernels: the segment softmax forward, the joint pass (chunks of
+rows of ``P``, each a joint-kernel launch and the two gradient products), and the backward.
+
+On a GPU the joint kernel and the products autotune over :mod:`music_loss.kernels.configs`;
+under the interpreter, or when a caller pins a config, the raw kernels run with fixed
+meta-parameters. TMA descriptors replace pointers where :func:`use_tma` says so.
+
+Workspace of the joint pass, beyond the ``O(N D)`` arrays ``p1, p2`` and ``dp1, dp2``::
+
+    chunk_size * D * (4 bytes, or 2 in bf16 mode)      the G chunk (tf32: twice, G^T too)
+  + 2 * 4 * ceil(chunk_size / 16) * ceil(D / 16)        per-tile partial sums
+  + 4 * D                                               diag(P)
+
+with ``chunk_size`` from :func:`~music_loss.kernels.configs.chunk_size_for`: as ``D`` grows
+the chunk keeps about ``N`` rows, so the workspace is ``O(N D)``, never ``D^2``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, NamedTuple
+
+import torch
+import triton
+from torch import Tensor
+
+from music_loss.kernels._common import (
+    INTERPRET,
+    check_precision,
+    emulate_tensor_cores,
+    launch,
+    needs_int64,
+)
+from music_loss.kernels.configs import (
+    INTERPRET_JOINT_META,
+    INTERPRET_MATMUL_META,
+    JOINT_CONFIGS,
+    MATMUL_CONFIGS,
+    MIN_TILE,
+    chunk_size_for,
+    configs_for,
+    meta_of,
+    prune_configs,
+)
+from music_loss.kernels.joint_entropy import (
+    joint_entropy_kernel,
+    scaled_matmul_kernel,
+    scaled_matmul_tma_kernel,
+)
+from music_loss.kernels.segment_softmax import (
+    music_loss_bwd_kernel,
+    segment_softmax_fwd_kernel,
+    segment_softmax_fwd_t_kernel,
+    softmax_blocks,
+    transposed_blocks,
+)
+
+# ---------------------------------------------------------------------------------------
+# Autotuners (GPU only: the interpreter runs the raw kernels with a fixed config).
+# ---------------------------------------------------------------------------------------
+_JOINT_KEY = ["N", "D", "chunk_len", "PRECISION", "WRITE_G", "FAST_LOG"]
+
+
+def _joint_tma_block_shapes(nargs: dict[str, Any]) -> None:
+    """Config pre-hook of the TMA joint kernel: descriptor tiles of the config being run."""
+    ba, bb, bn = nargs["BLOCK_A"], nargs["BLOCK_B"], nargs["BLOCK_N"]
+    k_major = nargs["PRECISION"] == "tf32"
+    nargs["p1_ptr"].block_shape = [ba, bn] if k_major else [bn, ba]
+    nargs["p2_ptr"].block_shape = [bb, bn] if k_major else [bn, bb]
+
+
+def _tma_block_shapes(nargs: dict[str, Any]) -> None:
+    """Config pre-hook of the TMA products: descriptor tiles of the config being run."""
+    bm, bn, bk = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
+    nargs["a_desc"].block_shape = [bm, bk]
+    nargs["b_desc"].block_shape = [bn, bk] if nargs["B_KMAJOR"] else [bk, bn]
+    nargs["c_desc"].block_shape = [bm, bn]
+
+
+def _with_hook(configs: list[triton.Config], hook: Any) -> list[triton.Config]:
+    return [triton.Config(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages,
+                          pre_hook=hook) for c in configs]
+
+
+def _matmul_autotuner(kernel: Any, configs: list[triton.Config], key: list[str],
+                      restore_output: bool) -> Any:
+    # An accumulating product (``dp2 +=``) needs its output restored between the benchmark
+    # runs of its configs, and the copy is timed with each run: only that variant pays for it.
+    return triton.autotune(configs=configs, key=key,
+                           prune_configs_by={"early_config_prune": prune_configs},
+                           restore_value=["c_ptr"] if restore_output else None)(kernel)
+
+
+def _autotuners() -> dict[str, Any]:
+    joint = {"early_config_prune": prune_configs}
+    # The pointer products' key holds the strides: the same sizes with transposed operands
+    # (dp1's NT layout against dp2's) are different kernels for the memory system.
+    key = ["M", "N", "K", "PRECISION", "stride_am", "stride_ak", "stride_bk", "stride_bn"]
+    tma_key = ["M", "N", "K", "PRECISION", "B_KMAJOR"]
+    tma_configs = _with_hook(MATMUL_CONFIGS, _tma_block_shapes)
+    return {
+        "joint": triton.autotune(configs=JOINT_CONFIGS, key=_JOINT_KEY,
+                                 prune_configs_by=joint)(joint_entropy_kernel),
+        "joint_tma": triton.autotune(configs=_with_hook(JOINT_CONFIGS, _joint_tma_block_shapes),
+                                     key=_JOINT_KEY, prune_configs_by=joint)(joint_entropy_kernel),
+        "product": _matmul_autotuner(scaled_matmul_kernel, MATMUL_CONFIGS, key, False),
+        "product_accumulate": _matmul_autotuner(scaled_matmul_kernel, MATMUL_CONFIGS, key, True),
+        "product_tma": _matmul_autotuner(scaled_matmul_tma_kernel, tma_configs, tma_key, False),
+        "product_tma_accumulate": _matmul_autotuner(scaled_matmul_tma_kernel, tma_configs,
+                                                    tma_key, True),
+    }
+
+
+#: The GPU autotuners by name (empty under the interpreter, which does not autotune); their
+#: ``cache`` holds each tuning key's chosen config.
+AUTOTUNERS: dict[str, Any] = {} if INTERPRET else _autotuners()
+
+
+# ---------------------------------------------------------------------------------------
+# TMA (opt-in) and the gradient products.
+# ---------------------------------------------------------------------------------------
+def tma_available() -> bool:
+    """True when this Triton has host-side tensor descriptors (triton >= 3.4)."""
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401
+    except ImportError:  # pragma: no cover - older Triton: the pointer kernels
+        return False
+    return True
+
+
+def use_tma(device: torch.device, precision: str) -> bool:
+    """Whether the joint product and the gradient products go through TMA descriptors here.
+
+    Only tensor-core modes on sm_90 or newer (TMA is Hopper's), with a Triton that has
+    descriptors, and only when asked (``MUSIC_LOSS_TMA=1``; under the interpreter too, which
+    emulates descriptors). Opt-in: the pointer kernels stay the default until GPU timings
+    (``make gpu-validate``) show the descriptor path is faster.
+    """
+    if precision == "ieee" or os.environ.get("MUSIC_LOSS_TMA", "0") in ("", "0"):
+        return False
+    if not tma_available():
+        return False
+    if INTERPRET:
+        return True
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def _tma_ready(*tensors: Tensor) -> bool:
+    """TMA's layout rules: unit last stride, 16-byte aligned base and other strides."""
+    for t in tensors:
+        item = t.element_size()
+        if t.stride(-1) != 1 or (t.data_ptr() % 16) or any((st * item) % 16
+                                                            for st in t.stride()[:-1]):
+            return False
+    return True
+
+
+def _matmul_tma(a: Tensor, b: Tensor, c: Tensor, alpha: float, accumulate: bool,
+                precision: str, meta: dict[str, Any] | None) -> bool:
+    """``c (+)= alpha * a @ b`` through TMA descriptors; False (nothing launched) when an
+    operand breaks TMA's layout rules, for the pointer kernel to take over."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    b_kmajor = b.stride(0) == 1 and b.stride(1) != 1  # B^T is contiguous along K
+    b_stored = b.T if b_kmajor else b
+    if not _tma_ready(a, b_stored, c):
+        return False
+    m, k = a.shape
+    n = b.shape[1]
+    placeholder = [16, 16]  # set per config (the pre-hook, or below for a pinned config)
+    a_desc = TensorDescriptor(a, list(a.shape), list(a.stride()), placeholder)
+    b_desc = TensorDescriptor(b_stored, list(b_stored.shape), list(b_stored.stride()),
+                              placeholder)
+    c_desc = TensorDescriptor(c, list(c.shape), list(c.stride()), placeholder)
+    args = (a_desc, b_desc, c_desc, c, m, n, k, alpha)
+    kwargs = {"ACCUMULATE": accumulate, "PRECISION": precision,
+              "EMULATE_BF16": emulate_tensor_cores(), "B_KMAJOR": b_kmajor,
+              "EMULATE_TF32": emulate_tensor_cores()}
+    grid = lambda cfg: (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
+    fixed = None
+    if meta is not None or INTERPRET:
+        fixed = dict(meta or INTERPRET_MATMUL_META)
+        _tma_block_shapes({"a_desc": a_desc, "b_desc": b_desc, "c_desc": c_desc,
+                           "B_KMAJOR": b_kmajor, **fixed})
+    tuner = AUTOTUNERS.get("product_tma_accumulate" if accumulate else "product_tma")
+    launch(tuner, scaled_matmul_tma_kernel, grid, fixed, *args, **kwargs)
+    return True
+
+
+def _matmul(a: Tensor, b: Tensor, c: Tensor, alpha: float, accumulate: bool, precision: str,
+            meta: dict[str, Any] | None) -> None:
+    """``c (+)= alpha * a @ b`` with the Triton product (``c`` fp32, any strides): through
+    TMA descriptors where :func:`use_tma` says so and the layouts allow, else pointers."""
+    if use_tma(a.device, precision) and _matmul_tma(a, b, c, alpha, accumulate, precision,
+                                                    meta):
+        return
+    m, k = a.shape
+    n = b.shape[1]
+    grid = lambda cfg: (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
+    tuner = AUTOTUNERS.get("product_accumulate" if accumulate else "product")
+    launch(tuner, scaled_matmul_kernel, grid, meta,
+           a, b, c, m, n, k, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+           c.stride(0), c.stride(1), alpha,
+           ACCUMULATE=accumulate, PRECISION=precision, EMULATE_BF16=emulate_tensor_cores(),
+           USE_INT64=needs_int64(a, b, c), EMULATE_TF32=emulate_tensor_cores())
+
+
+# ---------------------------------------------------------------------------------------
+# The joint pass.
+# ---------------------------------------------------------------------------------------
+class JointPlan(NamedTuple):
+    """What :func:`joint_entropy_pass` computes, and how it launches.
+
+    Attributes:
+        segment_dim: ``K``.
+        c_off: Coefficient of ``H_off`` folded into ``G`` (1.0 for the raw sums' gradient).
+        precision: ``"ieee"``, ``"tf32"`` or ``"bf16"`` for the three products.
+        grads: Which of the off-block gradient products ``dp1``, ``dp2`` to form; one not
+            formed is returned empty (a view without grad). ``(False, False)``: sums only.
+        chunk_size: Rows of ``P`` per chunk (``None``: :func:`chunk_size_for` of the batch).
+        p_rows: Only the rows ``(p_row_start, p_row_stop)`` of ``P`` (sharding): the sums
+            cover those rows, ``dp1`` is complete in its columns ``p_row_start:p_row_stop``
+            (0 elsewhere), ``dp2`` is their partial sum, and ``p_diag`` holds ``P[a, a]``
+            for ``a`` in the range (0 elsewhere). ``None``: all ``D``.
+        joint_meta: Pin the joint kernel's config (interpreter default: a fixed one).
+        matmul_meta: Pin the products' config.
+        round_tf32: In tf32 mode, store ``G`` rounded to nearest tf32 (``False`` only to
+            measure the truncation bias; ``p1, p2`` are rounded by the softmax kernel).
+        fast_log: In tf32/bf16 mode, take the epilogue's log from the special-function
+            unit (``lg2.approx.f32``; ``False``: libdevice's accurate ``logf``, to measure
+            the difference). ieee always uses the accurate log.
+
+    Example:
+        >>> JointPlan(segment_dim=80, c_off=1.0, precision="tf32").grads
+        (False, False)
+    """
+
+    segment_dim: int
+    c_off: float
+    precision: str
+    grads: tuple[bool, bool] = (False, False)
+    chunk_size: int | None = None
+    p_rows: tuple[int, int] | None = None
+    joint_meta: dict[str, Any] | None = None
+    matmul_meta: dict[str, Any] | None = None
+    round_tf32: bool = True
+    fast_log: bool = True
+
+
+class JointPass(NamedTuple):
+    """Result of :func:`joint_entropy_pass`.
+
+    Attributes:
+        h_diag: float64 scalar ``sum_a P_aa lg P_aa``.
+        h_off: float64 scalar ``sum_{off blocks} P lg P``.
+        p_diag: fp32 ``(D,)``, the diagonal of ``P``.
+        dp1: fp32 ``(N, D)`` ``c_off p2 G^T / N`` (off blocks only), or an empty tensor.
+        dp2: fp32 ``(N, D)`` ``c_off p1 G / N``, or an empty tensor.
+    """
+
+    h_diag: Tensor
+    h_off: Tensor
+    p_diag: Tensor
+    dp1: Tensor
+    dp2: Tensor
+
+
+def _metas(plan: JointPlan) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """The joint kernel's and the products' fixed configs (``None``: autotune)."""
+    joint_meta, matmul_meta = plan.joint_meta, plan.matmul_meta
+    if INTERPRET:
+        joint_meta = joint_meta or INTERPRET_JOINT_META
+        matmul_meta = matmul_meta or INTERPRET_MATMUL_META
+    elif torch.are_deterministic_algorithms_enabled():
+        # Autotuning picks by timing, so two processes could tile differently and round
+        # differently: deterministic mode pins each kernel's first config instead.
+        joint_meta = joint_meta or meta_of(configs_for(JOINT_CONFIGS, plan.precision)[0])
+        matmul_meta = matmul_meta or meta_of(configs_for(MATMUL_CONFIGS, plan.precision)[0])
+    if joint_meta is not None and min(joint_meta["BLOCK_A"], joint_meta["BLOCK_B"]) < MIN_TILE:
+        raise ValueError(f"joint_meta tiles must be at least {MIN_TILE} wide (the partial-sum "
+                         f"buffer is sized for that), got {joint_meta}")
+    return joint_meta, matmul_meta
+
+
+def joint_entropy_pass(p1: Tensor, p2: Tensor, plan: JointPlan,
+                       p_t: tuple[Tensor, Tensor] | None = None) -> JointPass:
+    """Entropy sums of ``P = p1^T p2 / N`` and, if the plan asks, the off-block gradient
+    products, chunk by chunk of rows of ``P``, never storing ``P``.
+
+    Args:
+        p1: ``(N, D)`` probabilities of view 1, contiguous, fp32 (bf16 in bf16 mode).
+        p2: Same for view 2.
+        plan: What to compute and how (:class:`JointPlan`).
+        p_t: In tf32 mode, ``p1, p2`` transposed, ``(D, N)`` contiguous (the softmax kernel
+            writes them; made here when ``None``): the joint product's K-major operands.
+
+    Returns:
+        A :class:`JointPass`.
+
+    Example:
+        >>> import os, torch
+        >>> if os.environ.get("TRITON_INTERPRET") == "1":
+        ...     p = torch.softmax(torch.randn(8, 4, 3), -1).reshape(8, 12)
+        ...     out = joint_entropy_pass(p, p.clone(), JointPlan(3, 1.0, "ieee"))
+        ...     assert float(out.h_diag) <= 0 and out.dp1.numel() == 0
+    """
+    precision = check_precision(plan.precision)
+    n, d = p1.shape
+    if not (p1.is_contiguous() and p2.is_contiguous()):
+        raise ValueError("p1 and p2 must be contiguous (the softmax kernel writes them so)")
+    joint_meta, matmul_meta = _metas(plan)
+    chunk_size = plan.chunk_size or chunk_size_for(d, precision, n)
+    dev = p1.device
+    p_row_start, p_row_stop = plan.p_rows if plan.p_rows is not None else (0, d)
+    # A partial row range leaves entries unwritten: they must read 0, not garbage.
+    alloc = torch.empty if (p_row_start, p_row_stop) == (0, d) else torch.zeros
+    p_diag = alloc(d, device=dev, dtype=torch.float32)
+    want1, want2 = plan.grads
+    write_grad = want1 or want2
+    # distinct tensors: custom ops forbid aliases
+    dp1 = alloc((n, d) if want1 else (0,), device=dev, dtype=torch.float32)
+    dp2 = alloc((n, d) if want2 else (0,), device=dev, dtype=torch.float32)
+    workspace = torch.empty((min(chunk_size, d), d) if write_grad else (0,), device=dev,
+                            dtype=p1.dtype)
+    # tf32 (Hopper's tf32 wgmma reads only K-major operands): the joint product reads the
+    # (D, N) transposes, and dp2 = p1 G reads G^T, written next to G by the joint kernel.
+    k_major = precision == "tf32"
+    if k_major:
+        op1, op2 = p_t if p_t is not None else (p1.t().contiguous(), p2.t().contiguous())
+        if op1.shape != (d, n) or op2.shape != (d, n) or not (op1.is_contiguous()
+                                                              and op2.is_contiguous()):
+            raise ValueError(f"p_t must hold contiguous ({d}, {n}) transposes of p1, p2, "
+                             f"got {tuple(op1.shape)} and {tuple(op2.shape)}")
+        strides = (1, n, 1, n)  # (stride_p1n, stride_p1a, stride_p2n, stride_p2b)
+    else:
+        op1, op2 = p1, p2
+        strides = (p1.stride(0), 1, p2.stride(0), 1)
+    write_gt = want2 and k_major  # G^T only feeds the dp2 product
+    workspace_t = torch.empty((d, min(chunk_size, d)) if write_gt else (0,), device=dev,
+                              dtype=p1.dtype)
+    tuner, operands = AUTOTUNERS.get("joint"), (op1, op2)
+    joint_tma = use_tma(dev, precision) and _tma_ready(op1, op2)
+    if joint_tma:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        operands = tuple(TensorDescriptor(t, list(t.shape), list(t.stride()), [16, 16])
+                         for t in (op1, op2))
+        tuner = AUTOTUNERS.get("joint_tma")
+        if joint_meta is not None:
+            _joint_tma_block_shapes({"p1_ptr": operands[0], "p2_ptr": operands[1],
+                                     "PRECISION": precision, **joint_meta})
+    # What every chunk's launch shares: outputs (G, G^T, diag(P); an unused one points at
+    # p_diag), sizes, layout, and the constexprs.
+    outputs = (workspace if write_grad else p_diag, workspace_t if write_gt else p_diag, p_diag)
+    layout = (*strides, d, max(1, workspace_t.shape[-1]))
+    constexprs = {"WRITE_G": write_grad, "PRECISION": precision,
+                  "EMULATE_BF16": emulate_tensor_cores(), "EMULATE_TF32": emulate_tensor_cores(),
+                  "ROUND_TF32": plan.round_tf32, "WRITE_GT": write_gt,
+                  "USE_INT64": needs_int64(op1, op2), "FAST_LOG": plan.fast_log,
+                  "USE_TMA": joint_tma}
+    sums: list[Tensor] = []
+    for a0 in range(p_row_start, p_row_stop, chunk_size):
+        rows = min(chunk_size, p_row_stop - a0)
+        slots = triton.cdiv(rows, MIN_TILE) * triton.cdiv(d, MIN_TILE)
+        partial = torch.empty((2, slots), device=dev, dtype=torch.float32)
+        grid = lambda cfg, rows=rows: (triton.cdiv(rows, cfg["BLOCK_A"])
+                                       * triton.cdiv(d, cfg["BLOCK_B"]),)
+        used = launch(tuner, joint_entropy_kernel, grid, joint_meta, *operands, *outputs,
+                      partial, n, d, plan.segment_dim, a0, rows, *layout, slots, 1.0 / n,
+                      plan.c_off, **constexprs)
+        tiles = triton.cdiv(rows, used["BLOCK_A"]) * triton.cdiv(d, used["BLOCK_B"])
+        sums.append(partial[:, :tiles].sum(dim=1, dtype=torch.float64))
+        if write_grad:
+            g_chunk = workspace[:rows]
+            # dp1[:, a0:a1] = p2 @ G_chunk^T / N ; dp2 (+)= p1[:, a0:a1] @ G_chunk / N
+            if want1:
+                _matmul(p2, g_chunk.T, dp1[:, a0:a0 + rows], 1.0 / n, False, precision,
+                        matmul_meta)
+            if want2:
+                g_operand = workspace_t[:, :rows].T if write_gt else g_chunk  # K-major in tf32
+                _matmul(p1[:, a0:a0 + rows], g_operand, dp2, 1.0 / n, a0 > p_row_start,
+                        precision, matmul_meta)
+    # No rows (a rank that owns no segment): both sums are 0.
+    total = (torch.stack(sums).sum(dim=0) if sums
+             else torch.zeros(2, device=dev, dtype=torch.float64))
+    return JointPass(total[0], total[1], p_diag, dp1, dp2)
+
+
+# ---------------------------------------------------------------------------------------
+# The segment softmax forward and the loss's backward.
+# ---------------------------------------------------------------------------------------
+def softmax_forward(
+    z1: Tensor, z2: Tensor | None, segment_dim: int, temperature: float, eps: float,
+    out_dtype: torch.dtype = torch.float32, local_rows: tuple[int, int] | None = None,
+    round_bf16: bool = False, round_tf32: bool = False,
+    out_transposed: tuple[Tensor, Tensor] | None = None,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """Segment softmax of one or two views; with two, the invariance partial sums too.
+
+    Returns:
+        ``(p1, p2, inv_partials)``: ``p`` as contiguous ``(N, D)`` arrays of ``out_dtype``
+        (fp32 values rounded once on store; ``round_bf16``: to bf16 values, kept in
+        ``out_dtype``; ``round_tf32``: to the nearest tf32 values, for tf32 products), and
+        an ``(N, blocks)`` fp32 array whose sum is ``sum_{local i, s} lg(sum_k p1 p2)`` over
+        the batch rows ``local_rows`` (``None`` for one view). ``out_transposed``
+        (two views): two contiguous ``(D, N)`` arrays of ``out_dtype`` that also receive
+        ``p1, p2`` transposed (the tf32 joint product's K-major operands).
+
+    Example:
+        >>> import os, torch
+        >>> if os.environ.get("TRITON_INTERPRET") == "1":
+        ...     p, _, _ = softmax_forward(torch.randn(2, 6), None, 3, 1.0, 0.0)
+        ...     assert torch.allclose(p.view(2, 2, 3).sum(-1), torch.ones(2, 2))
+    """
+    n, d = z1.shape
+    s = d // segment_dim
+    two = z2 is not None
+    local_start, local_stop = local_rows if local_rows is not None else (0, n)
+    zb = z2 if z2 is not None else z1
+    p1 = torch.empty((n, d), device=z1.device, dtype=out_dtype)
+    p2 = torch.empty_like(p1) if two else None
+    if out_transposed is not None:
+        if not two or round_bf16 or any(
+                t.shape != (d, n) or not t.is_contiguous() or t.dtype != out_dtype
+                for t in out_transposed):
+            raise ValueError(f"out_transposed must be two contiguous ({d}, {n}) {out_dtype} "
+                             "arrays, and needs two views (tf32 operands, not bf16)")
+        meta = transposed_blocks(segment_dim)
+        grid = (triton.cdiv(n, meta["BLOCK_R"]), s)
+        partials = torch.empty(grid, device=z1.device, dtype=torch.float32)
+        pt1, pt2 = out_transposed
+        segment_softmax_fwd_t_kernel[grid](
+            z1, zb, p1, p2, pt1, pt2, partials, n, segment_dim, d, z1.stride(0), z1.stride(1),
+            zb.stride(0), zb.stride(1), local_start, local_stop, 1.0 / temperature, eps,
+            USE_INT64=needs_int64(z1, zb, p1), ROUND_TF32=round_tf32,
+            EMULATE_TF32=emulate_tensor_cores(), **meta,
+        )
+        return p1, p2, partials
+    meta = softmax_blocks(segment_dim, s)
+    grid = (n, triton.cdiv(s, meta["BLOCK_S"]))
+    inv = torch.empty(grid, device=z1.device, dtype=torch.float32) if two else None
+    segment_softmax_fwd_kernel[grid](
+        z1, zb, p1, p2 if p2 is not None else p1, inv if inv is not None else p1,
+        s, segment_dim, d, z1.stride(0), z1.stride(1), zb.stride(0), zb.stride(1),
+        local_start, local_stop, 1.0 / temperature, eps,
+        TWO_VIEWS=two, ROUND_BF16=round_bf16, USE_INT64=needs_int64(z1, zb, p1),
+        ROUND_TF32=round_tf32, EMULATE_TF32=emulate_tensor_cores(), **meta,
+    )
+    return p1, p2, inv
+
+
+
+
+def music_loss_backward(
+    z1: Tensor, z2: Tensor, dp_off1: Tensor, dp_off2: Tensor, p_diag: Tensor,
+    grad_terms: Tensor, segment_dim: int, temperature: float, eps: float, c_diag: float,
+    inv_coef: float, local_rows: tuple[int, int], has_off: bool,
+    diag_segments: tuple[int, int] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Launch :func:`music_loss_bwd_kernel`; returns ``(dz1, dz2)`` in the views' dtypes.
+
+    ``local_rows``: the batch rows whose invariance term counts. ``diag_segments``: only
+    the diagonal entries of these segments ``[s0, s1)`` count (sharding): the kernel is
+    launched on the column ranges before, inside and after them (pointers offset to the
+    range's first column), with ``c_diag = 0`` outside.
+    """
+    n, d = z1.shape
+    s = d // segment_dim
+    s0, s1 = diag_segments if diag_segments is not None else (0, s)
+    dz1 = torch.empty((n, d), device=z1.device, dtype=z1.dtype)
+    dz2 = torch.empty((n, d), device=z2.device, dtype=z2.dtype)
+    # A view that needs no gradient has an empty dp_off: read the other view's in its place
+    # (same shape); the caller discards that view's dz.
+    off1 = dp_off1 if dp_off1.numel() else (dp_off2 if has_off else p_diag)
+    off2 = dp_off2 if dp_off2.numel() else (dp_off1 if has_off else p_diag)
+    use_int64 = needs_int64(z1, z2, dz1)
+    for first, stop, coef in ((0, s0, 0.0), (s0, s1, c_diag), (s1, s, 0.0)):
+        if stop <= first:
+            continue
+        c = first * segment_dim  # D stays the row stride of dpo and dz
+
+        def cols(t: Tensor, c: int = c) -> Tensor:
+            return t[:, c:] if t.dim() == 2 else t[c:]
+
+        meta = softmax_blocks(segment_dim, stop - first)
+        grid = (n, triton.cdiv(stop - first, meta["BLOCK_S"]))
+        music_loss_bwd_kernel[grid](
+            cols(z1), cols(z2), cols(off1), cols(off2), cols(p_diag), grad_terms, cols(dz1),
+            cols(dz2), stop - first, segment_dim, d, z1.stride(0), z1.stride(1),
+            z2.stride(0), z2.stride(1), local_rows[0], local_rows[1], 1.0 / temperature, eps,
+            coef, inv_coef, 1.0 / n, HAS_OFF=has_off, USE_INT64=use_int64, **meta,
+        )
+    return dz1, dz2
+
