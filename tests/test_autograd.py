@@ -1,4 +1,4 @@
-"""Autograd contract of every backend (SPEC 2): double backward, one view without grad,
+"""Autograd contract of every backend: double backward, one view without grad,
 the gradient rule of ``return_terms``, float32 gradients under a loss scale."""
 
 from __future__ import annotations

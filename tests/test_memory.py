@@ -46,5 +46,5 @@ def test_default_chunk_stays_within_the_order_n_d_arrays(n, d):
     # (probabilities and gradients) the backend holds anyway, or 12 Mi elements
     assert chunk * d <= 1 << 23
     assert 3 * chunk * d <= max(4 * n * d, 3 << 20)
-    if (n, d) == (512, 8160):  # the SPEC's CPU shape: well under one D x D matrix
+    if (n, d) == (512, 8160):  # the CPU benchmark shape: well under one D x D matrix
         assert 3 * chunk * d * 8 <= d * d

@@ -1,4 +1,4 @@
-"""Backend and precision resolution (SPEC 2): every rule, with both of PyTorch's precision APIs.
+"""Backend and precision resolution: every rule, with both of PyTorch's precision APIs.
 
 PyTorch 2.9+ has a second precision API (``torch.backends.fp32_precision``,
 ``torch.backends.cuda.matmul.fp32_precision``); with it set, the legacy getters raise "mix of

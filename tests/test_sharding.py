@@ -1,4 +1,4 @@
-"""Sharded loss (``shard=True``, SPEC 3) on 2, 3 and 4 gloo ranks against one process and
+"""Sharded loss (``shard=True``) on 2, 3 and 4 gloo ranks against one process and
 against ``shard=False``.
 
 Each rank owns the rows ``[s0 K, s1 K)`` of ``P``; S divisible by W, not divisible, and

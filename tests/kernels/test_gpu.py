@@ -128,7 +128,7 @@ def test_compiled_training_step_fullgraph():
 
 # ---------------------------------------------------------------------------------------
 # The epilogue's fast log (tf32/bf16 modes): measured on the device, against float64 and
-# against the accurate log, elementwise and in the loss (SPEC 1 budgets).
+# against the accurate log, elementwise and in the loss (the tf32 and bf16 budgets).
 # ---------------------------------------------------------------------------------------
 def test_fast_log_error_on_the_device():
     """``lg2.approx.f32 * ln 2`` (``_common.lg_fast``) against float64 over every binade of
