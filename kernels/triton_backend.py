@@ -59,42 +59,31 @@ def fused_forward(
         a view that does not require grad costs no gradient product. Only the rows
         ``[p_row_start, p_row_stop)`` of ``P`` are computed (sharding; ``(0, D)``: all).
     """
-    with device_of(z1):
-        return _fused_forward_impl(z1, z2, segment_dim, temperature, eps, c_diag, c_off,
-                                   invariance_weight, local_start, local_stop, precision,
-                                   chunk_size, need_grad1, need_grad2, p_row_start, p_row_stop)
-
-
-def _fused_forward_impl(
-    z1: Tensor, z2: Tensor, segment_dim: int, temperature: float, eps: float,
-    c_diag: float, c_off: float, invariance_weight: float, local_start: int, local_stop: int,
-    precision: str, chunk_size: int, need_grad1: bool, need_grad2: bool,
-    p_row_start: int, p_row_stop: int,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    n, d = z1.shape
-    s = d // segment_dim
-    # tf32: the softmax also writes p1, p2 transposed, the joint product's K-major operands.
-    p_t = (z1.new_empty((d, n), dtype=torch.float32),
-           z1.new_empty((d, n), dtype=torch.float32)) if precision == "tf32" else None
-    p1, p2, inv_partials = softmax_forward(z1, z2, segment_dim, temperature, eps,
-                                           operand_dtype(precision), (local_start, local_stop),
-                                           round_bf16=precision == "bf16"
-                                           and emulate_tensor_cores(),
-                                           round_tf32=precision == "tf32",
-                                           out_transposed=p_t)
-    assert p2 is not None and inv_partials is not None
-    has_off = _has_off(d, segment_dim, c_off)
-    plan = JointPlan(segment_dim, c_off, precision,
-                     grads=(need_grad1 and has_off, need_grad2 and has_off),
-                     chunk_size=chunk_size or None, p_rows=(p_row_start, p_row_stop))
-    joint = joint_entropy_pass(p1, p2, plan, p_t)
-    del p1, p2, p_t
-    diag = c_diag * joint.h_diag
-    off = c_off * joint.h_off
-    local_count = local_stop - local_start
-    inv = -invariance_weight * inv_partials.sum(dtype=torch.float64) / (local_count * s)
-    terms = torch.stack([diag + off + inv, diag, off, inv]).to(torch.float32)
-    return terms, joint.dp1, joint.dp2, joint.p_diag
+    with device_of(z1):  # launch on z1's GPU, not the current one
+        n, d = z1.shape
+        s = d // segment_dim
+        # tf32: the softmax also writes p1, p2 transposed (the joint product's K-major
+        # operands).
+        p_t = (z1.new_empty((d, n), dtype=torch.float32),
+               z1.new_empty((d, n), dtype=torch.float32)) if precision == "tf32" else None
+        round_bf16 = precision == "bf16" and emulate_tensor_cores()
+        p1, p2, inv_partials = softmax_forward(
+            z1, z2, segment_dim, temperature, eps, operand_dtype(precision),
+            (local_start, local_stop), round_bf16=round_bf16, round_tf32=precision == "tf32",
+            out_transposed=p_t)
+        assert p2 is not None and inv_partials is not None
+        has_off = _has_off(d, segment_dim, c_off)
+        plan = JointPlan(segment_dim, c_off, precision,
+                         grads=(need_grad1 and has_off, need_grad2 and has_off),
+                         chunk_size=chunk_size or None, p_rows=(p_row_start, p_row_stop))
+        joint = joint_entropy_pass(p1, p2, plan, p_t)
+        del p1, p2, p_t
+        diag = c_diag * joint.h_diag
+        off = c_off * joint.h_off
+        local_count = local_stop - local_start
+        inv = -invariance_weight * inv_partials.sum(dtype=torch.float64) / (local_count * s)
+        terms = torch.stack([diag + off + inv, diag, off, inv]).to(torch.float32)
+        return terms, joint.dp1, joint.dp2, joint.p_diag
 
 
 @fused_forward.register_fake
