@@ -58,9 +58,9 @@ gpu-validate:
 gpu-validate-dry-run: env
 	$(BIN)/python -m benchmarks.gpu_validate --dry-run --out $(or $(DRY_RUN_OUT),/tmp/music-loss-gpu-validate-dry-run) --fresh
 
-# The GPU machines' stack (Python 3.12, torch 2.11, torchvision 0.26, triton 3.6) here, on
+# The oldest supported stack (Python 3.12, torch 2.11, torchvision 0.26, triton 3.6) here, on
 # CPU: the kernel and core tests under those versions (interpreter for the kernels), the AOT
-# compile check and static gate included: the GPU machines compile with this Triton.
+# compile check and static gate included (python -m benchmarks.aot under triton 3.6).
 GPU_STACK ?= .venv-gpu-stack
 GPU_STACK_TESTS ?= tests/kernels tests/test_backends.py tests/test_reference.py \
 	tests/test_errors.py tests/test_compile.py
