@@ -39,7 +39,7 @@ test: env
 # imports the kernels.
 lint: env
 	$(BIN)/ruff check .
-	rm -rf .lint-site
+	rm -rf .lint-site build  # a stale build/ would add the files of an earlier layout
 	$(BIN)/python -m pip install -q --no-deps --no-build-isolation --target .lint-site .
 	MYPYPATH=.lint-site $(BIN)/mypy -p music_loss -m benchmarks.aot -m benchmarks.profile \
 		-m benchmarks.plan
