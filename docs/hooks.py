@@ -90,8 +90,9 @@ def _messages() -> tuple[tuple[tuple[str, str], ...], tuple[str, ...]]:
 def _matches(quote: str, template: str) -> bool:
     """Whether the quote can be the template: ``…`` and ``HOLE`` each stand for any text.
 
-    A value written out in the quote (``z1``, ``backend``) fills a hole; ``…`` may cover
-    several holes and the text between them.
+    A value written out in the quote (``z1``, ``backend``) fills a hole; ``…`` covers one or
+    more holes and the spaces and punctuation between them (``{type} {value}``), never a word
+    of the message.
     """
     q, t = quote, template
 
@@ -99,9 +100,11 @@ def _matches(quote: str, template: str) -> bool:
     def match(i: int, j: int) -> bool:
         if i == len(q) and j == len(t):
             return True
-        if i < len(q) and q[i] == ANY and (match(i + 1, j) or (j < len(t) and match(i, j + 1))):
+        if i < len(q) and q[i] == ANY and j < len(t) and (t[j] == HOLE or t[j] in " ,'\"") \
+                and (match(i + 1, j + 1) or match(i, j + 1)):
             return True
-        if j < len(t) and t[j] == HOLE and (match(i, j + 1) or (i < len(q) and match(i + 1, j))):
+        if j < len(t) and t[j] == HOLE and i < len(q) and q[i] != ANY \
+                and (match(i + 1, j + 1) or match(i + 1, j)):
             return True
         return i < len(q) and j < len(t) and q[i] == t[j] and q[i] not in (ANY, HOLE) \
             and match(i + 1, j + 1)
@@ -140,7 +143,7 @@ def on_page_markdown(markdown: str, page: Page, **_: object) -> str:
         if not path.is_file():
             raise FileNotFoundError(f"docs include: {match.group(1)} does not exist")
         above = re.findall(r"^(#{1,6}) ", markdown[: match.start()], flags=re.MULTILINE)
-        return _demote_headings(path.read_text(), len(above[-1]) if above else 1)
+        return _demote_headings(path.read_text(), len(above[-1]) if above else 0)
 
     return INCLUDE.sub(include, markdown)
 
