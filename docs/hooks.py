@@ -59,7 +59,8 @@ def _template(node: ast.expr) -> str | None:
     if isinstance(node, ast.Constant) and isinstance(node.value, str):
         return node.value
     if isinstance(node, ast.JoinedStr):
-        return "".join(v.value if isinstance(v, ast.Constant) else HOLE for v in node.values)
+        return "".join(v.value if isinstance(v, ast.Constant) and isinstance(v.value, str)
+                       else HOLE for v in node.values)
     return None
 
 
