@@ -1,9 +1,10 @@
-"""mkdocs hooks: committed results and MathJax served by the site itself, and includes.
+"""mkdocs hooks: committed plots and MathJax served by the site itself, includes, and a check
+of the troubleshooting page.
 
 * A page line ``<!-- include: PATH -->`` (PATH from the repository root) is replaced by that
-  file, nested under the heading above the line, so the committed benchmark reports and the ImageNet
-  README appear as they are, under the page's own title. A missing file fails the build.
-
+  file, nested under the heading above the line (none: as it is), so the ImageNet README and
+  ``CHANGELOG.md`` appear in the site without a copy in ``docs/``. A missing file fails the
+  build.
 * ``benchmarks/results/*.png`` appear as ``benchmarks/<name>.png``, beside the benchmarks
   page, so the committed plots are shown as they are (no copies in ``docs/``).
 * MathJax's ``tex-svg.js`` (one self-contained file: SVG output needs no web fonts) comes
