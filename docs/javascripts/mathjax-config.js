@@ -9,7 +9,11 @@ window.MathJax = {
 if (typeof document$ !== "undefined") {
   document$.subscribe(() => {
     if (window.MathJax && MathJax.typesetPromise) {
-      MathJax.startup.output.clearCache();
+      // SVG output has no font cache to clear (clearCache is CommonHTML's); calling it
+      // unguarded threw on every page and stopped the page's other scripts.
+      if (typeof MathJax.startup.output.clearCache === "function") {
+        MathJax.startup.output.clearCache();
+      }
       MathJax.typesetClear();
       MathJax.texReset();
       MathJax.typesetPromise();
