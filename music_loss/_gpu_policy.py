@@ -224,7 +224,7 @@ def clear_caches() -> None:
     _choose.cache_clear()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _choose(card: Card, dtype: str, matmul: str, autocast: bool, backend: str,
             precision: str, chosen: str, mode: str) -> str:
     if precision == "auto":
@@ -233,9 +233,10 @@ def _choose(card: Card, dtype: str, matmul: str, autocast: bool, backend: str,
         if backend == "auto" and chosen == "triton":
             chosen = picked.backend
     check_explicit(card, backend, precision, mode)
-    if backend == "auto" and chosen == "triton" and not card.rocm:
-        if card.capability < TRITON_MIN_CAPABILITY or card.smem_per_block < TRITON_MIN_SMEM[mode]:
-            chosen = "torch"
+    too_small = (card.capability < TRITON_MIN_CAPABILITY
+                 or card.smem_per_block < TRITON_MIN_SMEM[mode])
+    if backend == "auto" and chosen == "triton" and not card.rocm and too_small:
+        chosen = "torch"
     return f"{chosen}:{mode}"
 
 
