@@ -135,7 +135,7 @@ def run_backend(
     mode = resolve_precision(precision, device_type, dtype)
     if device_type == "cuda":  # the card's own rules (music_loss._gpu_policy)
         chosen, mode = _gpu_policy.resolve_for_card(z1.device, dtype, backend, precision,
-                                                    chosen, mode)  # type: ignore[assignment]
+                                                    chosen, mode)
     if chosen == "reference":
         from music_loss.reference import music_loss_reference
 

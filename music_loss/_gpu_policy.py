@@ -29,9 +29,11 @@ import functools
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, NamedTuple, TypeVar, cast
 
 import torch
+
+from music_loss._config import ResolvedPrecision
 
 KIB = 1024
 
@@ -252,20 +254,20 @@ def card_choice(index: int, dtype: str, autocast: bool, backend: str, precision:
 
 
 def resolve_for_card(device: torch.device, dtype: torch.dtype, backend: str, precision: str,
-                     chosen: str, mode: str) -> tuple[str, str]:
+                     chosen: str, mode: str) -> tuple[str, ResolvedPrecision]:
     """Apply the card's rules to the device-blind choice ``(chosen, mode)`` of a CUDA tensor.
 
     Raises:
         ValueError: ``backend="triton"`` or ``precision="tf32"`` the card cannot run.
     """
     if chosen == "reference":
-        return chosen, mode
+        return chosen, cast(ResolvedPrecision, mode)
     index = device.index if device.index is not None else torch.cuda.current_device()
     autocast = torch.is_autocast_enabled("cuda")
     picked = card_choice(index, _DTYPE_NAMES.get(dtype, "float32"), autocast, backend,
                          precision, chosen, mode)
     new_backend, new_mode = picked.split(":")
-    return new_backend, new_mode
+    return new_backend, cast(ResolvedPrecision, new_mode)
 
 
 def has_tf32(device: torch.device) -> bool:

@@ -26,11 +26,12 @@ import platform
 import sys
 import time
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import torch
 
 from music_loss import _gpu_policy
+from music_loss._config import Backend, Precision
 from music_loss._dispatch import float32_matmul_mode, triton_unavailable_reason
 from music_loss.functional import music_loss
 
@@ -167,8 +168,8 @@ def _loss_and_grads(z1: torch.Tensor, z2: torch.Tensor, k: int, backend: str,
                     precision: str) -> tuple[Any, ...]:
     """``(loss, sum of |parts|, dz1, dz2)`` with float64 gradients on the CPU."""
     z1, z2 = z1.clone().requires_grad_(), z2.clone().requires_grad_()
-    terms = music_loss(z1, z2, segment_dim=k, backend=backend,  # type: ignore[arg-type]
-                       precision=precision, return_terms=True)  # type: ignore[arg-type]
+    terms = music_loss(z1, z2, segment_dim=k, backend=cast(Backend, backend),
+                       precision=cast(Precision, precision), return_terms=True)
     terms.loss.backward()
     size = sum(abs(float(part)) for part in terms[1:])
     assert z1.grad is not None and z2.grad is not None
@@ -195,7 +196,7 @@ def timing(device: torch.device, shape: tuple[int, int, int], repeats: int) -> l
     results = []
     for backend in ("auto", "torch", "reference"):
         def step(backend: str = backend) -> None:
-            music_loss(z1, z2, segment_dim=k, backend=backend).backward()  # type: ignore[arg-type]
+            music_loss(z1, z2, segment_dim=k, backend=cast(Backend, backend)).backward()
 
         results.append({"what": f"music_loss backend={backend!r}", "shape": list(shape),
                         "ms": _time(step, device, repeats)})
