@@ -132,6 +132,10 @@ def runnable(device: torch.device) -> list[tuple[str, str, str | None]]:
                 why = str(err)
         if why is None and precision == "tf32" and backend == "torch" and card is None:
             why = "CPUs have no tf32 (the torch backend computes fp32 there)"
+        if (why is None and (backend, precision) == ("torch", "ieee") and card is not None
+                and _gpu_policy.has_tf32(device) and float32_matmul_mode() == "tf32"):
+            why = ("PyTorch's float32 matmul precision is tf32 here, and the torch backend "
+                   "does not change it: run with torch.set_float32_matmul_precision('highest')")
         combos.append((backend, precision, why))
     return combos
 

@@ -114,3 +114,26 @@ def test_summarize_refuses_mixed_choices():
     choices[2] = {**choices[2], "backend": "torch"}  # matmul "high"; "medium" differs now
     with pytest.raises(ValueError, match="different choices"):
         check.summarize(choices)
+
+
+def test_runnable_on_a_mocked_small_memory_card(monkeypatch):
+    """The GPU side of the check: what it runs on an sm_86 card with tf32 matmuls allowed."""
+    from types import SimpleNamespace
+
+    from music_loss import _dispatch, _gpu_policy
+
+    pytest.importorskip("triton")
+    props = SimpleNamespace(name="Mock RTX 3090", major=8, minor=6,
+                            shared_memory_per_block_optin=99 * 1024)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: props)
+    monkeypatch.setattr(check, "float32_matmul_mode", lambda: "tf32")
+    monkeypatch.setattr(_dispatch, "float32_matmul_mode", lambda: "tf32")
+    _gpu_policy.clear_caches()
+    try:
+        why = {(b, p): w for b, p, w in check.runnable(torch.device("cuda", 0))}
+    finally:
+        _gpu_policy.clear_caches()
+    assert why[("triton", "bf16")] is None and why[("torch", "tf32")] is None
+    assert why[("torch", "bf16")] is None
+    assert "99 KiB" in why[("triton", "ieee")] and "99 KiB" in why[("triton", "tf32")]
+    assert "set_float32_matmul_precision('highest')" in why[("torch", "ieee")]
