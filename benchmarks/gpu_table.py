@@ -15,7 +15,7 @@ import pathlib
 import sys
 
 from music_loss import _gpu_policy
-from music_loss.check import KINDS, _choices, plan_for, summarize
+from music_loss.check import KINDS, choices_for, plan_for, summarize
 
 PAGE = pathlib.Path(__file__).resolve().parent.parent / "docs" / "gpus.md"
 START, END = "<!-- gpu-table:start -->", "<!-- gpu-table:end -->"
@@ -34,7 +34,7 @@ def table() -> str:
         smem = _gpu_policy.SMEM_PER_BLOCK_KIB[(major, minor)]
         rows.append([f"sm_{major}{minor} ({major}.{minor})", cards, f"{smem} KiB",
                      *(_cell(picks[kind]) for kind in KINDS)])
-    rocm = summarize(_choices(_gpu_policy.Card("ROCm", (0, 0), 0, rocm=True)))
+    rocm = summarize(choices_for(_gpu_policy.Card("ROCm", (0, 0), 0, rocm=True)))
     rows.append(["ROCm", "AMD Instinct, Radeon", "", *(_cell(rocm[kind]) for kind in KINDS)])
     return "\n".join("| " + " | ".join(row) + " |" for row in rows) + "\n"
 

@@ -94,13 +94,13 @@ def plan_for(capability: str) -> dict[str, Any]:
     """
     cc = _gpu_policy.parse_capability(capability)
     return {"capability": f"{cc[0]}.{cc[1]}",
-            "choices": _choices(_gpu_policy.card_for_capability(cc))}
+            "choices": choices_for(_gpu_policy.card_for_capability(cc))}
 
 
 def auto_choices(device: torch.device) -> list[dict[str, Any]]:
     """What ``auto`` picks on ``device`` for every input kind, and why."""
     if device.type == "cuda":
-        return _choices(_gpu_policy.device_card(_index(device)))
+        return choices_for(_gpu_policy.device_card(_index(device)))
     choices = []
     for dtype, matmul, autocast in INPUT_KINDS:
         precision = _gpu_policy.wanted_precision(dtype, matmul, autocast)
@@ -112,7 +112,8 @@ def auto_choices(device: torch.device) -> list[dict[str, Any]]:
     return choices
 
 
-def _choices(card: _gpu_policy.Card) -> list[dict[str, Any]]:
+def choices_for(card: _gpu_policy.Card) -> list[dict[str, Any]]:
+    """What ``auto`` picks on ``card`` for every input kind (dtype x matmul x autocast)."""
     return [{"dtype": dtype, "matmul_precision": matmul, "autocast": autocast,
              **_gpu_policy.plan(card, dtype, matmul, autocast)._asdict()}
             for dtype, matmul, autocast in INPUT_KINDS]
