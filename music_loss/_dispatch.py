@@ -12,6 +12,7 @@ import os
 import torch
 from torch import Tensor
 
+from music_loss import _gpu_policy
 from music_loss._config import Backend, LossConfig, MUSICTerms, Precision, ResolvedPrecision
 
 _SIXTEEN_BIT = (torch.float16, torch.bfloat16)
@@ -133,6 +134,9 @@ def run_backend(
     device_type, dtype = z1.device.type, z1.dtype
     chosen = resolve_backend(backend, device_type, dtype)
     mode = resolve_precision(precision, device_type, dtype)
+    if device_type == "cuda":  # the card's own rules (music_loss._gpu_policy)
+        chosen, mode = _gpu_policy.resolve_for_card(z1.device, dtype, backend, precision,
+                                                    chosen, mode)
     if chosen == "reference":
         from music_loss.reference import music_loss_reference
 
@@ -145,7 +149,11 @@ def run_backend(
     else:
         from music_loss.kernels import music_loss_triton
 
-        terms = music_loss_triton(z1, z2, config, local_rows, precision=mode,
-                                  chunk_size=chunk_size, p_rows=p_rows)
+        terms = _gpu_policy.with_torch_fallback(
+            z1.device, backend,
+            lambda: music_loss_triton(z1, z2, config, local_rows, precision=mode,
+                                      chunk_size=chunk_size, p_rows=p_rows),
+            lambda: run_backend(z1, z2, config, local_rows, "torch", precision, chunk_size,
+                                p_rows))
     return MUSICTerms(terms.loss, terms.diag.detach(), terms.off.detach(),
                       terms.invariance.detach())

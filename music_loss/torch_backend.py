@@ -80,6 +80,10 @@ def _check_ieee_products_possible(device: torch.device, precision: str) -> None:
     backend never writes it."""
     if device.type != "cuda" or precision != "ieee":
         return
+    from music_loss._gpu_policy import has_tf32
+
+    if not has_tf32(device):  # no tf32 before sm_80: cuBLAS computes fp32 whatever the setting
+        return
     from music_loss._dispatch import float32_matmul_mode
 
     if float32_matmul_mode() == "tf32":
