@@ -177,7 +177,7 @@ def test_thresholds_match_the_kernels_configs():
     """TRITON_MIN_SMEM is the kernels' own model: the smallest config of each precision
     (joint kernel and gradient products alike) plus the epilogue's scratch."""
     pytest.importorskip("triton")
-    from music_loss.kernels.joint_entropy import (
+    from music_loss.kernels.configs import (
         EPILOGUE_SMEM,
         JOINT_CONFIGS,
         MATMUL_CONFIGS,
