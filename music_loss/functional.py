@@ -38,6 +38,7 @@ from music_loss._validate import (
     check_finite as check_finite_values,
 )
 from music_loss.distributed import (
+    agree,
     check_process_group,
     gather_rows,
     owned_segments,
@@ -331,24 +332,51 @@ def loss_with_config(
     shard: bool = True,
 ) -> MUSICTerms:
     """:func:`music_loss` with hyperparameters already validated (``MUSICLoss`` holds them):
-    check the views, gather them if asked, dispatch."""
-    check_pair(z1, z2, config.segment_dim, min_rows=1 if gather_distributed else 2)
-    check_not_under_functorch(backend, z1, z2)
-    if check_finite:
-        check_finite_values(z1, z2)
+    check the views, gather them if asked, dispatch.
 
-    local_rows: tuple[int, int] | None = None
-    if gather_distributed:
-        check_process_group()
-        dim = z1.shape[1]
-        both, local_rows = gather_rows(torch.cat([z1, z2], dim=1), process_group,
-                                       uneven=uneven_batches)
+    With ``gather_distributed``, every rank first agrees on its peers' inputs
+    (:func:`music_loss.distributed.agree`): an error that depends on one rank's data reaches
+    every rank at the same point, as the same clear error, before any other collective.
+    """
+    if not gather_distributed:
+        check_pair(z1, z2, config.segment_dim, min_rows=2)
+        check_not_under_functorch(backend, z1, z2)
+        if check_finite:
+            check_finite_values(z1, z2)
+        return run_backend(z1, z2, config, None, backend, precision, chunk_size)
+
+    check_process_group()
+    if not isinstance(z1, Tensor) or not isinstance(z2, Tensor):
+        check_pair(z1, z2, config.segment_dim)  # raises: a programming error on every rank
+    local_error: Exception | None = None
+    try:
+        check_pair(z1, z2, config.segment_dim, min_rows=0)
+        check_not_under_functorch(backend, z1, z2)
+    except (ValueError, TypeError, NotImplementedError) as err:
+        if torch.compiler.is_compiling():
+            raise
+        local_error = err
+    agreement = agree(z1, z2, local_error, check_finite=check_finite, uneven=uneven_batches,
+                      group=process_group)
+    local_rows = agreement.local_rows
+    if len(set(agreement.sizes)) > 1:
+        # Each rank's invariance term is a mean over its own n_r rows; weighted by
+        # n_r W / N, the mean over ranks is the mean over all N rows, as in one process.
+        n_global, world = sum(agreement.sizes), len(agreement.sizes)
+        share = agreement.sizes[agreement.rank] * world / n_global
+        config = dataclasses.replace(config, invariance_weight=config.invariance_weight * share)
+    dim = z1.shape[1]
+    if z1.requires_grad == z2.requires_grad:
+        both = gather_rows(torch.cat([z1, z2], dim=1), agreement, process_group)
         z1, z2 = both[:, :dim], both[:, dim:]
-        if z1.shape[0] < 2:
-            raise ValueError(f"the global batch must hold at least 2 samples, got {z1.shape[0]}")
-        if shard:
-            return _sharded(z1, z2, config, local_rows, process_group, backend, precision,
-                            chunk_size)
+    else:
+        # A stop-gradient view gathers on its own, without gradient: the backend then skips
+        # its gradient product and the backward has no reduce-scatter for it.
+        z1 = gather_rows(z1, agreement, process_group)
+        z2 = gather_rows(z2, agreement, process_group)
+    if shard:
+        return _sharded(z1, z2, config, local_rows, process_group, backend, precision,
+                        chunk_size)
     return run_backend(z1, z2, config, local_rows, backend, precision, chunk_size)
 
 
