@@ -7,6 +7,7 @@ global setting is ever written: the precision is passed to the backend.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -43,6 +44,8 @@ def resolve_backend(backend: Backend, device_type: str, dtype: torch.dtype) -> s
         'torch'
     """
     if backend == "auto":
+        if device_type == "meta":  # shapes only: nothing is materialised, the reference is free
+            return "reference"
         if device_type == "cuda" and triton_unavailable_reason(device_type, dtype) is None:
             return "triton"
         return "torch"
@@ -69,9 +72,18 @@ def resolve_precision(
         return precision
     if dtype == torch.float64:
         return "ieee"
-    if dtype in _SIXTEEN_BIT or torch.is_autocast_enabled(device_type):
+    if dtype in _SIXTEEN_BIT or _autocast_enabled(device_type):
         return "bf16"
     return float32_matmul_mode()
+
+
+def _autocast_enabled(device_type: str) -> bool:
+    """Whether autocast is on for this device type; ``False`` for device types autocast does
+    not know (``meta`` tensors, used to trace shapes, under any autocast context)."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:
+        return False
 
 
 @torch.compiler.assume_constant_result
@@ -132,7 +144,9 @@ def run_backend(
     device_type, dtype = z1.device.type, z1.dtype
     chosen = resolve_backend(backend, device_type, dtype)
     mode = resolve_precision(precision, device_type, dtype)
-    if chosen == "reference":
+    if chosen == "reference" and (mode != "ieee" or device_type == "meta"):
+        terms = _reference_rounded(z1, z2, config, local_rows, mode, row_range)
+    elif chosen == "reference":
         from music_loss.reference import music_loss_reference
 
         terms = music_loss_reference(z1, z2, config, local_rows, row_range)
@@ -148,3 +162,44 @@ def run_backend(
                                   chunk_rows=chunk_size, row_range=row_range)
     return MUSICTerms(terms.loss, terms.diag.detach(), terms.off.detach(),
                       terms.invariance.detach())
+
+
+def _reference_rounded(
+    z1: Tensor,
+    z2: Tensor,
+    config: LossConfig,
+    local_rows: tuple[int, int] | None,
+    mode: ResolvedPrecision,
+    row_range: tuple[int, int] | None,
+) -> MUSICTerms:
+    """The reference loss with the joint matrix's operands rounded as ``mode`` says, as the
+    ``torch`` backend rounds them: ``bf16`` rounds ``p`` to bf16 values (then multiplies
+    exactly in fp32), ``tf32`` rounds to tf32 values on CUDA (CPU has no tf32: unchanged).
+    The invariance term uses the unrounded ``p``. Also the path for ``meta`` tensors, which
+    the autocast guard cannot take."""
+    from music_loss import reference
+
+    device_type = z1.device.type
+    guard = (contextlib.nullcontext() if device_type == "meta"
+             else torch.autocast(device_type=device_type, enabled=False))
+    with guard:
+        k, t, eps = config.segment_dim, config.temperature, config.eps
+        p1 = reference.segment_softmax_reference(z1, k, t, eps)
+        p2 = reference.segment_softmax_reference(z2, k, t, eps)
+        h_diag, h_off = reference.joint_entropy_terms_reference(
+            _rounded(p1, mode), _rounded(p2, mode), k, row_range)
+        start, stop = local_rows if local_rows is not None else (0, p1.shape[0])
+        l_inv = reference.invariance_term_reference(p1[start:stop], p2[start:stop], k)
+        c_diag, c_off = config.coefficients(p1.shape[1])
+        diag, off, inv = c_diag * h_diag, c_off * h_off, config.invariance_weight * l_inv
+        return MUSICTerms(diag + off + inv, diag, off, inv)
+
+
+def _rounded(p: Tensor, mode: ResolvedPrecision) -> Tensor:
+    """``p`` rounded to the matmul operand precision (values kept in ``p``'s dtype)."""
+    if mode == "bf16":
+        return p.to(torch.bfloat16).to(p.dtype)
+    if mode == "tf32" and p.device.type == "cuda" and p.dtype == torch.float32:
+        bits = p.view(torch.int32)  # nearest tf32 value: 10 mantissa bits, ties to even
+        return ((bits + 0x0FFF + ((bits >> 13) & 1)) & ~0x1FFF).view(torch.float32)
+    return p

@@ -27,7 +27,7 @@ from music_loss._config import (
 def _scalar(value: Any) -> Any:
     """A 0-dim (or one-element) tensor as a Python number; anything else unchanged."""
     if isinstance(value, Tensor):
-        if value.numel() != 1 or value.dim() > 1:
+        if value.dim() != 0:
             raise TypeError(f"expected a number, got a tensor of shape {tuple(value.shape)}; "
                             "pass a Python number or a 0-dim tensor")
         return value.item()
