@@ -1,4 +1,4 @@
-"""Input validation of the public API (SPEC 2): every check names the argument and the fix.
+"""Input validation of the public API: every check names the argument and the fix.
 
 Nothing here reads a tensor's values (no host sync) except :func:`check_finite`, which runs
 only when the caller asks for it.

@@ -271,23 +271,29 @@ def music_loss(
             (fp32 accumulation always).
         return_terms: Return :class:`MUSICTerms` ``(loss, diag, off, invariance)``; on every
             backend only ``loss`` carries a gradient, the parts are detached logging values.
-        check_finite: Raise if ``z1``/``z2`` hold NaN or inf (costs a host sync). Otherwise a
-            NaN or ``+inf`` input gives a NaN loss, never a finite wrong one.
+        check_finite: Raise if ``z1``/``z2`` hold NaN or inf (eager: a host sync; under
+            ``torch.compile``: a device-side assertion). With ``gather_distributed`` every
+            rank raises when any rank's views are non-finite. Otherwise a NaN or ``+inf``
+            input gives a NaN loss, never a finite wrong one.
         chunk_size: Rows of ``P`` per block (``torch`` backend) or per chunk of the fused
             gradient products (``triton``); chosen from the shapes when ``None``. Smaller
-            saves workspace memory, larger moves fewer bytes (SPEC 6; see docs/backends).
-        uneven_batches: With ``gather_distributed``, allow ranks to hold different batch
-            sizes (exchanges the sizes every step: a host sync). By default all ranks must
-            hold the same number of rows (as DDP with ``drop_last=True`` or a
-            ``DistributedSampler`` gives); this is checked once per batch size, with a clear
-            error if they differ.
-        shard: With ``gather_distributed``, split the work on ``P`` across the ranks (SPEC 3):
+            saves workspace memory, larger moves fewer bytes (see docs/backends).
+        uneven_batches: With ``gather_distributed``, allow ranks to hold different (non-zero)
+            batch sizes ``n_r``. Each rank then returns the global entropy part plus its own
+            invariance term weighted by ``n_r W / N``, so the mean of the ranks' losses and
+            DDP's averaged gradients equal one process on the concatenated batch. By default
+            every rank must hold the same number of rows (as DDP with ``drop_last=True`` or a
+            ``DistributedSampler`` gives). Either way the ranks exchange their sizes at every
+            call and a mismatch raises the same clear error on every rank.
+        shard: With ``gather_distributed``, split the work on ``P`` across the ranks:
             each computes the entropy entries of its own rows of ``P`` (``6 N D^2 / W``
             FLOPs instead of ``6 N D^2``), with the same values and gradients as
             ``shard=False`` (every rank computing all of ``P``). Ignored without
             ``gather_distributed``.
 
     Raises:
+        ValueError: On a bad input or hyperparameter; with ``gather_distributed``, on every
+            rank alike when any rank's inputs are bad (see docs/distributed).
         RuntimeError: On a double backward (``create_graph=True`` through the loss) with a
             backend other than ``"reference"``: those compute first derivatives only.
         NotImplementedError: Under ``torch.func`` transforms with a backend other than
@@ -390,7 +396,7 @@ def _sharded(
     precision: Precision,
     chunk_size: int | None,
 ) -> MUSICTerms:
-    """This rank's share of the entropy on the gathered views, plus its invariance (SPEC 3).
+    """This rank's share of the entropy on the gathered views, plus its invariance.
 
     The backend runs with the entropy weights times ``W`` on this rank's rows of ``P``: its
     loss carries the gradient ``W x own entropy share + own invariance``, so the

@@ -1,6 +1,6 @@
 r"""Training diagnostics for MUSIC: is the code healthy, or collapsing?
 
-Four cheap statistics of a batch of projector outputs, each computed from the per-segment
+Five cheap statistics of a batch of projector outputs, each computed from the per-segment
 softmax ``p = softmax(z.view(N, S, K) / t)`` in ``O(N D)`` (the mutual information in
 ``O(N K^2)`` per sampled segment pair); none builds the ``D x D`` joint matrix, and none
 carries gradient. Log them every few hundred steps next to the loss.
@@ -16,7 +16,11 @@ statistic                what it measures                           range
                          ``max_k p[i, s, k]``                        softmax) .. 1 (one-hot)
 ``segment_mi``           mean mutual information between pairs of    0 (independent
                          segments (soft joint over the batch), as a  segments) .. 1 (one
-                         fraction of ``log K``                       segment copies another)
+                         fraction of ``log K``; grows with           segment copies another,
+                         confidence as well as redundancy            one-hot)
+``segment_redundancy``   mean normalised mutual information of the   0 (independent) .. 1
+                         segments' argmax assignments, over pairs    (a copy, at any
+                                                                     confidence)
 ``agreement``            fraction of (sample, segment) pairs whose   ``~1/K`` (chance) .. 1
                          argmax bin is the same in both views
 =======================  =========================================  ========================
@@ -49,10 +53,11 @@ How to read them:
 * **Flat softmax** (an untrained network, or too small a logit scale): confidence
   ``~ 1/K`` (1/16 = 0.0625); the argmax statistics then follow ties and biases, not the
   data (usage 0.02 and agreement 0.95 above), and mean nothing until confidence rises.
-* **Redundant segments**: usage and confidence look healthy, but segment MI rises towards
-  the usage entropy (1 when every segment copies one evenly used segment). On 10-class
-  digits the trained codes do share information (MI 0.19-0.45: many segments encode the
-  class); the MUSIC optimum has MI 0.
+* **Redundant segments**: usage and confidence look healthy, but segment redundancy rises
+  towards 1 (every segment a relabelled copy of another); the MUSIC optimum reads 0. The
+  soft segment MI of the table grows with confidence too (exact copies read 0.01 at
+  confidence 0.25 and 0.84 at 0.95), so read redundancy for this.
+* **Non-finite inputs** read NaN in every statistic.
 
 Example:
     >>> import torch

@@ -15,6 +15,7 @@ from music_loss._validate import (
     check_precision,
     make_config,
 )
+from music_loss.functional import loss_with_config, segment_softmax
 
 #: Options of :class:`MUSICLoss` outside the loss's hyperparameters, with their validators.
 _OPTIONS: dict[str, Any] = {
@@ -51,7 +52,6 @@ def _option(name: str) -> property:
         self._options[name] = _OPTIONS[name](value)
 
     return property(get, set_, doc=f"``{name}``, validated on assignment.")
-from music_loss.functional import loss_with_config, segment_softmax
 
 
 class MUSICLoss(nn.Module):
@@ -80,11 +80,14 @@ class MUSICLoss(nn.Module):
         process_group: Group for the gather (default group when ``None``).
         backend: ``"auto"`` | ``"triton"`` | ``"torch"`` | ``"reference"``.
         precision: ``"auto"`` | ``"ieee"`` | ``"tf32"`` | ``"bf16"``.
-        check_finite: Raise if a view holds NaN or inf (costs a host sync per call).
+        check_finite: Raise if a view holds NaN or inf (eager: a host sync per call; under
+            ``torch.compile``: a device-side assertion).
         chunk_size: Rows of ``P`` per block (``torch``) or per chunk of the fused
             gradient products (``triton``); ``None``: from the shapes.
-        uneven_batches: With ``gather_distributed``, allow different per-rank batch sizes
-            (exchanged every step). By default they must be equal (checked once).
+        uneven_batches: With ``gather_distributed``, allow different per-rank batch sizes;
+            each rank's invariance term is weighted by its share of the global batch, so the
+            mean loss and DDP's gradients are those of one process. By default the sizes must
+            be equal (checked on every rank at every call).
         shard: With ``gather_distributed``, each rank computes only its rows of ``P``
             (``1/W`` of the loss's work, same values and gradients); ``False``: every rank
             computes all of ``P``.
@@ -100,10 +103,12 @@ class MUSICLoss(nn.Module):
             loss_fn.temperature = 1.0 - 0.5 * epoch / max(1, epochs - 1)   # 1.0 -> 0.5
             ...
 
-    Under ``torch.compile`` the hyperparameters are constants of the compiled graph: each new
-    value recompiles the step, so change them per epoch rather than per step there. ``gather_distributed=True`` may be
-    set before the process group exists (trainers build modules first): the group is
-    required at the first call.
+    Under ``torch.compile`` a changed value is picked up: the first change recompiles the
+    step once, after which PyTorch treats the value as an input of the graph (four
+    temperatures, two graphs, values equal to eager).
+
+    ``gather_distributed=True`` may be set before the process group exists (trainers build
+    modules first): the group is required at the first call.
 
     Raises:
         ValueError: On a bad hyperparameter.
