@@ -214,7 +214,7 @@ class _GatherRows(torch.autograd.Function):
         return grad[start : start + ctx.sizes[ctx.rank]], None, None, None
 
 
-def gather_rows(x: Tensor, agreement: Agreement, group: Any = None) -> Tensor:
+def gather_agreed(x: Tensor, agreement: Agreement, group: Any = None) -> Tensor:
     """All-gather ``x`` along dim 0 (with gradient when ``x`` requires it), in rank order.
 
     Args:
@@ -240,6 +240,25 @@ def gather_rows(x: Tensor, agreement: Agreement, group: Any = None) -> Tensor:
             return _GatherRows.apply(x, sizes, agreement.rank, group)
     gathered_uneven: Tensor = _GatherRows.apply(x, sizes, agreement.rank, group)
     return gathered_uneven
+
+
+def gather_rows(x: Tensor, group: Any = None, *,
+                uneven: bool = False) -> tuple[Tensor, tuple[int, int]]:
+    """All-gather ``x`` along dim 0 with gradient; also return this rank's ``(start, stop)``.
+
+    The ranks first agree on their sizes (:func:`agree`, on every rank at every call), so a
+    mismatch raises the same clear error on every rank.
+
+    Args:
+        x: This rank's ``(n, D)`` rows.
+        group: Process group (the default group when ``None``).
+        uneven: Ranks may hold different (non-zero) ``n``; otherwise they must be equal.
+
+    Returns:
+        The concatenated rows in rank order, and the slice of this rank.
+    """
+    agreement = agree(x, x, None, check_finite=False, uneven=uneven, group=group)
+    return gather_agreed(x, agreement, group), agreement.local_rows
 
 
 def _group(group: Any) -> Any:

@@ -40,7 +40,7 @@ from music_loss._validate import (
 from music_loss.distributed import (
     agree,
     check_process_group,
-    gather_rows,
+    gather_agreed,
     owned_segments,
     sum_over_ranks,
 )
@@ -373,13 +373,13 @@ def loss_with_config(
         config = dataclasses.replace(config, invariance_weight=config.invariance_weight * share)
     dim = z1.shape[1]
     if z1.requires_grad == z2.requires_grad:
-        both = gather_rows(torch.cat([z1, z2], dim=1), agreement, process_group)
+        both = gather_agreed(torch.cat([z1, z2], dim=1), agreement, process_group)
         z1, z2 = both[:, :dim], both[:, dim:]
     else:
         # A stop-gradient view gathers on its own, without gradient: the backend then skips
         # its gradient product and the backward has no reduce-scatter for it.
-        z1 = gather_rows(z1, agreement, process_group)
-        z2 = gather_rows(z2, agreement, process_group)
+        z1 = gather_agreed(z1, agreement, process_group)
+        z2 = gather_agreed(z2, agreement, process_group)
     if shard:
         return _sharded(z1, z2, config, local_rows, process_group, backend, precision,
                         chunk_size)
