@@ -144,8 +144,11 @@ def run_backend(
     device_type, dtype = z1.device.type, z1.dtype
     chosen = resolve_backend(backend, device_type, dtype)
     mode = resolve_precision(precision, device_type, dtype)
-    if chosen == "reference" and (mode != "ieee" or device_type == "meta"):
-        terms = _reference_rounded(z1, z2, config, local_rows, mode, row_range)
+    if chosen == "reference" and (precision not in ("auto", "ieee") or device_type == "meta"):
+        # The reference rounds operands only when asked by name: "auto" keeps it exact (the
+        # oracle the other backends are tested against, autocast or not).
+        terms = _reference_rounded(z1, z2, config, local_rows,
+                                   "ieee" if precision == "auto" else mode, row_range)
     elif chosen == "reference":
         from music_loss.reference import music_loss_reference
 

@@ -268,7 +268,9 @@ def music_loss(
         backend: ``"auto"``, ``"triton"`` (CUDA, or CPU under ``TRITON_INTERPRET=1``),
             ``"torch"`` (memory-light PyTorch) or ``"reference"`` (materialises ``P``).
         precision: Matmul operands: ``"auto"``, ``"ieee"``, ``"tf32"`` or ``"bf16"``
-            (fp32 accumulation always).
+            (fp32 accumulation always). ``backend="reference"`` rounds its operands the same
+            way when the precision is named, and stays exact under ``"auto"``; ``"tf32"``
+            changes nothing on CPU, which has no tf32.
         return_terms: Return :class:`MUSICTerms` ``(loss, diag, off, invariance)``; on every
             backend only ``loss`` carries a gradient, the parts are detached logging values.
         check_finite: Raise if ``z1``/``z2`` hold NaN or inf (eager: a host sync; under
