@@ -212,3 +212,13 @@ def test_reference_backend_honours_precision():
     assert not torch.equal(got["bf16"], got["ieee"])
     # The rounding moves the value, and moves it to where the torch backend's bf16 mode is.
     assert 10 * abs(float(got["bf16"] - torch_bf16)) < abs(float(got["ieee"] - torch_bf16))
+
+
+def test_check_finite_under_torch_compile_is_a_device_assertion():
+    loss_fn = MUSICLoss(3, backend="torch", check_finite=True)
+    step = torch.compile(lambda a, b: loss_fn(a, b), fullgraph=True)
+    assert torch.equal(step(Z, Z), loss_fn(Z, Z))
+    bad = Z.clone()
+    bad[1, 2] = float("nan")
+    with pytest.raises(RuntimeError, match="NaN or inf"):
+        step(bad, Z)
