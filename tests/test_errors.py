@@ -7,6 +7,7 @@ import torch
 
 from music_loss import MUSICLoss, SegmentSoftmax, music_loss, segment_softmax
 from music_loss.functional import invariance_term, joint_entropy_terms
+from tests.tolerances import DTYPE_TOL, relative_error
 
 Z = torch.randn(8, 12)
 
@@ -217,7 +218,8 @@ def test_reference_backend_honours_precision():
 def test_check_finite_under_torch_compile_is_a_device_assertion():
     loss_fn = MUSICLoss(3, backend="torch", check_finite=True)
     step = torch.compile(lambda a, b: loss_fn(a, b), fullgraph=True)
-    assert torch.equal(step(Z, Z), loss_fn(Z, Z))
+    # Compiled kernels may sum in another order: equal to eager within float32's tolerance.
+    assert relative_error(step(Z, Z), loss_fn(Z, Z)) <= DTYPE_TOL[torch.float32].loss
     bad = Z.clone()
     bad[1, 2] = float("nan")
     with pytest.raises(RuntimeError, match="NaN or inf"):
