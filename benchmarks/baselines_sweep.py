@@ -8,8 +8,8 @@ Usage::
 ``run`` measures the ``baselines`` suite (forward+backward, float32, N=512 over D in
 {2000, ..., 32640}, and D=8160 over N in {256, ..., 2048}) with ``benchmarks.run``: each
 peer first checked against float64, each case in a fresh process, cases predicted to need
-more than 20 GiB skipped with the prediction recorded, and calls of many seconds measured by
-the lean protocol (one warm-up call, three timed calls, the first also measuring memory).
+more than 20 GiB skipped with the prediction recorded, each measured by the lean protocol
+(one warm-up call, none at D=32640; three timed calls, the first also measuring memory).
 ``render`` writes the markdown page (tables, fitted growth exponents, memory ratios) and the
 plots (``-d.png``: over D, ``-n.png``: over N) beside the results file.
 """
@@ -124,8 +124,7 @@ def _cell(rows: Sequence[dict[str, Any]], value: int, records: Sequence[dict[str
             "failed" if other else "–")
         return why, why
     t = f"{_fmt(hit['median_ms'])} [{_fmt(hit['p20_ms'])}, {_fmt(hit['p80_ms'])}]"
-    if hit.get("protocol") == "lean":
-        t += f" ({hit.get('repeats')} calls)"
+    t += f" ({hit.get('repeats')} calls{'' if hit.get('warm_up', True) else ', cold'})"
     return t, _fmt(hit["peak_extra_mib"])
 
 
@@ -157,9 +156,9 @@ def render_markdown(meta: dict[str, Any], records: Sequence[dict[str, Any]],
         meta.get("machine_note", ""), "",
         "Forward+backward of each loss on float32 views, time of single calls (median and "
         "20th/80th percentiles) and peak resident memory above the inputs and their gradient "
-        "buffers. Up to N D^2 = 512 x 8160^2: memory and time each in a fresh process after "
-        "warm-up, 3 to 10 timed calls. Above: the lean protocol, one process, one warm-up "
-        "call, then the number of timed calls shown, the first of them also measuring memory. "
+        "buffers. Lean protocol: each case in a fresh process, one warm-up call (none at the "
+        "largest D, where a call takes a minute), then the number of timed calls shown, the "
+        "first of them also measuring memory. "
         "Every method was first checked against its formula in float64; a case predicted to "
         "need more than 20 GiB was skipped. Methods:", "",
         *[f"- `{name}`: {desc}" for name, desc in meta.get("peers", {}).items()], "",

@@ -166,7 +166,7 @@ def measure_cpu(case: Case, budget: Budget, what: str = "both") -> dict[str, Any
 
     step = build_step(case, torch.device("cpu"))
     if what == "lean":
-        return _measure_cpu_lean(step, budget.min_reps)
+        return _measure_cpu_lean(step, budget.min_reps, warm_up=budget.warmup_s > 0)
     warm_start = time.perf_counter()
     for _ in range(20):  # at least one call: compilation, thread pools, first touch
         step()
@@ -190,11 +190,14 @@ def measure_cpu(case: Case, budget: Budget, what: str = "both") -> dict[str, Any
             "timer": "torch.utils.benchmark.Timer.blocked_autorange"}
 
 
-def _measure_cpu_lean(step: Callable[[], None], calls: int) -> dict[str, Any]:
-    """For calls of many seconds: one warm-up call, then ``calls`` timed single calls, the
-    first of which also gives the peak extra memory (one process, run under the fixed mmap
-    threshold; the page faults it adds are O(N D) per call, far below the call's time)."""
-    step()
+def _measure_cpu_lean(step: Callable[[], None], calls: int, warm_up: bool = True
+                      ) -> dict[str, Any]:
+    """Few calls in one process: one warm-up call (unless ``warm_up`` is false, for calls of
+    a minute), then ``calls`` timed single calls, the first of which also gives the peak
+    extra memory (run under the fixed mmap threshold; the page faults it adds are O(N D) per
+    call, small next to the call's time)."""
+    if warm_up:
+        step()
     times_ms, peak = [], None
     for i in range(calls):
         if i == 0:
@@ -209,7 +212,7 @@ def _measure_cpu_lean(step: Callable[[], None], calls: int) -> dict[str, Any]:
             if reset and before is not None and high is not None:
                 peak = max(0.0, (high - before) * 1024 / MIB)
     return {**_quantiles(times_ms), "repeats": calls, "peak_extra_mib": peak,
-            "timer": "time.perf_counter, single calls after one warm-up call (lean protocol)"}
+            "timer": "time.perf_counter, single calls (lean protocol)", "warm_up": warm_up}
 
 
 # ---------------------------------------------------------------------------------------

@@ -85,13 +85,14 @@ def _memory_available_bytes(device: torch.device) -> float | None:
 
 
 def _run_child(case: Case, budget: Budget, timeout_s: float,
-               lean_calls: int | None = None) -> dict[str, Any]:
+               lean_calls: int | None = None, warm_up: bool = True) -> dict[str, Any]:
     """Measure a CPU case in two fresh interpreters (memory, then time); merge or raise.
 
     ``lean_calls``: one fresh interpreter instead, under the memory setting, running the
-    lean protocol with that many timed calls (for calls of many seconds)."""
+    lean protocol with that many timed calls (after a warm-up call if ``warm_up``)."""
     if lean_calls is not None:
-        lean = dataclasses.replace(budget, min_reps=lean_calls)
+        lean = dataclasses.replace(budget, min_reps=lean_calls,
+                                   warmup_s=budget.warmup_s if warm_up else 0.0)
         return {**_run_child_once(case, lean, timeout_s, "lean"), "protocol": "lean"}
     memory = _run_child_once(case, budget, timeout_s, "memory")
     timing = _run_child_once(case, budget, timeout_s, "time")
@@ -280,7 +281,8 @@ def run_benchmarks(
                 timing = measure_cuda(case, suite.budget, device)
             elif subprocess_per_case:
                 timing = _run_child(case, suite.budget, case_timeout_s,
-                                    suite.lean_calls if suite.is_lean(case) else None)
+                                    suite.lean_calls if suite.is_lean(case) else None,
+                                    warm_up=not suite.is_cold(case))
             else:
                 timing = measure_cpu(case, suite.budget)
             derived = _derived(case, device, device_name, timing)
