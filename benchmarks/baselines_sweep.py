@@ -178,11 +178,12 @@ def render_markdown(meta: dict[str, Any], records: Sequence[dict[str, Any]],
         a = d_sweep(records, light, n0)
         b = {r["d"]: r for r in d_sweep(records, official, n0)}
         for r in a:
-            if r["d"] in b and b[r["d"]]["peak_extra_mib"]:
+            if r["d"] in b:
                 o = b[r["d"]]
+                mem = (f"{r['peak_extra_mib'] / o['peak_extra_mib']:.3g}"
+                       if o["peak_extra_mib"] and r["peak_extra_mib"] is not None else "–")
                 lines.append(f"| `{light}` / `{official}` | {r['d']} | "
-                             f"{r['median_ms'] / o['median_ms']:.3g} | "
-                             f"{r['peak_extra_mib'] / o['peak_extra_mib']:.3g} |")
+                             f"{r['median_ms'] / o['median_ms']:.3g} | {mem} |")
     lines += ["", *[f"![{p}]({p})" for p in plots], ""]
     return "\n".join(lines)
 
@@ -204,19 +205,20 @@ def render_plots(records: Sequence[dict[str, Any]], stem: Path) -> list[str]:
             if not rows:
                 continue
             color, marker, style = STYLE.get(method, ("k", "o", "-"))
-            xs = [r[axis] for r in rows]
-            ax_t.plot(xs, [r["median_ms"] / 1e3 for r in rows], color=color, marker=marker,
-                      linestyle=style, label=method)
-            mem = [(x, r["peak_extra_mib"]) for x, r in zip(xs, rows) if r["peak_extra_mib"]]
-            ax_m.plot([x for x, _ in mem], [m for _, m in mem], color=color, marker=marker,
-                      linestyle=style, label=method)
+            for ax, key, scale in ((ax_t, "median_ms", 1e-3), (ax_m, "peak_extra_mib", 1.0)):
+                pts = [(r[axis], r[key] * scale) for r in rows if r[key] and r[key] > 0]
+                if pts:
+                    ax.plot([x for x, _ in pts], [y for _, y in pts], color=color,
+                            marker=marker, linestyle=style, label=method)
         for ax, ylabel in ((ax_t, "forward+backward, median s"), (ax_m, "peak extra MiB")):
-            ax.set_xscale("log")
-            ax.set_yscale("log")
+            if ax.lines:  # log axes need data
+                ax.set_xscale("log")
+                ax.set_yscale("log")
             ax.set_xlabel(label)
             ax.set_ylabel(ylabel)
             ax.grid(True, which="both", alpha=0.3)
-        ax_m.legend(fontsize=8)
+        if ax_m.lines:
+            ax_m.legend(fontsize=8)
         fig.suptitle("MUSIC, Barlow Twins and VICReg: memory-light and materialising (CPU, "
                      "float32)")
         fig.tight_layout()

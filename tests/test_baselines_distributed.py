@@ -99,7 +99,7 @@ def test_gloo_ranks_match_one_process_on_the_global_batch(world: int, tmp_path) 
     ranks = _spawn_with_deadline(world, tmp_path)
     x1, x2, base = _data()
     tol = DTYPE_TOL[torch.float64]
-    for name, (cls, official) in CRITERIA.items():
+    for name, (_cls, official) in CRITERIA.items():
         # One process on the concatenated batch, by the official formula (autograd).
         model = _clone(base)
         single = official(model(x1), model(x2))
