@@ -11,6 +11,7 @@ the table of ``tests/tolerances.py``.
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import pytest
 import torch
@@ -56,7 +57,7 @@ def _value_and_grads(fn, z1: torch.Tensor, z2: torch.Tensor):  # type: ignore[no
     return (loss.detach(), *torch.autograd.grad(loss, (a, b)))
 
 
-LOSSES = {
+LOSSES: dict[str, tuple[Any, Any, Any]] = {
     "barlow_twins": (lambda c: (lambda a, b: barlow_twins_loss(a, b, chunk_size=c)),
                      official_barlow_twins, barlow_twins_reference),
     "vicreg": (lambda c: (lambda a, b: vicreg_loss(a, b, chunk_size=c)),
@@ -254,9 +255,9 @@ def test_bad_barlow_twins_arguments(kwargs, pattern) -> None:  # type: ignore[no
 def test_bad_vicreg_coefficients(name: str) -> None:
     with pytest.raises(ValueError, match=re.escape(f"{name} must be >= 0.0, got -2.0; "
                                                    "the paper uses")):
-        VICRegLoss(**{name: -2.0})
+        VICRegLoss(**{name: -2.0})  # type: ignore[arg-type]
     with pytest.raises(TypeError, match=f"{name} must be a real number"):
-        VICRegLoss(**{name: None})
+        VICRegLoss(**{name: None})  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("cls", [BarlowTwinsLoss, VICRegLoss])
