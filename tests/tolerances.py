@@ -120,3 +120,8 @@ class WorstErrors:
             print(f"\n{self.title}:")
             for key, value in sorted(self.worst.items()):
                 print(f"  {key:{width}s} {value:.2e}")
+
+#: The memory-light Barlow Twins and VICReg on float32 inputs against the official formulas
+#: in float64 (N=256, D=640). Their terms are sums of D^2 squares of correlations computed
+#: in float32 (accumulated in float64).
+BASELINES_FLOAT32_TOL = Tol(loss=1e-6, grad=1e-5)
