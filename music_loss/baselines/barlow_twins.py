@@ -137,11 +137,7 @@ def barlow_twins_loss(z1: Tensor, z2: Tensor, lambd: float = 0.0051, eps: float 
 class BarlowTwinsLoss(nn.Module):
     """Barlow Twins loss with ``O(N D)`` extra memory, and exact global-batch distribution.
 
-    .. math::
-
-        \\mathcal{L} = \\sum_i (1 - C_{ii})^2 + \\lambda \\sum_{i \\ne j} C_{ij}^2,
-        \\qquad C = \\frac{1}{N}\\, \\mathrm{bn}(z_1)^\\top \\mathrm{bn}(z_2)
-
+    ``loss = sum_i (1 - C_ii)^2 + lambd * sum_{i != j} C_ij^2``, ``C = bn(z1)^T bn(z2) / N``,
     with ``bn`` the official normalisation (``BatchNorm1d(affine=False)``, training mode: mean
     and biased variance over the batch, ``eps`` added to the variance). The official code
     materialises the ``D x D`` matrix ``C`` several times (about 6 buffers of ``D^2`` at the

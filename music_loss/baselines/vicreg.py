@@ -152,10 +152,10 @@ def vicreg_loss(z1: Tensor, z2: Tensor, sim_coeff: float = 25.0, std_coeff: floa
 class VICRegLoss(nn.Module):
     """VICReg loss with ``O(N D)`` extra memory, and exact global-batch distribution.
 
-    .. math::
+    ::
 
-        \\mathcal{L} = \\lambda\\, s(z_1, z_2) + \\mu\\, \\frac{v(z_1) + v(z_2)}{2}
-        + \\nu\\, \\big(c(z_1) + c(z_2)\\big)
+        loss = sim_coeff * s(z1, z2) + std_coeff * (v(z1) + v(z2)) / 2
+               + cov_coeff * (c(z1) + c(z2))
 
     with the official formulas: ``s`` the mean squared error, ``v`` the mean over features of
     ``relu(1 - sqrt(Var + eps))`` (unbiased variance), ``c`` the sum of the squared
