@@ -1,7 +1,7 @@
 """Loss hyperparameters and the small pure helpers every backend shares.
 
 One frozen :class:`LossConfig` travels from the public API through the dispatch into a
-backend, so the math (SPEC 1) has exactly one place that turns the user's weights and
+backend, so the math has exactly one place that turns the user's weights and
 normalisation into the per-entry coefficients ``c`` of the diagonal and off-block entries.
 """
 
@@ -59,7 +59,7 @@ def matmul_operand(p: Tensor, precision: str) -> Tensor:
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 stays float64; every other floating dtype computes in float32 (SPEC 1)."""
+    """float64 stays float64; every other floating dtype computes in float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -98,7 +98,7 @@ class LossConfig:
         return dim // self.segment_dim
 
     def coefficients(self, dim: int) -> tuple[float, float]:
-        """Multipliers ``(c_diag, c_off)`` of the raw sums ``H_diag`` and ``H_off`` (SPEC 1.5)."""
+        """Multipliers ``(c_diag, c_off)`` of the raw sums ``H_diag`` and ``H_off``."""
         s = self.num_segments(dim)
         if self.normalization == "blocks":
             c_off = self.off_weight / (s * (s - 1)) if s > 1 else 0.0

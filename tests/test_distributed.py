@@ -1,6 +1,6 @@
 """``gather_distributed=True`` with 2 gloo processes against one process on the whole batch.
 
-SPEC 3: each rank's loss is the global entropy part plus its own invariance term, so the
+Each rank's loss is the global entropy part plus its own invariance term, so the
 mean over ranks equals the single-process loss, and DDP's gradient averaging reproduces the
 single-process parameter gradients. Ranks may hold different batch sizes with
 ``uneven_batches=True``: the entropy part stays exact, each invariance term covers its own

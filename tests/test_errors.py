@@ -1,4 +1,4 @@
-"""Every bad input of SPEC 2 raises a ValueError/TypeError that names the argument and the fix."""
+"""Every documented bad input raises a ValueError/TypeError that names the argument and the fix."""
 
 from __future__ import annotations
 

@@ -26,7 +26,7 @@ def _optimal_codes(k: int = 5, segments: int = 3) -> torch.Tensor:
     """One-hot codes of N = K^2 samples from the strength-2 orthogonal array (a, b, a+b, ...).
 
     Every segment uses each bin N/K times and every pair of segments is independent: the
-    MUSIC optimum of SPEC 1.
+    MUSIC optimum (docs/math.md).
     """
     rows = []
     for a, b in itertools.product(range(k), repeat=2):
