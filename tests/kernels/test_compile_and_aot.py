@@ -276,6 +276,7 @@ def _gate_row(**facts):
     ({"spill_instructions_in_loops": 2}, "spill instructions in loops 0 -> 2"),
     ({"async_copy_min_bytes": 4}, "narrowest cp.async 16 -> 4 bytes"),
     ({"smem_bank_conflicts": 4}, "bank conflicts 1-way -> 4-way"),
+    ({"smem_bank_conflicts": None}, "bank conflicts 1-way -> not counted"),
     ({"ok": False, "problems": ["compile failed"]}, "now fails: compile failed"),
 ])
 def test_gate_flags_each_regression_against_the_table(facts, found):
