@@ -215,6 +215,19 @@ def test_non_contiguous_inputs_and_grad_scale():
     _compare("ieee non-contiguous, grad x3.7 vs float64", got, want, PRECISION_TOL["ieee"])
 
 
+def test_retained_graph_gives_the_same_gradient_twice():
+    """The gradients are finished in the forward and the backward scales them: a second
+    backward through a retained graph (another upstream gradient) must not see the first's
+    scaling."""
+    config = LossConfig(segment_dim=20)
+    z1, z2 = (z.requires_grad_(True) for z in _views(19, 60))
+    loss = music_loss_triton(z1, z2, config, None, "ieee").loss
+    first = torch.autograd.grad(loss, (z1, z2), torch.tensor(3.0), retain_graph=True)
+    second = torch.autograd.grad(loss, (z1, z2), torch.tensor(-0.5))
+    for a, b in zip(first, second):
+        torch.testing.assert_close(b, a * (-0.5 / 3.0), rtol=1e-6, atol=0)
+
+
 def test_no_grad_and_grad_paths_agree():
     config = LossConfig(segment_dim=20)
     z1, z2 = _views(17, 60)
