@@ -1,20 +1,26 @@
-"""Ahead-of-time compile check of every kernel, for sm_80 and sm_90, with no GPU.
+"""Ahead-of-time compile check of every kernel, for each GPU architecture, with no GPU.
 
 Usage::
 
-    python -m benchmarks.aot --arch 80 90 [--json results.json] [--quick] [--jobs 2]
+    python -m benchmarks.aot --arch 75 80 86 89 90 100 120 [--json results.json] [--quick]
+        [--jobs 2]
 
-Compiles every kernel in every autotune config of every precision mode
-(:func:`music_loss.kernels.configs.configs_for`) to PTX and cubin
+Compiles every kernel in every autotune config of every precision mode that the GPU policy
+(:mod:`music_loss._gpu_policy`) runs on Triton on that architecture, with the configs that
+fit its shared memory (:func:`music_loss.kernels.configs.configs_for`), to PTX and cubin
 with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))``, then re-runs the
-ptxas bundled with Triton with ``-v`` on the PTX to read registers and spills. Prints one
-row per kernel/variant/config/arch: shared memory (and the per-block limit: 227 KiB sm_90,
-163 KiB sm_80), registers, spill bytes, tensor-core instructions (``wgmma`` on sm_90,
-``mma.sync`` on sm_80). Exits 1 if a compile fails, a config exceeds the shared-memory
-limit, spills registers inside a loop (or more than 64 bytes outside one: located in the
-SASS), or the joint-distribution kernel (or a gradient product) emits no tensor-core
-instruction in tf32/bf16 mode. On sm_90 it also compiles the TMA variant of the gradient
-products and of the joint kernel (``<mode>,tma`` variants: tensor-descriptor arguments).
+ptxas bundled with Triton with ``-v`` on the PTX to read registers and spills. An
+architecture the policy runs on the ``torch`` backend only (sm_75, sm_70) compiles nothing.
+Prints one row per kernel/variant/config/arch: shared memory (and the per-block limit of
+the policy's table: 163 KiB sm_80, 99 KiB sm_86/89/120, 227 KiB sm_90/100), registers,
+spill bytes, tensor-core instructions (:data:`TENSOR_CORE_PTX`: ``mma.sync`` on
+sm_80/86/89/120, ``wgmma`` on sm_90, ``tcgen05.mma`` on sm_100). Exits 1 if a compile
+fails, a config exceeds the shared-memory limit, spills registers inside a loop (or more
+than 64 bytes outside one: located in the SASS), the joint-distribution kernel (or a
+gradient product) emits none of its architecture's tensor-core instructions in tf32/bf16
+mode, or a precision the policy runs on Triton has no config that fits. From sm_90 on it
+also compiles the TMA variant of the gradient products and of the joint kernel
+(``<mode>,tma`` variants: tensor-descriptor arguments), as the launcher may use it there.
 Static facts per tensor-core product: widest mma shape, narrowest
 ``cp.async`` (or TMA), shared-memory bank conflicts (Triton's Gluon counter), the joint
 kernel's epilogue SASS per entry (for tiles off and on the block diagonal), and for the
@@ -41,7 +47,45 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from music_loss import _gpu_policy
 from music_loss.kernels.configs import SMEM_LIMITS
+
+#: The architectures the check compiles for by default: one per card generation of the GPU
+#: policy from T4 (sm_75, where nothing runs on Triton) to Blackwell.
+ARCHS: tuple[int, ...] = (75, 80, 86, 89, 90, 100, 120)
+
+#: The tensor-core instruction of each architecture's products in PTX: Ampere's warp-level
+#: ``mma.sync`` (also Ada's and consumer Blackwell's, sm_120), Hopper's warpgroup ``wgmma``,
+#: datacenter Blackwell's ``tcgen05.mma`` (sm_100/103).
+TENSOR_CORE_PTX: dict[int, str] = {
+    80: r"\bmma\.sync\.aligned\.", 86: r"\bmma\.sync\.aligned\.", 87: r"\bmma\.sync\.aligned\.",
+    89: r"\bmma\.sync\.aligned\.", 90: r"\bwgmma\.mma_async\.", 100: r"\btcgen05\.mma\.",
+    103: r"\btcgen05\.mma\.", 120: r"\bmma\.sync\.aligned\.",
+}
+
+
+def capability_of(arch: int) -> tuple[int, int]:
+    """``86`` -> ``(8, 6)``, ``120`` -> ``(12, 0)``."""
+    return arch // 10, arch % 10
+
+
+def triton_precisions(arch: int) -> tuple[str, ...]:
+    """The precision modes the GPU policy lets run on Triton on ``sm_<arch>`` (an explicit
+    ``backend="triton"`` it does not refuse): what the check compiles there.
+
+    Example:
+        >>> triton_precisions(75), triton_precisions(86)
+        ((), ('ieee', 'tf32', 'bf16'))
+    """
+    card = _gpu_policy.card_for_capability(capability_of(arch))
+    allowed = []
+    for precision in ("ieee", "tf32", "bf16"):
+        try:
+            _gpu_policy.check_explicit(card, "triton", precision, precision)
+        except ValueError:
+            continue
+        allowed.append(precision)
+    return tuple(allowed)
 
 #: Representative segment sizes for the elementwise kernels' launch heuristics: K = 1, the
 #: paper's 80 (not a power of two), and a wide 2048-bin segment.
@@ -136,20 +180,32 @@ def _config_label(meta: dict[str, Any], num_warps: int, num_stages: int) -> str:
     return f"{blocks} w{num_warps} s{num_stages}"
 
 
+def arch_configs(configs: list[Any], arch: int, quick: bool = False) -> dict[str, list[Any]]:
+    """The configs each precision mode the policy runs on Triton autotunes over on
+    ``sm_<arch>`` (``configs_for`` with the arch's shared memory; ``quick``: the first two)."""
+    from music_loss.kernels import configs as cf
+
+    return {p: cf.configs_for(configs, p, SMEM_LIMITS[arch])[:2 if quick else None]
+            for p in triton_precisions(arch)}
+
+
 def kernel_specs(quick: bool = False, arch: int = 90) -> list[KernelSpec]:
     """Every compile job for ``arch``: all kernels x the autotune configs each precision mode
-    uses there (``configs_for`` with the arch's shared memory) x layouts."""
+    the policy runs on Triton uses there (``configs_for`` with the arch's shared memory) x
+    layouts; none where the policy runs nothing on Triton."""
     from music_loss.kernels import configs as cf
     from music_loss.kernels import joint_entropy as je
     from music_loss.kernels import segment_softmax as ss
     from music_loss.kernels.launchers import tma_available
 
     specs: list[KernelSpec] = []
-    precisions = ("ieee", "tf32", "bf16")
-    for cfg in cf.JOINT_CONFIGS[:2] if quick else cf.JOINT_CONFIGS:
+    if not triton_precisions(arch):
+        return specs
+    joint_configs = arch_configs(cf.JOINT_CONFIGS, arch, quick)
+    matmul_configs = arch_configs(cf.MATMUL_CONFIGS, arch, quick)
+    for cfg in cf.JOINT_CONFIGS:
         label = _config_label(cfg.kwargs, cfg.num_warps, cfg.num_stages)
-        for prec in [p for p in precisions
-                     if cfg in cf.configs_for(cf.JOINT_CONFIGS, p, SMEM_LIMITS[arch])]:
+        for prec in [p for p, picked in joint_configs.items() if cfg in picked]:
             op = "*bf16" if prec == "bf16" else "*fp32"
             # tf32 reads the (D, N) transposes (batch-contiguous) and also writes G^T.
             k_major = prec == "tf32"
@@ -179,14 +235,13 @@ def kernel_specs(quick: bool = False, arch: int = 90) -> list[KernelSpec]:
     # tensor-core modes. Variants name the layout the launcher passes.
     layouts = {"NN": ("stride_ak", "stride_bn", "stride_cn"),
                "NT": ("stride_ak", "stride_bk", "stride_cn")}
-    for cfg in cf.MATMUL_CONFIGS[:2] if quick else cf.MATMUL_CONFIGS:
+    for cfg in cf.MATMUL_CONFIGS:
         label = _config_label(cfg.kwargs, cfg.num_warps, cfg.num_stages)
         for layout, unit in layouts.items():
-            modes = [p for p in precisions
-                     if cfg in cf.configs_for(cf.MATMUL_CONFIGS, p, SMEM_LIMITS[arch])]
+            modes = [p for p, picked in matmul_configs.items() if cfg in picked]
             # dp2's layout in every config (NN, NT in tf32); dp1's NT once per tensor-core
             # mode, in the first config (tf32's NT is already there as dp2).
-            first = cfg is cf.MATMUL_CONFIGS[0]
+            first = cfg is (matmul_configs.get("bf16") or [None])[0]
             nn_modes = [p for p in modes if p != "tf32"]
             nt_modes = [p for p in modes if p == "tf32" or (first and p == "bf16")]
             for prec in nn_modes if layout == "NN" else nt_modes:
@@ -201,11 +256,10 @@ def kernel_specs(quick: bool = False, arch: int = 90) -> list[KernelSpec]:
     # tensor-core mode, in the layouts the launcher passes: tf32 reads B K-major in both
     # products ("NT"); bf16's dp2 reads G row-major ("NN"), its dp1 G^T ("NT").
     if arch >= 90 and tma_available():
-        for cfg in cf.MATMUL_CONFIGS[:2] if quick else cf.MATMUL_CONFIGS:
+        for cfg in cf.MATMUL_CONFIGS:
             label = _config_label(cfg.kwargs, cfg.num_warps, cfg.num_stages)
             bm, bn, bk = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]
-            for prec in [p for p in ("tf32", "bf16")
-                         if cfg in cf.configs_for(cf.MATMUL_CONFIGS, p, SMEM_LIMITS[arch])]:
+            for prec in [p for p in ("tf32", "bf16") if cfg in matmul_configs.get(p, [])]:
                 op = "bf16" if prec == "bf16" else "fp32"
                 for layout in ("NT",) if prec == "tf32" else ("NN", "NT"):
                     kmajor = layout == "NT"
@@ -219,8 +273,9 @@ def kernel_specs(quick: bool = False, arch: int = 90) -> list[KernelSpec]:
                          "b_desc": f"tensordesc<{op}[{b_block}]>",
                          "c_desc": f"tensordesc<fp32[{bm}, {bn}]>"}, const, cfg.num_warps,
                         cfg.num_stages, label, needs_tensor_cores=True))
-    # int64 offsets (N * D >= 2**31) in the largest product config of sm_80's bf16.
-    big = cf.configs_for(cf.MATMUL_CONFIGS, "bf16", SMEM_LIMITS[80])[-1]
+    # int64 offsets (N * D >= 2**31) in the largest bf16 product config that fits both
+    # sm_80 and this arch.
+    big = cf.configs_for(cf.MATMUL_CONFIGS, "bf16", min(SMEM_LIMITS[80], SMEM_LIMITS[arch]))[-1]
     const = {**big.kwargs, "ACCUMULATE": True, "PRECISION": "bf16", "EMULATE_BF16": False,
              "USE_INT64": True, "EMULATE_TF32": False}
     specs.append(_spec("grad_product", "bf16,NN,int64", je.scaled_matmul_kernel,
