@@ -187,12 +187,15 @@ def test_autotune_configs_fit_each_arch_with_the_real_operand_size(which):
     """Operand staging (stages x (rows + columns) x depth x element size) plus the epilogue's
     reserve fits each arch's per-block shared memory; bf16 on sm_90 (2-byte operands, 227 KiB)
     may use tiles fp32 on sm_80 cannot: the filter is per arch and precision."""
+    from benchmarks.aot import triton_precisions
     from music_loss.kernels import configs as cf
 
     configs = getattr(cf, which)
     chosen = {}
+    itemsizes = {"ieee": 4, "tf32": 4, "bf16": 2}
     for arch, limit in cf.SMEM_LIMITS.items():
-        for precision, itemsize in (("ieee", 4), ("tf32", 4), ("bf16", 2)):
+        for precision in triton_precisions(arch):
+            itemsize = itemsizes[precision]
             picked = cf.configs_for(configs, precision, limit)
             assert picked, (arch, precision)
             for cfg in picked:
@@ -205,6 +208,21 @@ def test_autotune_configs_fit_each_arch_with_the_real_operand_size(which):
             chosen[arch, precision] = {str(c) for c in picked}
     assert chosen[90, "bf16"] > chosen[80, "tf32"]
     assert chosen[90, "tf32"] > chosen[80, "tf32"]
+    # The 3-stage fallbacks: float32 on the 99 KiB cards, never where their original fits.
+    fallbacks = {str(c) for c in cf.SHALLOW_FALLBACKS}
+    for arch in (86, 89, 120):
+        assert chosen[arch, "ieee"] & fallbacks and chosen[arch, "tf32"] & fallbacks, arch
+        assert not chosen[arch, "bf16"] & fallbacks, arch
+    for arch in (80, 90, 100):
+        assert not any(chosen[arch, p] & fallbacks for p in itemsizes), arch
+
+
+def test_the_shared_memory_table_is_the_gpu_policys():
+    from music_loss._gpu_policy import SMEM_PER_BLOCK_KIB
+    from music_loss.kernels import configs as cf
+
+    assert cf.SMEM_LIMITS == {major * 10 + minor: kib * 1024
+                              for (major, minor), kib in SMEM_PER_BLOCK_KIB.items()}
 
 
 _AUTOTUNERS = """
