@@ -10,6 +10,7 @@ against the same limits.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -129,12 +130,16 @@ INTERPRET_MATMUL_META: dict[str, int] = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K"
                                          "GROUP_M": 4}
 
 
+@functools.cache
+def _device_smem(index: int) -> int:
+    props: Any = triton.runtime.driver.active.utils.get_device_properties(index)
+    return int(props["max_shared_mem"])
+
+
 def device_smem_limit() -> int:
     """The current CUDA device's per-block (opt-in) shared memory; sm_80's without CUDA."""
     if torch.cuda.is_available() and not INTERPRET:  # what Triton checks launches against
-        props: Any = triton.runtime.driver.active.utils.get_device_properties(
-            torch.cuda.current_device())
-        return int(props["max_shared_mem"])
+        return _device_smem(torch.cuda.current_device())
     return SMEM_LIMITS[80]
 
 

@@ -241,6 +241,36 @@ def test_only_the_accumulating_product_restores_its_output_while_autotuning():
     assert proc.stdout.split("\n")[0] == "[] ['c_ptr']"
 
 
+_TUNERS_PER_LIMIT = """
+from music_loss.kernels import configs
+from music_loss.kernels.launchers import AUTOTUNERS as tuners
+limit = [99 * 1024]
+configs.device_smem_limit = lambda: limit[0]
+small = tuners["joint"]
+small.cache[("key",)] = configs.JOINT_CONFIGS[0]
+small_set = configs.prune_configs(configs.MATMUL_CONFIGS, {"PRECISION": "tf32"})
+limit[0] = 227 * 1024
+large = tuners["joint"]
+large_set = configs.prune_configs(configs.MATMUL_CONFIGS, {"PRECISION": "tf32"})
+limit[0] = 99 * 1024
+print(large is not small, tuners["joint"] is small, ("key",) in large.cache)
+print(sorted(map(str, small_set)) != sorted(map(str, large_set)), len(small_set), len(large_set))
+"""
+
+
+def test_autotuners_are_per_shared_memory_limit():
+    # Two cards with different limits in one process: each gets its own autotuner (and
+    # cache), and the pruning by the device's limit offers each its own configs.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", _TUNERS_PER_LIMIT], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.split("\n")
+    assert lines[0] == "True True False", lines
+    differ, small, large = lines[1].split()
+    assert differ == "True" and 0 < int(small) < int(large), lines
+
+
 def test_static_tables_compare_side_by_side():
     from dataclasses import asdict
 
