@@ -25,6 +25,7 @@ import torch
 import triton
 from torch import Tensor
 
+from music_loss.kernels import configs as _configs
 from music_loss.kernels._common import (
     INTERPRET,
     check_precision,
@@ -32,7 +33,6 @@ from music_loss.kernels._common import (
     launch,
     needs_int64,
 )
-from music_loss.kernels import configs as _configs
 from music_loss.kernels.configs import (
     INTERPRET_JOINT_META,
     INTERPRET_MATMUL_META,

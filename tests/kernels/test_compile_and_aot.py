@@ -221,8 +221,8 @@ def test_the_shared_memory_table_is_the_gpu_policys():
     from music_loss._gpu_policy import SMEM_PER_BLOCK_KIB
     from music_loss.kernels import configs as cf
 
-    assert cf.SMEM_LIMITS == {major * 10 + minor: kib * 1024
-                              for (major, minor), kib in SMEM_PER_BLOCK_KIB.items()}
+    table = {major * 10 + minor: kib * 1024 for (major, minor), kib in SMEM_PER_BLOCK_KIB.items()}
+    assert table == cf.SMEM_LIMITS
 
 
 _AUTOTUNERS = """
