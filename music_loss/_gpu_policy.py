@@ -281,7 +281,8 @@ def has_tf32(device: torch.device) -> bool:
 
 def is_compile_failure(err: BaseException) -> bool:
     """A Triton compile failure on this card: a compilation error, shared memory (or another
-    resource) exceeded, a ptxas error (some Triton versions raise a RuntimeError for it)."""
+    resource) exceeded, a ptxas error or a failed MLIR pass (some Triton versions raise a
+    RuntimeError for those: Triton 3.6 for the joint kernel's tensor-core modes on sm_100)."""
     try:
         from triton.compiler.errors import CompilationError
         from triton.runtime.errors import OutOfResources
@@ -292,7 +293,8 @@ def is_compile_failure(err: BaseException) -> bool:
     ptxas_error: Any = getattr(errors, "PTXASError", OutOfResources)  # triton >= 3.2
     if isinstance(err, CompilationError | OutOfResources | ptxas_error):
         return True
-    return isinstance(err, RuntimeError) and "ptxas" in str(err).lower()
+    text = str(err).lower()
+    return isinstance(err, RuntimeError) and ("ptxas" in text or "passmanager::run failed" in text)
 
 
 T = TypeVar("T")
