@@ -2,7 +2,8 @@
 
 ``torch.compile(fullgraph=True)`` must trace through the custom ops without a graph break
 and stay accurate (compiled code can drift). The AOT check compiles every
-kernel in every autotune config for sm_80 and sm_90 in a subprocess without
+kernel in every autotune config for sm_80 and sm_90, and the first two configs of each
+mode for the other architectures (``--quick``), in a subprocess without
 ``TRITON_INTERPRET`` (``triton.compile`` cannot compile interpreted functions).
 """
 
@@ -21,7 +22,9 @@ from music_loss import MUSICLoss
 from tests.tolerances import PRECISION_TOL, relative_error
 
 kernels = pytest.importorskip("music_loss.kernels")
+from benchmarks import aot  # noqa: E402
 from music_loss.kernels import _common  # noqa: E402
+from music_loss.kernels.configs import SMEM_LIMITS as SMEM_LIMIT  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -109,6 +112,81 @@ def test_aot_compile_check_sm80_sm90(tmp_path):
         assert {"m64n64k8", "m64n128k8"} <= shapes if mode.startswith("tf32") else \
             {"m64n64k16", "m64n128k16"} <= shapes, (mode, shapes)
     assert len(list((tmp_path / "ptx").glob("joint_entropy-*-sm_90.ptx"))) >= 2
+
+
+def _triton_version() -> tuple[int, int]:
+    import triton
+
+    major, minor = triton.__version__.split(".")[:2]
+    return int(major), int(minor)
+
+
+#: The architectures the quick check covers. Triton 3.6 (the GPU machines' stack) fails to
+#: compile the joint kernel's tensor-core modes for sm_100 (an MLIR pass,
+#: TritonNvidiaGPUOptimizeTMemLayoutsPass, aborts; ``backend="auto"`` falls back to the
+#: ``torch`` backend there): sm_100 is checked under Triton 3.8.
+QUICK_ARCHS = [75, 86, 89, 120] + ([100] if _triton_version() >= (3, 8) else [])
+
+
+def test_aot_compile_check_other_archs_quick(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out_json = tmp_path / "aot.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.aot", "--quick", "--arch", *map(str, QUICK_ARCHS),
+         "--json", str(out_json)], env=env, capture_output=True, text=True, timeout=1800)
+    print(proc.stdout[-3000:])
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    rows = json.loads(out_json.read_text())
+    # sm_75: the policy runs the torch backend only, so nothing is compiled there.
+    assert not [r for r in rows if r["arch"] == 75]
+    assert "sm_75: nothing to compile" in proc.stdout
+    instruction = {86: "mma.sync", 89: "mma.sync", 120: "mma.sync", 100: "tcgen05.mma"}
+    for arch in [a for a in QUICK_ARCHS if a != 75]:
+        sub = [r for r in rows if r["arch"] == arch]
+        for name in ("joint_entropy", "grad_product", "softmax_fwd", "softmax_fwd_t",
+                     "loss_bwd"):
+            assert any(r["kernel"] == name for r in sub), (arch, name)
+        # float32 (ieee, tf32) runs on Triton on every card from sm_80 on, 99 KiB ones too.
+        for kernel in ("joint_entropy", "grad_product"):
+            modes = {r["variant"].split(",")[0] for r in sub if r["kernel"] == kernel}
+            assert modes == {"ieee", "tf32", "bf16"}, (arch, kernel, modes)
+        products = [r for r in sub if r["needs_tensor_cores"]]
+        assert products and all(r["tensor_core_instructions"] > 0 and r["mma_shape"]
+                                for r in products), arch
+        assert all(r["shared_bytes"] <= r["smem_limit"] == SMEM_LIMIT[arch] for r in sub)
+        assert all(r["spill_instructions_in_loops"] == 0 for r in sub if r["spill_stores"] > 0)
+        table = aot.arch_mode_markdown([("t", rows)])
+        assert f"| t | sm_{arch} | tf32 |" in table and instruction[arch] in table
+    if 100 in QUICK_ARCHS:  # tcgen05.mma's M and N, read from its instruction descriptor
+        shapes = {r["mma_shape"] for r in rows if r["arch"] == 100}
+        assert {"m64n64k8", "m64n64k16"} <= shapes, shapes
+
+
+_WRONG_INSTRUCTION = """
+import sys
+from benchmarks import aot
+arch = int(sys.argv[1])
+spec = next(s for s in aot.kernel_specs(True, arch)
+            if s.kernel == "joint_entropy" and s.variant == "tf32")
+right = aot.compile_spec(spec, arch)
+aot.TENSOR_CORE_PTX[arch] = aot.TENSOR_CORE_PTX[90 if arch != 90 else 80]
+wrong = aot.compile_spec(spec, arch)
+print(right.ok, right.tensor_core_instructions > 0, right.mma_shape)
+print(wrong.ok, wrong.tensor_core_instructions, "; ".join(wrong.problems))
+"""
+
+
+@pytest.mark.parametrize("arch", [a for a in QUICK_ARCHS if a in (100, 120)])
+def test_the_gate_fails_when_an_arch_expects_another_tensor_core_instruction(arch):
+    # sm_120 emits mma.sync and sm_100 tcgen05.mma; expecting Hopper's wgmma there (what the
+    # check did for every arch from sm_90 on) must fail the tf32 joint kernel's row.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", _WRONG_INSTRUCTION, str(arch)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    right, wrong = proc.stdout.split("\n")[:2]
+    assert right.startswith("True True m"), right
+    assert wrong.startswith("False 0 ") and "no tensor-core instruction" in wrong, wrong
 
 
 _PTX = """
