@@ -37,6 +37,7 @@ import functools
 import inspect
 import io
 import json
+import math
 import os
 import re
 import subprocess
@@ -1050,8 +1051,8 @@ def arch_mode_markdown(tables: list[tuple[str, list[dict[str, Any]]]]) -> str:
                 tc = [r for r in group if r["needs_tensor_cores"]]
                 with_tc = sum(r["tensor_core_instructions"] > 0 for r in tc)
                 shapes = [r["mma_shape"] for r in tc if r["mma_shape"]]
-                widest = max(shapes, key=lambda m: [int(v) for v in re.findall(r"\d+", m)][1]) \
-                    if shapes else "-"
+                widest = max(shapes, key=lambda m: math.prod(
+                    int(v) for v in re.findall(r"\d+", m)[:2])) if shapes else "-"
                 spilled = [r for r in group if r["spill_stores"] > 0 or r["spill_loads"] > 0]
                 in_loops = [r for r in spilled if r["spill_instructions_in_loops"] != 0]
                 shared = max(r["shared_bytes"] for r in group)
