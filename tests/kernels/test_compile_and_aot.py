@@ -371,3 +371,17 @@ def test_static_tables_compare_side_by_side():
         "m64n64k8 -> m64n128k8 | 57-60 -> 31 | - -> 43 | - |" in table
     assert "| joint_entropy | tf32,tma | sm_90 | - -> TMA | - | - -> m64n64k8 | - -> 39 | - | - |" \
         in table
+
+
+def test_a_precision_the_policy_runs_without_a_fitting_config_fails_the_check(monkeypatch):
+    # Without the 3-stage fallbacks no float32 config fits the 99 KiB of sm_86, while the
+    # policy sends float32 there: the check must fail rather than compile nothing.
+    from music_loss.kernels import configs as cf
+
+    assert aot.policy_gaps(86) == []
+    monkeypatch.setattr(cf, "JOINT_CONFIGS", cf._JOINT_MAIN)
+    monkeypatch.setattr(cf, "MATMUL_CONFIGS", cf._MATMUL_MAIN)
+    gaps = aot.policy_gaps(86)
+    assert {(r.kernel, r.variant) for r in gaps} == {
+        ("joint_entropy", "ieee"), ("grad_product", "ieee"), ("grad_product", "tf32")}
+    assert not any(r.ok for r in gaps) and aot.policy_gaps(90) == []
