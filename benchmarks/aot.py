@@ -27,6 +27,16 @@ kernel's epilogue SASS per entry (for tiles off and on the block diagonal), and 
 softmax kernels the scalar (unvectorised) global stores; the gate fails the run on a
 regression. Must run without ``TRITON_INTERPRET`` (with it,
 ``triton.compile`` fails: an interpreted function has no ``cache_key``).
+
+The gate against the committed table (:func:`gate_regressions`): every row is compared
+with the same kernel, variant, config and arch of the newest
+``results/aot-static-<date>-triton<major>.<minor>.json`` for the running Triton (or
+``--baseline FILE``); the run fails on a regression of any static fact (epilogue SASS per
+entry beyond +1, a narrower mma shape, registers up by more than 8, spills in a loop, a
+narrower copy, more bank conflicts). Rows the table lacks are reported as new and pass.
+``--check JSON`` gates an earlier ``--json`` table without compiling; ``--no-gate`` skips
+the comparison (to write a new table). Product rows name the product: ``dp1`` (``dp1[:,
+a0:a1] = p2 G^T / N``) or ``dp2`` (``dp2 += p1[:, a0:a1] G / N``, accumulating).
 """
 
 from __future__ import annotations
@@ -231,28 +241,26 @@ def kernel_specs(quick: bool = False, arch: int = 90) -> list[KernelSpec]:
                                     "g_ptr": op, "gt_ptr": op}, {**const, "USE_TMA": True},
                                    cfg.num_warps, cfg.num_stages, label, unit_p,
                                    needs_tensor_cores=True))
-    # The two products: dp2 += p1[:, a0:a1] @ G (row-major "NN" in ieee/bf16; in tf32 it
-    # reads G^T, so B is K-major, "NT") and dp1[:, a0:a1] = p2 @ G^T ("NT"); the latter in
-    # tensor-core modes. Variants name the layout the launcher passes.
+    # The two products, labelled by which one they are: dp2 += p1[:, a0:a1] @ G
+    # (accumulating; row-major "NN" in ieee/bf16, "NT" in tf32, which reads G^T K-major) and
+    # dp1[:, a0:a1] = p2 @ G^T ("NT", not accumulating). dp2 in every config of every mode;
+    # dp1 in every tf32 config and in bf16's first (its NT copies are bf16's widest).
     layouts = {"NN": ("stride_ak", "stride_bn", "stride_cn"),
                "NT": ("stride_ak", "stride_bk", "stride_cn")}
     for cfg in cf.MATMUL_CONFIGS:
         label = _config_label(cfg.kwargs, cfg.num_warps, cfg.num_stages)
-        for layout, unit in layouts.items():
-            modes = [p for p, picked in matmul_configs.items() if cfg in picked]
-            # dp2's layout in every config (NN, NT in tf32); dp1's NT once per tensor-core
-            # mode, in the first config (tf32's NT is already there as dp2).
-            first = cfg is (matmul_configs.get("bf16") or [None])[0]
-            nn_modes = [p for p in modes if p != "tf32"]
-            nt_modes = [p for p in modes if p == "tf32" or (first and p == "bf16")]
-            for prec in nn_modes if layout == "NN" else nt_modes:
-                op = "*bf16" if prec == "bf16" else "*fp32"
-                const = {**cfg.kwargs, "ACCUMULATE": layout == "NN", "PRECISION": prec,
-                         "EMULATE_BF16": False, "USE_INT64": False, "EMULATE_TF32": False}
-                specs.append(_spec("grad_product", f"{prec},{layout}", je.scaled_matmul_kernel,
-                                   {"a_ptr": op, "b_ptr": op}, const, cfg.num_warps,
-                                   cfg.num_stages, label, unit,
-                                   needs_tensor_cores=prec != "ieee"))
+        modes = [p for p, picked in matmul_configs.items() if cfg in picked]
+        first = cfg is (matmul_configs.get("bf16") or [None])[0]
+        jobs = [(p, "dp2", "NT" if p == "tf32" else "NN") for p in modes]
+        jobs += [(p, "dp1", "NT") for p in modes if p == "tf32" or (first and p == "bf16")]
+        for prec, product, layout in jobs:
+            op = "*bf16" if prec == "bf16" else "*fp32"
+            const = {**cfg.kwargs, "ACCUMULATE": product == "dp2", "PRECISION": prec,
+                     "EMULATE_BF16": False, "USE_INT64": False, "EMULATE_TF32": False}
+            specs.append(_spec("grad_product", f"{prec},{product},{layout}",
+                               je.scaled_matmul_kernel, {"a_ptr": op, "b_ptr": op}, const,
+                               cfg.num_warps, cfg.num_stages, label, layouts[layout],
+                               needs_tensor_cores=prec != "ieee"))
     # The TMA variant of the products (sm_90: Hopper's tensor descriptors), every config and
     # tensor-core mode, in the layouts the launcher passes: tf32 reads B K-major in both
     # products ("NT"); bf16's dp2 reads G row-major ("NN"), its dp1 G^T ("NT").
@@ -262,14 +270,17 @@ def kernel_specs(quick: bool = False, arch: int = 90) -> list[KernelSpec]:
             bm, bn, bk = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]
             for prec in [p for p in ("tf32", "bf16") if cfg in matmul_configs.get(p, [])]:
                 op = "bf16" if prec == "bf16" else "fp32"
-                for layout in ("NT",) if prec == "tf32" else ("NN", "NT"):
+                products = ((("dp2", "NT"),) if prec == "tf32"
+                            else (("dp2", "NN"), ("dp1", "NT")))
+                for product, layout in products:
                     kmajor = layout == "NT"
                     b_block = f"{bn}, {bk}" if kmajor else f"{bk}, {bn}"
-                    const = {**cfg.kwargs, "ACCUMULATE": layout == "NN" or prec == "tf32",
+                    const = {**cfg.kwargs, "ACCUMULATE": product == "dp2",
                              "PRECISION": prec, "EMULATE_BF16": False, "B_KMAJOR": kmajor,
                              "EMULATE_TF32": False}
                     specs.append(_spec(
-                        "grad_product", f"{prec},{layout},tma", je.scaled_matmul_tma_kernel,
+                        "grad_product", f"{prec},{product},{layout},tma",
+                        je.scaled_matmul_tma_kernel,
                         {"a_desc": f"tensordesc<{op}[{bm}, {bk}]>",
                          "b_desc": f"tensordesc<{op}[{b_block}]>",
                          "c_desc": f"tensordesc<fp32[{bm}, {bn}]>"}, const, cfg.num_warps,
@@ -279,7 +290,7 @@ def kernel_specs(quick: bool = False, arch: int = 90) -> list[KernelSpec]:
     big = cf.configs_for(cf.MATMUL_CONFIGS, "bf16", min(SMEM_LIMITS[80], SMEM_LIMITS[arch]))[-1]
     const = {**big.kwargs, "ACCUMULATE": True, "PRECISION": "bf16", "EMULATE_BF16": False,
              "USE_INT64": True, "EMULATE_TF32": False}
-    specs.append(_spec("grad_product", "bf16,NN,int64", je.scaled_matmul_kernel,
+    specs.append(_spec("grad_product", "bf16,dp2,NN,int64", je.scaled_matmul_kernel,
                        {"a_ptr": "*bf16", "b_ptr": "*bf16"}, const, big.num_warps,
                        big.num_stages, _config_label(big.kwargs, big.num_warps, big.num_stages),
                        layouts["NN"], needs_tensor_cores=True))
@@ -546,13 +557,16 @@ def smem_bank_conflicts(ttgir: str, arch: int, num_warps: int) -> int | None:
         key = (shape_text, dtype, *layouts[reg_name], *layouts[shared_name], str(arch),
                str(num_warps))
         if key not in _CONFLICTS:
-            try:
-                reg = _gluon_layout(*layouts[reg_name])
-                shared = _gluon_layout(*layouts[shared_name])
-                _CONFLICTS[key] = (None if reg is None or shared is None
-                                   else _probe_conflicts(reg, shared, shape, dtype, arch) + 1)
-            except Exception:  # an older Triton without the counter: unknown, not zero
-                _CONFLICTS[key] = None
+            for attempt in range(2):  # a failed probe compile is tried once more
+                try:
+                    reg = _gluon_layout(*layouts[reg_name])
+                    shared = _gluon_layout(*layouts[shared_name])
+                    _CONFLICTS[key] = (None if reg is None or shared is None else
+                                       _probe_conflicts(reg, shared, shape, dtype, arch) + 1)
+                    break
+                except Exception:  # an older Triton without the counter: unknown, not zero
+                    if attempt:  # unknown for this row only: the next row probes again
+                        return None
         ways = _CONFLICTS[key]
         if ways is not None:
             worst = ways if worst is None else max(worst, ways)
@@ -1064,6 +1078,127 @@ def arch_mode_markdown(tables: list[tuple[str, list[dict[str, Any]]]]) -> str:
                     f"{shared / 1024:.0f} / {group[0]['smem_limit'] / 1024:.0f} KiB |")
     return "\n".join(lines) + "\n"
 
+#: Where the committed tables live (``aot-static-<date>-triton<major>.<minor>.json``).
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+#: Allowed growth before the gate calls it a regression: epilogue SASS per entry (either
+#: path) and registers per thread.
+EPILOGUE_SLACK = 1.0
+REGISTER_SLACK = 8
+
+
+def default_baseline(results_dir: str = RESULTS_DIR, version: str | None = None) -> str | None:
+    """The newest committed table for this Triton's ``major.minor`` (``version``, default
+    the running one), by the date in its name: ``aot-static-<date>-triton<M>.<m>.json``.
+    None when there is none (a new Triton: every row is then new).
+
+    Example:
+        >>> default_baseline("/nonexistent") is None
+        True
+    """
+    if version is None:
+        import triton
+
+        version = ".".join(triton.__version__.split(".")[:2])
+    pattern = re.compile(r"aot-static-(\d{4}-\d{2}-\d{2})-triton" + re.escape(version)
+                         + r"\.json$")
+    try:
+        names = [n for n in os.listdir(results_dir) if pattern.match(n)]
+    except FileNotFoundError:
+        return None
+    return os.path.join(results_dir, max(names)) if names else None
+
+
+def _mma_width(shape: str | None) -> tuple[int, int]:
+    """``(M, N)`` of an mma shape like ``m64n128k8``; ``(0, 0)`` for none."""
+    if not shape:
+        return 0, 0
+    m, n = re.findall(r"[mn](\d+)", shape)[:2]
+    return int(m), int(n)
+
+
+def gate_regressions(rows: list[dict[str, Any]], baseline: list[dict[str, Any]]
+                     ) -> tuple[list[str], list[str]]:
+    """Compare compiled rows with a committed table, per (kernel, variant, config, arch).
+
+    A regression: epilogue SASS per entry up by more than :data:`EPILOGUE_SLACK` (off- or
+    on-diagonal path), a narrower mma shape (or none where there was one), registers up by
+    more than :data:`REGISTER_SLACK`, more spill instructions inside loops, a narrower
+    ``cp.async`` copy (or pointer copies where there was TMA), more bank-conflict ways, or
+    a compile that now fails. Rows the table lacks are new and pass.
+
+    Returns:
+        ``(regressions, new rows)``, one line each.
+
+    Example:
+        >>> old = [{"kernel": "k", "variant": "bf16", "config": "c", "arch": 90,
+        ...         "ok": True, "registers": 160, "epilogue_instructions_per_entry": 14.0}]
+        >>> new = [dict(old[0], registers=170, epilogue_instructions_per_entry=15.0)]
+        >>> gate_regressions(new, old)[0]
+        ['k bf16 c sm_90: registers 160 -> 170 (> +8)']
+    """
+    table = {(r["kernel"], r["variant"], r["config"], r["arch"]): r for r in baseline}
+    regressions: list[str] = []
+    new: list[str] = []
+    for row in rows:
+        key = (row["kernel"], row["variant"], row["config"], row["arch"])
+        name = f"{key[0]} {key[1]} {key[2]} sm_{key[3]}"
+        old = table.get(key)
+        if old is None:
+            new.append(name)
+            continue
+        found: list[str] = []
+        if old.get("ok") and not row.get("ok"):
+            found.append("now fails: " + "; ".join(row.get("problems", [])))
+        for fact, label in (("epilogue_instructions_per_entry", "epilogue SASS/entry"),
+                            ("epilogue_instructions_per_entry_diagonal",
+                             "epilogue SASS/entry (diagonal tiles)")):
+            before, after = old.get(fact), row.get(fact)
+            if before is not None and (after is None or after > before + EPILOGUE_SLACK):
+                found.append(f"{label} {before} -> {after} (> +{EPILOGUE_SLACK:g})")
+        if old.get("mma_shape") and any(
+                after < before for after, before in zip(_mma_width(row.get("mma_shape")),
+                                                        _mma_width(old["mma_shape"]))):
+            found.append(f"mma {old['mma_shape']} -> {row.get('mma_shape')} (narrower)")
+        before, after = old.get("registers", -1), row.get("registers", -1)
+        if before >= 0 and after > before + REGISTER_SLACK:
+            found.append(f"registers {before} -> {after} (> +{REGISTER_SLACK})")
+        before, after = old.get("spill_instructions_in_loops") or 0, \
+            row.get("spill_instructions_in_loops") or 0
+        if after > before:
+            found.append(f"spill instructions in loops {before} -> {after}")
+        if old.get("uses_tma") and not row.get("uses_tma"):
+            found.append("TMA copies -> cp.async")
+        before, after = old.get("async_copy_min_bytes"), row.get("async_copy_min_bytes")
+        if before is not None and after is not None and after < before:
+            found.append(f"narrowest cp.async {before} -> {after} bytes")
+        before, after = old.get("smem_bank_conflicts"), row.get("smem_bank_conflicts")
+        if before is not None and (after is None or after > before):
+            found.append(f"bank conflicts {before}-way -> "
+                         + (f"{after}-way" if after is not None else "not counted"))
+        regressions.extend(f"{name}: {item}" for item in found)
+    return regressions, new
+
+
+def check_against_baseline(rows: list[dict[str, Any]], baseline_path: str | None) -> int:
+    """Print the gate's verdict for ``rows`` against the table at ``baseline_path`` (None:
+    nothing to compare, every row new); returns the number of regressions."""
+    if baseline_path is None:
+        print(f"gate: no committed table for this Triton in {RESULTS_DIR}: "
+              f"{len(rows)} rows new, nothing compared")
+        return 0
+    with open(baseline_path) as fh:
+        baseline = json.load(fh)
+    regressions, new = gate_regressions(rows, baseline)
+    compared = len(rows) - len(new)
+    print(f"gate against {os.path.basename(baseline_path)}: {compared} rows compared, "
+          f"{len(new)} new, {len(regressions)} regressions")
+    for line in new:
+        print(f"  new: {line}")
+    for line in regressions:
+        print(f"  REGRESSION: {line}")
+    return len(regressions)
+
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit status."""
@@ -1085,7 +1220,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compare", nargs="+", metavar="LABEL=JSON", default=None,
                         help="print a markdown table of the static facts of earlier --json "
                              "tables side by side (old -> new) and exit; compiles nothing")
+    parser.add_argument("--baseline", default=None, metavar="JSON",
+                        help="committed table to gate against (default: the newest "
+                             "results/aot-static-<date>-triton<M>.<m>.json for this Triton)")
+    parser.add_argument("--no-gate", action="store_true",
+                        help="compare with no committed table (e.g. to write a new one)")
+    parser.add_argument("--check", default=None, metavar="JSON",
+                        help="gate the rows of an earlier --json table against the baseline "
+                             "and exit; compiles nothing")
     args = parser.parse_args(argv)
+    baseline = None if args.no_gate else (args.baseline or default_baseline())
+    if args.check:
+        with open(args.check) as fh:
+            return 1 if check_against_baseline(json.load(fh), baseline) else 0
     if args.compare or args.arch_table:
         tables = []
         for item in args.compare or args.arch_table:
@@ -1116,7 +1263,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         with open(args.json, "w") as fh:
             json.dump([asdict(r) for r in rows], fh, indent=1)
-    return 1 if failed else 0
+    regressions = 0 if args.no_gate else check_against_baseline([asdict(r) for r in rows],
+                                                                baseline)
+    return 1 if failed or regressions else 0
 
 
 if __name__ == "__main__":

@@ -97,9 +97,10 @@ def plan(dry_run: bool, out_dir: Path, python: str) -> list[Step]:
         Step("benchmark", "gpu-headline: N=2048 D=8160 K=80, tf32+bf16, every peer",
              [*py, "-m", "benchmarks.run", "--resume", "--out", str(bench_json)]
              + (["--device", "cpu", "--suite", "smoke", "--in-process", "--only",
-                 "music-triton,music-reference,matmul-floor"] if dry_run
+                 "music-triton,music-reference,barlow-twins-light,vicreg-light,"
+                 "matmul-floor"] if dry_run
                 else ["--device", "cuda", "--suite", "gpu-headline"]),
-             timeout_s=300 if dry_run else 200, env=interp),
+             timeout_s=300 if dry_run else 240, env=interp),
         Step("benchmark-table", "render the benchmark's table (and plots with matplotlib)",
              [*py, "-m", "benchmarks.render", str(bench_json)]
              + ([] if importlib.util.find_spec("matplotlib") else ["--no-plots"]),

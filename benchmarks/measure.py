@@ -154,7 +154,8 @@ def cpu_peak_extra_mib(step: Callable[[], None]) -> float | None:
 
 def measure_cpu(case: Case, budget: Budget, what: str = "both") -> dict[str, Any]:
     """Warm up, measure peak extra RSS of one call (``what`` in memory/both), then time
-    single calls (``what`` in time/both).
+    single calls (``what`` in time/both). ``what="lean"``: :func:`_measure_cpu_lean` with
+    ``budget.min_reps`` timed calls (both numbers from one process, for very long calls).
 
     ``benchmarks.run`` measures memory and time in two fresh processes: memory under
     ``MALLOC_MMAP_THRESHOLD_`` (freed buffers leave the process, so the peak is the call's
@@ -164,6 +165,8 @@ def measure_cpu(case: Case, budget: Budget, what: str = "both") -> dict[str, Any
     from torch.utils.benchmark import Timer
 
     step = build_step(case, torch.device("cpu"))
+    if what == "lean":
+        return _measure_cpu_lean(step, budget.min_reps, warm_up=budget.warmup_s > 0)
     warm_start = time.perf_counter()
     for _ in range(20):  # at least one call: compilation, thread pools, first touch
         step()
@@ -185,6 +188,31 @@ def measure_cpu(case: Case, budget: Budget, what: str = "both") -> dict[str, Any
     reps = len(times_ms) * measurement.number_per_run
     return {**_quantiles(times_ms), "repeats": reps, "peak_extra_mib": peak,
             "timer": "torch.utils.benchmark.Timer.blocked_autorange"}
+
+
+def _measure_cpu_lean(step: Callable[[], None], calls: int, warm_up: bool = True
+                      ) -> dict[str, Any]:
+    """Few calls in one process: one warm-up call (unless ``warm_up`` is false, for calls of
+    a minute), then ``calls`` timed single calls, the first of which also gives the peak
+    extra memory (run under the fixed mmap threshold; the page faults it adds are O(N D) per
+    call, small next to the call's time)."""
+    if warm_up:
+        step()
+    times_ms, peak = [], None
+    for i in range(calls):
+        if i == 0:
+            gc.collect()
+            reset = _reset_peak_rss()
+            before = _status_kib("VmRSS")
+        t0 = time.perf_counter()
+        step()
+        times_ms.append((time.perf_counter() - t0) * 1e3)
+        if i == 0:
+            high = _status_kib("VmHWM")
+            if reset and before is not None and high is not None:
+                peak = max(0.0, (high - before) * 1024 / MIB)
+    return {**_quantiles(times_ms), "repeats": calls, "peak_extra_mib": peak,
+            "timer": "time.perf_counter, single calls (lean protocol)", "warm_up": warm_up}
 
 
 # ---------------------------------------------------------------------------------------

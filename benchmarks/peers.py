@@ -117,6 +117,18 @@ def _vicreg(z1: Tensor, z2: Tensor, segment_dim: int, precision: str = "ieee") -
     return vicreg_loss(z1, z2)
 
 
+def _barlow_light(z1: Tensor, z2: Tensor, segment_dim: int, precision: str = "ieee") -> Tensor:
+    from music_loss.baselines import barlow_twins_loss as light
+
+    return light(z1, z2)
+
+
+def _vicreg_light(z1: Tensor, z2: Tensor, segment_dim: int, precision: str = "ieee") -> Tensor:
+    from music_loss.baselines import vicreg_loss as light
+
+    return light(z1, z2)
+
+
 PEERS: dict[str, Peer] = {
     peer.name: peer
     for peer in (
@@ -132,6 +144,11 @@ PEERS: dict[str, Peer] = {
              "Barlow Twins loss (official formula, lambda=0.0051)"),
         Peer("vicreg", _vicreg, _vicreg, 4, 8, 8,
              "VICReg loss (official formula, 25/25/1)"),
+        # Checked against the official formulas above, in float64.
+        Peer("barlow-twins-light", _barlow_light, _barlow, 2, 6, 0,
+             "Barlow Twins, memory-light (music_loss.baselines, blocks of rows)"),
+        Peer("vicreg-light", _vicreg_light, _vicreg, 4, 8, 0,
+             "VICReg, memory-light (music_loss.baselines, blocks of rows)"),
         Peer("matmul-floor", None, None, 2, 6, 1,
              "the three N x D x D products alone (torch.matmul)"),
     )

@@ -13,13 +13,14 @@ import triton
 
 from music_loss.kernels._common import check_precision, operand_dtype
 from music_loss.kernels.configs import MIN_TILE, chunk_size_for
+from music_loss.kernels.segment_softmax import softmax_blocks, transposed_blocks
 
 
 def workspace_bytes(dim: int, precision: str, chunk_size: int | None = None,
                     n: int | None = None) -> int:
-    """Upper bound of the joint pass's workspace in bytes, beyond the ``O(N D)`` arrays
-    (``chunk_size`` default: :func:`chunk_size_for` for a batch of ``n``): the ``G`` chunk
-    (tf32: and ``G^T``), the per-tile partial sums and ``diag(P)``.
+    """The joint pass's workspace in bytes, beyond the ``O(N D)`` arrays (``chunk_size``
+    default: :func:`chunk_size_for` for a batch of ``n``): the ``G`` chunk (tf32: and
+    ``G^T``), the per-tile partial sums (one buffer reused by every chunk) and ``diag(P)``.
 
     Example:
         >>> workspace_bytes(8160, "tf32", n=2048) <= 2 * (2048 * 8160 * 4) + 2**20
@@ -32,32 +33,51 @@ def workspace_bytes(dim: int, precision: str, chunk_size: int | None = None,
     return g_chunk + partials + 4 * dim
 
 
-def fused_memory_bytes(n: int, dim: int, precision: str, need_grad: bool = True,
-                       chunk_size: int | None = None) -> dict[str, int]:
-    """Bytes the fused path allocates beyond the inputs and their gradients, by buffer.
+def _invariance_partials_bytes(n: int, dim: int, segment_dim: int, precision: str) -> int:
+    """The softmax kernel's invariance partial sums (fp32): per row and block of segments,
+    or (tf32, the transposing kernel) per block of rows and segment."""
+    segments = dim // segment_dim
+    if precision == "tf32":
+        return 4 * triton.cdiv(n, transposed_blocks(segment_dim)["BLOCK_R"]) * segments
+    return 4 * n * triton.cdiv(segments, softmax_blocks(segment_dim, segments)["BLOCK_S"])
 
-    ``p`` (operand dtype; in tf32 mode also its ``(D, N)`` transposes, the joint product's
-    K-major operands) lives during the forward only; ``dp_off`` (fp32) is saved for the
-    backward; the ``G`` chunk (tf32: and ``G^T``), partial sums and ``diag(P)`` are the
-    bounded workspace (:func:`workspace_bytes`). Nothing is ``D x D``.
+
+def fused_memory_bytes(n: int, dim: int, precision: str, need_grad: bool = True,
+                       chunk_size: int | None = None, segment_dim: int = 80) -> dict[str, int]:
+    """Bytes the fused path allocates beyond the inputs (fp32 here) and their gradients, by
+    buffer: the arrays the launchers allocate.
+
+    Forward: ``p2`` (operand dtype) and ``p1`` (with fp32 operands and a gradient, ``p1``
+    lives in the first view's gradient array: 0 here), in tf32 mode also their ``(D, N)``
+    transposes (the joint product's K-major operands), the invariance partial sums, and the
+    bounded workspace (:func:`workspace_bytes`: the ``G`` chunk, tf32 also ``G^T``, partial
+    sums, ``diag(P)``). The two fp32 ``(N, D)`` arrays the gradients accumulate in are the
+    inputs' gradients. Backward: the loss's upstream gradient times those saved arrays forms
+    the gradients, so the saved arrays are extra while the new gradients exist
+    (``backward``). ``peak``: the larger phase. Nothing is ``D x D``.
 
     Example:
-        >>> plan = fused_memory_bytes(2048, 8160, "tf32")
-        >>> plan["workspace"] < 4 * 8160**2 // 1.9, plan["p1_p2_transposed"], plan["peak"]
-        (True, 133693440, 535328640)
+        >>> plan = fused_memory_bytes(2048, 8160, "ieee")  # p1 in the gradient array
+        >>> plan["p1"], plan["peak"] == plan["forward"], plan["backward"] == 2 * 2048 * 8160 * 4
+        (0, True, True)
     """
     check_precision(precision)
-    p_bytes = 2 * n * dim * operand_dtype(precision).itemsize
+    op = operand_dtype(precision).itemsize
+    p1 = 0 if need_grad and op == 4 else n * dim * op
+    p2 = n * dim * op
     # tf32: the (D, N) transposes of p1, p2 (the joint product's K-major operands).
-    p_transposed = p_bytes if precision == "tf32" else 0
-    saved = 2 * n * dim * 4 if need_grad else 0
+    p_transposed = 2 * n * dim * 4 if precision == "tf32" else 0
+    inv = _invariance_partials_bytes(n, dim, segment_dim, precision)
     rows = min(chunk_size or chunk_size_for(dim, precision, n), dim)
     workspace = workspace_bytes(dim, precision, rows)
     if not need_grad:  # no G chunk without gradients
-        workspace -= rows * dim * operand_dtype(precision).itemsize * (
-            2 if precision == "tf32" else 1)
-    return {"p1_p2": p_bytes, "p1_p2_transposed": p_transposed, "saved_dp_off": saved,
-            "workspace": workspace, "peak": p_bytes + p_transposed + saved + workspace}
+        workspace -= rows * dim * op * (2 if precision == "tf32" else 1)
+    forward = p1 + p2 + p_transposed + inv + workspace
+    backward = 2 * n * dim * 4 if need_grad else 0
+    return {"p1": p1, "p2": p2, "p1_p2_transposed": p_transposed,
+            "invariance_partials": inv, "workspace": workspace, "forward": forward,
+            "saved_gradients": backward, "backward": backward,
+            "peak": max(forward, backward)}
 
 
 def launches_per_step(dim: int, precision: str, chunk_size: int | None = None,

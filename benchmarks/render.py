@@ -23,7 +23,7 @@ from typing import Any
 
 METHOD_ORDER: tuple[str, ...] = ("music-triton", "music-torch", "music-reference",
                                  "music-reference-compiled", "barlow-twins", "vicreg",
-                                 "matmul-floor")
+                                 "barlow-twins-light", "vicreg-light", "matmul-floor")
 STYLE: dict[str, tuple[str, str, str]] = {  # color, marker, line style
     "music-triton": ("#d62728", "o", "-"),
     "music-torch": ("#1f77b4", "s", "-"),
@@ -31,6 +31,8 @@ STYLE: dict[str, tuple[str, str, str]] = {  # color, marker, line style
     "music-reference-compiled": ("#98df8a", "v", "--"),
     "barlow-twins": ("#9467bd", "D", "-."),
     "vicreg": ("#ff7f0e", "P", "-."),
+    "barlow-twins-light": ("#9467bd", "d", "-"),
+    "vicreg-light": ("#ff7f0e", "p", "-"),
     "matmul-floor": ("#7f7f7f", "x", ":"),
 }
 MODE_SLUG = {"forward": "fwd", "forward+backward": "fwd-bwd"}
@@ -158,7 +160,8 @@ def headline_lines(records: Sequence[dict[str, Any]]) -> list[str]:
     # What a user gets with backend="auto": the Triton kernels on CUDA, else the torch path.
     default = next((by_method[m] for m in ("music-triton", "music-torch") if m in by_method),
                    None)
-    for peer in ("barlow-twins", "vicreg", "matmul-floor"):
+    for peer in ("barlow-twins", "vicreg", "barlow-twins-light", "vicreg-light",
+                 "matmul-floor"):
         if default is not None and peer in by_method:
             p = by_method[peer]
             mem = (f"{default['peak_extra_mib'] / p['peak_extra_mib']:.3g}×"

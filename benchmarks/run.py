@@ -84,18 +84,26 @@ def _memory_available_bytes(device: torch.device) -> float | None:
     return None
 
 
-def _run_child(case: Case, budget: Budget, timeout_s: float) -> dict[str, Any]:
-    """Measure a CPU case in two fresh interpreters (memory, then time); merge or raise."""
+def _run_child(case: Case, budget: Budget, timeout_s: float,
+               lean_calls: int | None = None, warm_up: bool = True) -> dict[str, Any]:
+    """Measure a CPU case in two fresh interpreters (memory, then time); merge or raise.
+
+    ``lean_calls``: one fresh interpreter instead, under the memory setting, running the
+    lean protocol with that many timed calls (after a warm-up call if ``warm_up``)."""
+    if lean_calls is not None:
+        lean = dataclasses.replace(budget, min_reps=lean_calls,
+                                   warmup_s=budget.warmup_s if warm_up else 0.0)
+        return {**_run_child_once(case, lean, timeout_s, "lean"), "protocol": "lean"}
     memory = _run_child_once(case, budget, timeout_s, "memory")
     timing = _run_child_once(case, budget, timeout_s, "time")
-    return {**timing, "peak_extra_mib": memory["peak_extra_mib"]}
+    return {**timing, "peak_extra_mib": memory["peak_extra_mib"], "protocol": "standard"}
 
 
 def _run_child_once(case: Case, budget: Budget, timeout_s: float, what: str) -> dict[str, Any]:
     payload = json.dumps({"case": dataclasses.asdict(case), "budget": dataclasses.asdict(budget),
                           "what": what})
     # The low mmap threshold makes the memory reading exact but slows large allocations.
-    env = {**os.environ, **CHILD_ENV} if what == "memory" else dict(os.environ)
+    env = {**os.environ, **CHILD_ENV} if what in ("memory", "lean") else dict(os.environ)
     proc = subprocess.run([sys.executable, "-m", "benchmarks.run", "--child", payload],
                           cwd=REPO_ROOT, env=env, capture_output=True, text=True,
                           timeout=timeout_s)
@@ -179,6 +187,7 @@ def run_benchmarks(
     case_timeout_s: float = 900.0,
     resume: bool = False,
     gate: bool = True,
+    extra_meta: dict[str, Any] | None = None,
 ) -> Path:
     """Run a suite and write its results file; return the file's path.
 
@@ -194,6 +203,7 @@ def run_benchmarks(
         resume: Keep the records of cases already in the file and run only the rest.
         gate: Do not time a peer that fails its float64 check (``False``: time it anyway;
             the record keeps ``check_passed: false`` and the errors).
+        extra_meta: More fields for the results' ``meta`` (e.g. notes on the machine).
 
     Example:
         >>> run_benchmarks(torch.device("cpu"), "smoke", "/tmp/bench.json",
@@ -218,6 +228,7 @@ def run_benchmarks(
         "peak RSS (VmHWM after /proc/self/clear_refs) above RSS before the call, "
         + ("fresh subprocess per case" if subprocess_per_case else "in-process"))
     meta["peers"] = {name: PEERS[name].description for name in PEERS if name in wanted}
+    meta.update(extra_meta or {})
     records: list[dict[str, Any]] = []
     if resume and path.exists():
         previous = json.loads(path.read_text())["records"]
@@ -252,6 +263,13 @@ def run_benchmarks(
                                    f"{check.tolerance}", **check.as_dict()))
             continue
         needed, available = _memory_needed_bytes(case), _memory_available_bytes(device)
+        cap = suite.max_predicted_gib
+        if cap is not None and needed > cap * 2**30:
+            records.append(_record(case, device, f"skipped: predicted ~{needed / 2**30:.1f} GiB "
+                                   f"({PEERS[case.method].dd_buffers:g} D x D float32 buffers "
+                                   f"+ 8 N x D), over the suite's {cap:g} GiB",
+                                   **check.as_dict()))
+            continue
         if available is not None and needed > 0.8 * available:
             records.append(_record(case, device, f"skipped: needs ~{needed / 2**30:.1f} GiB, "
                                    f"{available / 2**30:.1f} GiB free", **check.as_dict()))
@@ -262,7 +280,9 @@ def run_benchmarks(
             if gpu:
                 timing = measure_cuda(case, suite.budget, device)
             elif subprocess_per_case:
-                timing = _run_child(case, suite.budget, case_timeout_s)
+                timing = _run_child(case, suite.budget, case_timeout_s,
+                                    suite.lean_calls if suite.is_lean(case) else None,
+                                    warm_up=not suite.is_cold(case))
             else:
                 timing = measure_cpu(case, suite.budget)
             derived = _derived(case, device, device_name, timing)
@@ -292,7 +312,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="cpu, cuda or cuda:N (default: cuda when available)")
     parser.add_argument("--suite", default="quick",
                         choices=["quick", "full", "gpu-core", "gpu-headline", "headline", "smoke",
-                                 "distributed"])
+                                 "baselines", "baselines-smoke", "distributed"])
     parser.add_argument("--only", default=None,
                         help=f"comma-separated peers to run, from: {', '.join(ALL_PEERS)}")
     parser.add_argument("--out", default=str(REPO_ROOT / "benchmarks" / "results"),

@@ -10,6 +10,10 @@
 * ``gpu-headline`` (CUDA, a few minutes): the paper's shape alone, every peer, tf32 and bf16,
   forward+backward (``make gpu-validate``'s benchmark step).
 * ``headline``: the N=512, D=8160 forward+backward case alone (a replicate, minutes).
+* ``baselines`` (CPU, about 35 minutes on 2 idle cores): MUSIC's ``torch`` path beside
+  the memory-light and the official Barlow Twins and VICReg, the reference and the floor;
+  D in {2000, ..., 32640} at N=512 and N in {256, ..., 2048} at D=8160, lean protocol
+  (``benchmarks.baselines_sweep`` renders it with fitted growth exponents).
 * ``smoke``: tiny shapes for the tests.
 """
 
@@ -22,7 +26,13 @@ from benchmarks.measure import Budget, Case
 
 ALL_PEERS: tuple[str, ...] = ("music-triton", "music-torch", "music-reference",
                               "music-reference-compiled", "barlow-twins", "vicreg",
-                              "matmul-floor")
+                              "barlow-twins-light", "vicreg-light", "matmul-floor")
+#: The peers at equal engineering: MUSIC and the memory-light Barlow Twins and VICReg beside
+#: the official (materialising) ones, the MUSIC reference and the matmul floor.
+BASELINE_PEERS: tuple[str, ...] = ("music-torch", "barlow-twins-light", "vicreg-light",
+                                   "barlow-twins", "vicreg", "music-reference", "matmul-floor")
+BASELINES_D_SWEEP: tuple[int, ...] = (2000, 4080, 8160, 16320, 32640)
+BASELINES_N_SWEEP: tuple[int, ...] = (256, 512, 1024, 2048)
 EAGER_PEERS: tuple[str, ...] = tuple(p for p in ALL_PEERS if p != "music-reference-compiled")
 MUSIC_AND_FLOOR: tuple[str, ...] = ("music-triton", "music-torch", "music-reference",
                                     "matmul-floor")
@@ -40,6 +50,23 @@ class Suite:
     cases: tuple[Case, ...]
     budget: Budget
     description: str
+    #: CPU: cases with ``N * D^2`` above this run the lean protocol (one process, one
+    #: warm-up call, ``lean_calls`` timed calls, the first also measuring memory).
+    lean_above_nd2: float | None = None
+    lean_calls: int = 3
+    #: Lean cases with ``N * D^2`` above this skip the warm-up call (calls of a minute).
+    cold_above_nd2: float | None = None
+    #: Cases whose predicted peak is above this many GiB are skipped with the reason.
+    max_predicted_gib: float | None = None
+
+    def is_lean(self, case: Case) -> bool:
+        """Whether ``case`` runs the lean protocol."""
+        return self.lean_above_nd2 is not None and case.n * case.d**2 > self.lean_above_nd2
+
+    def is_cold(self, case: Case) -> bool:
+        """Whether ``case`` runs the lean protocol without a warm-up call."""
+        return (self.is_lean(case) and self.cold_above_nd2 is not None
+                and case.n * case.d**2 > self.cold_above_nd2)
 
 
 def _grid(peers: Iterable[str], ns: Iterable[int], ds: Iterable[int], precisions: Iterable[str],
@@ -109,6 +136,32 @@ def headline_suite() -> Suite:
                  "CPU: the CPU case alone (N=512, D=8160, forward+backward), a replicate")
 
 
+def baselines_suite() -> Suite:
+    """MUSIC beside memory-light and official Barlow Twins and VICReg (CPU, about 35 minutes
+    on 2 idle cores): D sweep at N=512 up to D=32640, N sweep at D=8160.
+
+    Every case runs the lean protocol (one process: a warm-up call, then 3 timed calls, the
+    first also measuring memory; no warm-up at D=32640, where a call takes a minute), in this
+    order: D sweep to 16320, D=32640, N sweep."""
+    d_small = [d for d in BASELINES_D_SWEEP if d <= 16320]
+    d_large = [d for d in BASELINES_D_SWEEP if d > 16320]
+    cases = (_grid(BASELINE_PEERS, [512], d_small, ["ieee"], [FB])
+             + _grid(BASELINE_PEERS, [512], d_large, ["ieee"], [FB])
+             + _grid(BASELINE_PEERS, BASELINES_N_SWEEP, [PAPER_D], ["ieee"], [FB]))
+    return Suite("baselines", _unique(cases),
+                 Budget(warmup_s=0.3, time_s=2.0, min_reps=3, max_reps=10),
+                 "CPU: peers at equal engineering, D sweep at N=512 (to 32640), N sweep at "
+                 "D=8160", lean_above_nd2=0, lean_calls=3, cold_above_nd2=512 * 16320**2,
+                 max_predicted_gib=20.0)
+
+
+def baselines_smoke_suite() -> Suite:
+    cases = _grid(BASELINE_PEERS, [32], [160, 320], ["ieee"], [FB])
+    return Suite("baselines-smoke", _unique(cases), Budget(0.0, 0.0, 3, 3),
+                 "tiny shapes of the baselines suite, for tests", lean_above_nd2=0,
+                 lean_calls=3, cold_above_nd2=32 * 160**2, max_predicted_gib=20.0)
+
+
 def smoke_suite() -> Suite:
     cases = _grid(ALL_PEERS, [32], [160, 240], ["ieee"], [FB]) + _grid(
         ALL_PEERS, [32], [240], ["ieee"], [FWD])
@@ -129,4 +182,9 @@ def get_suite(name: str, gpu: bool) -> Suite:
         return headline_suite()
     if name == "gpu-headline":
         return gpu_headline_suite()
-    raise ValueError(f"unknown suite {name!r}; choose quick, full, gpu-core or smoke")
+    if name == "baselines":
+        return baselines_suite()
+    if name == "baselines-smoke":
+        return baselines_smoke_suite()
+    raise ValueError(f"unknown suite {name!r}; choose quick, full, gpu-core, gpu-headline, "
+                     "headline, baselines or smoke")

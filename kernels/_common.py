@@ -148,16 +148,21 @@ def lg(x):
 
 @triton.jit
 def lg_fast(x, EMULATE: tl.constexpr):
-    """:func:`lg` by the special-function unit: PTX ``lg2.approx.f32`` (one ``MUFU.LG2``;
+    """:func:`lg` by the special-function unit: PTX ``lg2.approx.ftz.f32`` (one ``MUFU.LG2``;
     PTX ISA: maximum relative error 2^-22 over the normal range) times ln 2, where
     libdevice's accurate ``logf`` costs ~50 SASS instructions per entry. For the tf32/bf16
     modes, whose operands already carry 2^-11 / 2^-9 relative rounding. ``EMULATE`` (the
-    interpreter, which runs no PTX): the accurate log."""
+    interpreter, which runs no PTX): the accurate log.
+
+    ``.ftz`` (flush subnormal inputs to zero): the input is clamped to the smallest normal
+    float first, so no subnormal ever reaches the instruction and flushing changes no
+    result; without ``.ftz`` ptxas wraps each ``MUFU.LG2`` in a subnormal fix-up (a compare,
+    a scale and a select per entry) that can never fire here."""
     y = tl.maximum(x, 1.1754943508222875e-38, propagate_nan=tl.PropagateNan.ALL)
     if EMULATE:
         return tl.log(y)
     else:
-        log2 = tl.inline_asm_elementwise("lg2.approx.f32 $0, $1;", "=r,r", [y],
+        log2 = tl.inline_asm_elementwise("lg2.approx.ftz.f32 $0, $1;", "=r,r", [y],
                                          dtype=tl.float32, is_pure=True, pack=1)
         return log2 * 0.6931471805599453
 

@@ -310,7 +310,8 @@ def _metas(plan: JointPlan) -> tuple[dict[str, Any] | None, dict[str, Any] | Non
 
 
 def joint_entropy_pass(p1: Tensor, p2: Tensor, plan: JointPlan,
-                       p_t: tuple[Tensor, Tensor] | None = None) -> JointPass:
+                       p_t: tuple[Tensor, Tensor] | None = None,
+                       out: tuple[Tensor | None, Tensor | None] | None = None) -> JointPass:
     """Entropy sums of ``P = p1^T p2 / N`` and, if the plan asks, the off-block gradient
     products, chunk by chunk of rows of ``P``, never storing ``P``.
 
@@ -320,6 +321,10 @@ def joint_entropy_pass(p1: Tensor, p2: Tensor, plan: JointPlan,
         plan: What to compute and how (:class:`JointPlan`).
         p_t: In tf32 mode, ``p1, p2`` transposed, ``(D, N)`` contiguous (the softmax kernel
             writes them; made here when ``None``): the joint product's K-major operands.
+        out: fp32 contiguous ``(N, D)`` arrays to receive ``dp1, dp2`` (``None`` in a slot, or
+            no ``out``: allocated here). ``dp1`` may be ``p1`` itself (fp32 operands): each
+            chunk's columns of ``p1`` are last read by that chunk's ``dp2`` product, which
+            runs before ``dp1``'s overwrites them; columns outside ``p_rows`` are zeroed.
 
     Returns:
         A :class:`JointPass`.
@@ -344,9 +349,17 @@ def joint_entropy_pass(p1: Tensor, p2: Tensor, plan: JointPlan,
     p_diag = alloc(d, device=dev, dtype=torch.float32)
     want1, want2 = plan.grads
     write_grad = want1 or want2
+    out1, out2 = out if out is not None else (None, None)
+    for name, buf, want in (("dp1", out1, want1), ("dp2", out2, want2)):
+        if buf is not None and (not want or buf.shape != (n, d) or buf.dtype != torch.float32
+                                or not buf.is_contiguous()):
+            raise ValueError(f"out's {name} must be a contiguous fp32 ({n}, {d}) array, given "
+                             f"only when plan.grads asks for it")
     # distinct tensors: custom ops forbid aliases
-    dp1 = alloc((n, d) if want1 else (0,), device=dev, dtype=torch.float32)
-    dp2 = alloc((n, d) if want2 else (0,), device=dev, dtype=torch.float32)
+    dp1 = out1 if out1 is not None else alloc((n, d) if want1 else (0,), device=dev,
+                                              dtype=torch.float32)
+    dp2 = out2 if out2 is not None else alloc((n, d) if want2 else (0,), device=dev,
+                                              dtype=torch.float32)
     workspace = torch.empty((min(chunk_size, d), d) if write_grad else (0,), device=dev,
                             dtype=p1.dtype)
     # tf32 (Hopper's tf32 wgmma reads only K-major operands): the joint product reads the
@@ -386,10 +399,14 @@ def joint_entropy_pass(p1: Tensor, p2: Tensor, plan: JointPlan,
                   "USE_INT64": needs_int64(op1, op2), "FAST_LOG": plan.fast_log,
                   "USE_TMA": joint_tma}
     sums: list[Tensor] = []
+    # One partial-sum buffer for every chunk: each chunk's sums are read (in stream order)
+    # before the next chunk's launch writes it.
+    slots = triton.cdiv(min(chunk_size, p_row_stop - p_row_start), MIN_TILE) * triton.cdiv(
+        d, MIN_TILE)
+    partial = torch.empty((2, slots) if p_row_stop > p_row_start else (0,), device=dev,
+                          dtype=torch.float32)
     for a0 in range(p_row_start, p_row_stop, chunk_size):
         rows = min(chunk_size, p_row_stop - a0)
-        slots = triton.cdiv(rows, MIN_TILE) * triton.cdiv(d, MIN_TILE)
-        partial = torch.empty((2, slots), device=dev, dtype=torch.float32)
         grid = lambda cfg, rows=rows: (triton.cdiv(rows, cfg["BLOCK_A"])
                                        * triton.cdiv(d, cfg["BLOCK_B"]),)
         used = launch(tuner, joint_entropy_kernel, grid, joint_meta, *operands, *outputs,
@@ -399,14 +416,22 @@ def joint_entropy_pass(p1: Tensor, p2: Tensor, plan: JointPlan,
         sums.append(partial[:, :tiles].sum(dim=1, dtype=torch.float64))
         if write_grad:
             g_chunk = workspace[:rows]
-            # dp1[:, a0:a1] = p2 @ G_chunk^T / N ; dp2 (+)= p1[:, a0:a1] @ G_chunk / N
-            if want1:
-                _matmul(p2, g_chunk.T, dp1[:, a0:a0 + rows], 1.0 / n, False, precision,
-                        matmul_meta)
+            # dp2 (+)= p1[:, a0:a1] @ G_chunk / N, then dp1[:, a0:a1] = p2 @ G_chunk^T / N
+            # (in that order: dp1 may overwrite those columns of p1)
             if want2:
                 g_operand = workspace_t[:, :rows].T if write_gt else g_chunk  # K-major in tf32
                 _matmul(p1[:, a0:a0 + rows], g_operand, dp2, 1.0 / n, a0 > p_row_start,
                         precision, matmul_meta)
+            if want1:
+                _matmul(p2, g_chunk.T, dp1[:, a0:a0 + rows], 1.0 / n, False, precision,
+                        matmul_meta)
+    if out1 is not None and (p_row_start, p_row_stop) != (0, d):
+        # dp1 is 0 outside the rows of P formed (a given array may hold anything there,
+        # p1's columns if it is p1)
+        dp1[:, :p_row_start].zero_()
+        dp1[:, p_row_stop:].zero_()
+    if want2 and out2 is not None and p_row_stop <= p_row_start:
+        dp2.zero_()
     # No rows (a rank that owns no segment): both sums are 0.
     total = (torch.stack(sums).sum(dim=0) if sums
              else torch.zeros(2, device=dev, dtype=torch.float64))
@@ -420,12 +445,13 @@ def softmax_forward(
     z1: Tensor, z2: Tensor | None, segment_dim: int, temperature: float, eps: float,
     out_dtype: torch.dtype = torch.float32, local_rows: tuple[int, int] | None = None,
     round_bf16: bool = False, round_tf32: bool = False,
-    out_transposed: tuple[Tensor, Tensor] | None = None,
+    out_transposed: tuple[Tensor, Tensor] | None = None, out1: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """Segment softmax of one or two views; with two, the invariance partial sums too.
 
     Returns:
         ``(p1, p2, inv_partials)``: ``p`` as contiguous ``(N, D)`` arrays of ``out_dtype``
+        (``p1`` written into ``out1`` when given: a contiguous ``(N, D)`` ``out_dtype`` array)
         (fp32 values rounded once on store; ``round_bf16``: to bf16 values, kept in
         ``out_dtype``; ``round_tf32``: to the nearest tf32 values, for tf32 products), and
         an ``(N, blocks)`` fp32 array whose sum is ``sum_{local i, s} lg(sum_k p1 p2)`` over
@@ -444,8 +470,11 @@ def softmax_forward(
     two = z2 is not None
     local_start, local_stop = local_rows if local_rows is not None else (0, n)
     zb = z2 if z2 is not None else z1
-    p1 = torch.empty((n, d), device=z1.device, dtype=out_dtype)
-    p2 = torch.empty_like(p1) if two else None
+    if out1 is not None and (out1.shape != (n, d) or out1.dtype != out_dtype
+                             or not out1.is_contiguous()):
+        raise ValueError(f"out1 must be a contiguous ({n}, {d}) {out_dtype} array")
+    p1 = out1 if out1 is not None else torch.empty((n, d), device=z1.device, dtype=out_dtype)
+    p2 = torch.empty((n, d), device=z1.device, dtype=out_dtype) if two else None
     if out_transposed is not None:
         if not two or round_bf16 or any(
                 t.shape != (d, n) or not t.is_contiguous() or t.dtype != out_dtype
@@ -483,24 +512,47 @@ def music_loss_backward(
     grad_terms: Tensor, segment_dim: int, temperature: float, eps: float, c_diag: float,
     inv_coef: float, local_rows: tuple[int, int], has_off: bool,
     diag_segments: tuple[int, int] | None = None,
+    out: tuple[Tensor | None, Tensor | None] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Launch :func:`music_loss_bwd_kernel`; returns ``(dz1, dz2)`` in the views' dtypes.
 
     ``local_rows``: the batch rows whose invariance term counts. ``diag_segments``: only
     the diagonal entries of these segments ``[s0, s1)`` count (sharding): the kernel is
     launched on the column ranges before, inside and after them (pointers offset to the
-    range's first column), with ``c_diag = 0`` outside.
+    range's first column), with ``c_diag = 0`` outside. ``out``: write ``(dz1, dz2)`` into
+    these contiguous ``(N, D)`` arrays (they may be ``dp_off1, dp_off2`` themselves: the
+    gradients finished in place); ``None`` in a slot: that view's gradient is not formed
+    (an empty tensor is returned for it).
+
+    Example:
+        >>> import os, torch
+        >>> if os.environ.get("TRITON_INTERPRET") == "1":
+        ...     z = torch.randn(4, 6)
+        ...     dz1, dz2 = music_loss_backward(z, z.clone(), z.new_empty(0), z.new_empty(0),
+        ...                                    z.new_ones(6), torch.tensor([1.0, 0, 0, 0]),
+        ...                                    3, 1.0, 0.0, 0.5, -0.1, (0, 4), False)
+        ...     assert dz1.shape == dz2.shape == (4, 6)
     """
     n, d = z1.shape
     s = d // segment_dim
     s0, s1 = diag_segments if diag_segments is not None else (0, s)
-    dz1 = torch.empty((n, d), device=z1.device, dtype=z1.dtype)
-    dz2 = torch.empty((n, d), device=z2.device, dtype=z2.dtype)
-    # A view that needs no gradient has an empty dp_off: read the other view's in its place
-    # (same shape); the caller discards that view's dz.
+    if out is None:
+        out = (torch.empty((n, d), device=z1.device, dtype=z1.dtype),
+               torch.empty((n, d), device=z2.device, dtype=z2.dtype))
+    dz1, dz2 = out
+    need1, need2 = dz1 is not None, dz2 is not None
+    if not (need1 or need2):
+        raise ValueError("out must name at least one gradient to form")
+    for t in (dz1, dz2):
+        if t is not None and (t.shape != (n, d) or not t.is_contiguous()):
+            raise ValueError(f"out arrays must be contiguous ({n}, {d}), got {tuple(t.shape)}")
+    # A view that needs no gradient (or has no off-block product) reads and writes through
+    # the other view's pointers: the kernel's NEED flags keep it from touching them.
+    some = dz1 if dz1 is not None else dz2
+    assert some is not None
     off1 = dp_off1 if dp_off1.numel() else (dp_off2 if has_off else p_diag)
     off2 = dp_off2 if dp_off2.numel() else (dp_off1 if has_off else p_diag)
-    use_int64 = needs_int64(z1, z2, dz1)
+    use_int64 = needs_int64(z1, z2, some)
     for first, stop, coef in ((0, s0, 0.0), (s0, s1, c_diag), (s1, s, 0.0)):
         if stop <= first:
             continue
@@ -512,10 +564,12 @@ def music_loss_backward(
         meta = softmax_blocks(segment_dim, stop - first)
         grid = (n, triton.cdiv(stop - first, meta["BLOCK_S"]))
         music_loss_bwd_kernel[grid](
-            cols(z1), cols(z2), cols(off1), cols(off2), cols(p_diag), grad_terms, cols(dz1),
-            cols(dz2), stop - first, segment_dim, d, z1.stride(0), z1.stride(1),
+            cols(z1), cols(z2), cols(off1), cols(off2), cols(p_diag), grad_terms,
+            cols(dz1 if dz1 is not None else some), cols(dz2 if dz2 is not None else some),
+            stop - first, segment_dim, d, z1.stride(0), z1.stride(1),
             z2.stride(0), z2.stride(1), local_rows[0], local_rows[1], 1.0 / temperature, eps,
-            coef, inv_coef, 1.0 / n, HAS_OFF=has_off, USE_INT64=use_int64, **meta,
+            coef, inv_coef, 1.0 / n, HAS_OFF=has_off, USE_INT64=use_int64, NEED1=need1,
+            NEED2=need2, **meta,
         )
-    return dz1, dz2
-
+    empty = torch.empty(0, device=z1.device, dtype=torch.float32)
+    return (dz1 if dz1 is not None else empty), (dz2 if dz2 is not None else empty)

@@ -185,9 +185,13 @@ def music_loss_bwd_kernel(
     S, K, D, stride_z1n, stride_z1d, stride_z2n, stride_z2d,
     local_start, local_stop, inv_temperature, eps, c_diag, inv_coef, inv_n,
     HAS_OFF: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr,
-    USE_INT64: tl.constexpr,
+    USE_INT64: tl.constexpr, NEED1: tl.constexpr = True, NEED2: tl.constexpr = True,
 ):
     """Gradient of the fused loss w.r.t. both views, per (row, segment block).
+
+    ``NEED1`` / ``NEED2``: which views' gradients to read and store (a view that needs
+    none may pass the other view's pointers). ``dz`` may be ``dpo`` itself (in place): each
+    program reads its tile of ``dpo`` before it stores the same tile of ``dz``.
 
     ``gterms = (g_loss, g_diag, g_off, g_inv)``: upstream gradients of the four returned
     terms; ``loss = diag + off + inv``, so each term's weight is ``g_loss + g_term``.
@@ -217,10 +221,13 @@ def music_loss_bwd_kernel(
                        + tl.where(p_diag >= 1.1754943508222875e-38, 1.0, 0.0)) * inv_n * w_diag
     dp1 = (d_agreement[:, None] + g_diag) * p2
     dp2 = (d_agreement[:, None] + g_diag) * p1
-    if HAS_OFF:
-        dp1 += w_off * tl.load(dpo1_ptr + row * D + col, mask=mask, other=0.0)
-        dp2 += w_off * tl.load(dpo2_ptr + row * D + col, mask=mask, other=0.0)
-    dz1 = _softmax_backward(q1, dp1, mask, eps, inv_temperature)
-    dz2 = _softmax_backward(q2, dp2, mask, eps, inv_temperature)
-    tl.store(dz1_ptr + row * D + col, dz1, mask=mask)
-    tl.store(dz2_ptr + row * D + col, dz2, mask=mask)
+    if NEED1:
+        if HAS_OFF:
+            dp1 += w_off * tl.load(dpo1_ptr + row * D + col, mask=mask, other=0.0)
+        dz1 = _softmax_backward(q1, dp1, mask, eps, inv_temperature)
+        tl.store(dz1_ptr + row * D + col, dz1, mask=mask)
+    if NEED2:
+        if HAS_OFF:
+            dp2 += w_off * tl.load(dpo2_ptr + row * D + col, mask=mask, other=0.0)
+        dz2 = _softmax_backward(q2, dp2, mask, eps, inv_temperature)
+        tl.store(dz2_ptr + row * D + col, dz2, mask=mask)

@@ -1,18 +1,22 @@
 """The fused MUSIC loss as ``torch.library`` custom ops, and the backend entry point.
 
-Two ops, ``music_loss::fused_forward`` and ``music_loss::fused_backward``, registered with
-``torch.library.custom_op`` + ``register_fake`` + ``register_autograd``: ``torch.compile``
-traces through them without a graph break, and, unlike ``triton_op``, they also compile
-and run under ``TRITON_INTERPRET=1`` on CPU tensors, so CI tests the compiled path.
-No host syncs: the upstream gradients travel as a device tensor read by the kernel.
+One op, ``music_loss::fused_forward``, registered with ``torch.library.custom_op`` +
+``register_fake`` + ``register_autograd``: ``torch.compile`` traces through it without a
+graph break, and, unlike ``triton_op``, it also compiles and runs under
+``TRITON_INTERPRET=1`` on CPU tensors, so CI tests the compiled path. No host syncs: the
+backward scales by the upstream gradient as a device tensor.
 
-Data flow of the forward (gradients computed in it, Liger style, when needed):
+Data flow of the forward (the loss's gradients finished in it, Liger style, when needed):
   1. :func:`~music_loss.kernels.launchers.softmax_forward`: ``p1, p2`` (operand
-     dtype) and the invariance partial sums, one read of each view;
+     dtype) and the invariance partial sums, one read of each view; with fp32 operands
+     ``p1`` is stored in the first view's gradient array;
   2. :func:`~music_loss.kernels.launchers.joint_entropy_pass`: entropy partial sums,
-     ``diag(P)`` and the off-block gradients ``dp1, dp2`` (fp32, ``O(N D)``), chunk by chunk;
-  3. the backward kernel (run in autograd's backward) combines them with the per-term
-     upstream gradients and applies clamp mask and softmax Jacobian: ``dz1, dz2``.
+     ``diag(P)`` and the off-block gradients ``dp1, dp2``, chunk by chunk, accumulated in
+     the two gradient arrays (fp32 ``(N, D)``, the shape of the inputs);
+  3. the backward kernel, in place on those arrays: diagonal and invariance terms, clamp
+     mask and softmax Jacobian, for an upstream gradient of 1.
+The autograd backward multiplies them by the loss's upstream gradient and casts them to the
+views' dtypes. Only ``loss`` carries a gradient (the parts are detached logging values).
 """
 
 from __future__ import annotations
@@ -50,40 +54,60 @@ def fused_forward(
     c_diag: float, c_off: float, invariance_weight: float, local_start: int, local_stop: int,
     precision: str, chunk_size: int, need_grad1: bool, need_grad2: bool,
     p_row_start: int, p_row_stop: int,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Terms ``(loss, diag, off, inv)`` as a float32 ``(4,)`` tensor, plus saved gradients.
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Terms ``(loss, diag, off, inv)`` as a float32 ``(4,)`` tensor, and the loss's
+    gradients for an upstream gradient of 1.
 
     Returns:
-        ``(terms, dp_off1, dp_off2, p_diag)``; ``dp_off1`` (``dp_off2``) is empty unless
-        ``need_grad1`` (``need_grad2``) and the off-block term has a nonzero coefficient:
-        a view that does not require grad costs no gradient product. Only the rows
-        ``[p_row_start, p_row_stop)`` of ``P`` are computed (sharding; ``(0, D)``: all).
+        ``(terms, grad1, grad2)``: ``grad1`` (``grad2``) is ``d loss / d z1`` (``z2``), fp32
+        ``(N, D)``, or empty unless ``need_grad1`` (``need_grad2``): a view that does not
+        require grad costs no gradient product. Only the rows ``[p_row_start, p_row_stop)``
+        of ``P`` are computed (sharding; ``(0, D)``: all).
     """
     with device_of(z1):  # launch on z1's GPU, not the current one
         n, d = z1.shape
         s = d // segment_dim
+        # The gradients, fp32 whatever the views' dtype (a loss scale of 2^16 neither
+        # overflows nor flushes them before it is applied; cast in the backward). With fp32
+        # operands (ieee, tf32) p1 is stored in grad1: each chunk's columns of p1 are dead
+        # once that chunk's dp2 product has read them, before dp1 overwrites them.
+        grad1 = z1.new_empty((n, d) if need_grad1 else (0,), dtype=torch.float32)
+        grad2 = z1.new_empty((n, d) if need_grad2 else (0,), dtype=torch.float32)
+        op_dtype = operand_dtype(precision)
+        p1_in_grad1 = need_grad1 and op_dtype == torch.float32
         # tf32: the softmax also writes p1, p2 transposed (the joint product's K-major
         # operands).
         p_t = (z1.new_empty((d, n), dtype=torch.float32),
                z1.new_empty((d, n), dtype=torch.float32)) if precision == "tf32" else None
         round_bf16 = precision == "bf16" and emulate_tensor_cores()
         p1, p2, inv_partials = softmax_forward(
-            z1, z2, segment_dim, temperature, eps, operand_dtype(precision),
+            z1, z2, segment_dim, temperature, eps, op_dtype,
             (local_start, local_stop), round_bf16=round_bf16, round_tf32=precision == "tf32",
-            out_transposed=p_t)
+            out_transposed=p_t, out1=grad1 if p1_in_grad1 else None)
         assert p2 is not None and inv_partials is not None
         has_off = _has_off(d, segment_dim, c_off)
         plan = JointPlan(segment_dim, c_off, precision,
                          grads=(need_grad1 and has_off, need_grad2 and has_off),
                          chunk_size=chunk_size or None, p_rows=(p_row_start, p_row_stop))
-        joint = joint_entropy_pass(p1, p2, plan, p_t)
+        joint = joint_entropy_pass(p1, p2, plan, p_t,
+                                   out=(grad1 if plan.grads[0] else None,
+                                        grad2 if plan.grads[1] else None))
         del p1, p2, p_t
         diag = c_diag * joint.h_diag
         off = c_off * joint.h_off
         local_count = local_stop - local_start
         inv = -invariance_weight * inv_partials.sum(dtype=torch.float64) / (local_count * s)
         terms = torch.stack([diag + off + inv, diag, off, inv]).to(torch.float32)
-        return terms, joint.dp1, joint.dp2, joint.p_diag
+        if need_grad1 or need_grad2:
+            # Clamp mask and softmax Jacobian, in place: grad = d loss / d z.
+            music_loss_backward(
+                z1, z2, joint.dp1, joint.dp2, joint.p_diag,
+                torch.tensor([1.0, 0.0, 0.0, 0.0], device=z1.device), segment_dim,
+                temperature, eps, c_diag, -invariance_weight / (local_count * s),
+                (local_start, local_stop), has_off,
+                diag_segments=(p_row_start // segment_dim, p_row_stop // segment_dim),
+                out=(grad1 if need_grad1 else None, grad2 if need_grad2 else None))
+        return terms, grad1, grad2
 
 
 @fused_forward.register_fake
@@ -92,59 +116,26 @@ def _fused_forward_fake(
     c_diag: float, c_off: float, invariance_weight: float, local_start: int, local_stop: int,
     precision: str, chunk_size: int, need_grad1: bool, need_grad2: bool,
     p_row_start: int, p_row_stop: int,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor]:
     n, d = z1.shape
     terms = z1.new_empty(4, dtype=torch.float32)
-    has_off = _has_off(d, segment_dim, c_off)
-    dp1 = z1.new_empty((n, d) if need_grad1 and has_off else (0,), dtype=torch.float32)
-    dp2 = z1.new_empty((n, d) if need_grad2 and has_off else (0,), dtype=torch.float32)
-    return terms, dp1, dp2, z1.new_empty(d, dtype=torch.float32)
-
-
-@torch.library.custom_op(f"{_NAMESPACE}::fused_backward", mutates_args=())
-def fused_backward(
-    z1: Tensor, z2: Tensor, dp_off1: Tensor, dp_off2: Tensor, p_diag: Tensor,
-    grad_terms: Tensor, segment_dim: int, temperature: float, eps: float, c_diag: float,
-    c_off: float, invariance_weight: float, local_start: int, local_stop: int,
-    p_row_start: int, p_row_stop: int,
-) -> tuple[Tensor, Tensor]:
-    """``(dz1, dz2)`` from the saved gradients and the upstream gradients of the 4 terms."""
-    n, d = z1.shape
-    inv_coef = -invariance_weight / ((local_stop - local_start) * (d // segment_dim))
-    with device_of(z1):
-        return music_loss_backward(
-            z1, z2, dp_off1, dp_off2, p_diag, grad_terms.to(torch.float32).contiguous(),
-            segment_dim, temperature, eps, c_diag, inv_coef, (local_start, local_stop),
-            has_off=dp_off1.numel() > 0 or dp_off2.numel() > 0,
-            diag_segments=(p_row_start // segment_dim, p_row_stop // segment_dim),
-        )
-
-
-@fused_backward.register_fake
-def _fused_backward_fake(
-    z1: Tensor, z2: Tensor, dp_off1: Tensor, dp_off2: Tensor, p_diag: Tensor,
-    grad_terms: Tensor, segment_dim: int, temperature: float, eps: float, c_diag: float,
-    c_off: float, invariance_weight: float, local_start: int, local_stop: int,
-    p_row_start: int, p_row_stop: int,
-) -> tuple[Tensor, Tensor]:
-    return (torch.empty(z1.shape, dtype=z1.dtype, device=z1.device),
-            torch.empty(z2.shape, dtype=z2.dtype, device=z2.device))
+    grad1 = z1.new_empty((n, d) if need_grad1 else (0,), dtype=torch.float32)
+    grad2 = z1.new_empty((n, d) if need_grad2 else (0,), dtype=torch.float32)
+    return terms, grad1, grad2
 
 
 def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
-    (z1, z2, segment_dim, temperature, eps, c_diag, c_off, invariance_weight,
-     local_start, local_stop, _precision, _chunk_size, need_grad1, need_grad2,
-     p_row_start, p_row_stop) = inputs
-    _terms, dp_off1, dp_off2, p_diag = output
-    ctx.save_for_backward(z1, z2, dp_off1, dp_off2, p_diag)
-    ctx.params = (segment_dim, temperature, eps, c_diag, c_off, invariance_weight,
-                  local_start, local_stop, p_row_start, p_row_stop)
+    z1, z2 = inputs[:2]
+    need_grad1, need_grad2 = inputs[12:14]
+    _terms, grad1, grad2 = output
+    ctx.save_for_backward(grad1, grad2)
+    ctx.dtypes = (z1.dtype, z2.dtype)
     ctx.need_grads = (need_grad1, need_grad2)
 
 
 def _backward(ctx: Any, grad_terms: Tensor | None, *_unused: Any) -> tuple[Any, ...]:
     if torch.is_grad_enabled():
-        # create_graph=True: the saved gradient products are constants, so second
+        # create_graph=True: the gradients finished in the forward are constants, so second
         # derivatives through them would be silently wrong.
         raise RuntimeError(
             "music_loss backend='triton' does not support double backward (create_graph=True "
@@ -154,13 +145,15 @@ def _backward(ctx: Any, grad_terms: Tensor | None, *_unused: Any) -> tuple[Any, 
     if not (need1 or need2):
         raise RuntimeError("music_loss::fused_forward ran without gradient bookkeeping "
                            "(need_grad1=need_grad2=False); call it through music_loss_triton")
-    z1, z2, dp_off1, dp_off2, p_diag = ctx.saved_tensors
+    grad1, grad2 = ctx.saved_tensors
     if grad_terms is None:
-        grad_terms = torch.zeros(4, device=z1.device, dtype=torch.float32)
-    dz1, dz2 = fused_backward(z1, z2, dp_off1, dp_off2, p_diag, grad_terms, *ctx.params)
-    # A view that did not require grad has no off-block product: its dz is not computed
-    # from the full gradient and must not be returned.
-    return (dz1 if need1 else None, dz2 if need2 else None) + (None,) * 14
+        return (None,) * 16
+    # Only the loss carries a gradient (the parts are detached): scale by its upstream
+    # gradient, a device tensor (no host sync, no branch on its value), then cast.
+    scale = grad_terms[0].to(torch.float32)
+    dz1 = (grad1 * scale).to(ctx.dtypes[0]) if need1 else None
+    dz2 = (grad2 * scale).to(ctx.dtypes[1]) if need2 else None
+    return (dz1, dz2) + (None,) * 14
 
 
 fused_forward.register_autograd(_backward, setup_context=_setup_context)
@@ -187,7 +180,8 @@ def music_loss_triton(
             count, on segment boundaries (sharding); ``None``: all ``D``.
 
     Returns:
-        :class:`MUSICTerms` of float32 scalars, differentiable w.r.t. ``z1`` and ``z2``.
+        :class:`MUSICTerms` of float32 scalars; ``loss`` is differentiable w.r.t. ``z1`` and
+        ``z2`` (its gradients are finished in the forward), the parts are detached.
 
     Example:
         >>> import os, torch
@@ -208,9 +202,9 @@ def music_loss_triton(
     p_row_start, p_row_stop = p_rows if p_rows is not None else (0, d)
     c_diag, c_off = config.coefficients(d)
     grad_on = torch.is_grad_enabled()
-    terms, _, _, _ = fused_forward(
+    terms, _, _ = fused_forward(
         z1, z2, config.segment_dim, config.temperature, config.eps, c_diag, c_off,
         config.invariance_weight, local_start, local_stop, precision, chunk_size or 0,
         grad_on and z1.requires_grad, grad_on and z2.requires_grad, p_row_start, p_row_stop,
     )
-    return MUSICTerms(terms[0], terms[1], terms[2], terms[3])
+    return MUSICTerms(terms[0], terms[1].detach(), terms[2].detach(), terms[3].detach())

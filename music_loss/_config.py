@@ -1,12 +1,13 @@
 """Loss hyperparameters and the small pure helpers every backend shares.
 
 One frozen :class:`LossConfig` travels from the public API through the dispatch into a
-backend, so the math (SPEC 1) has exactly one place that turns the user's weights and
+backend, so the math has exactly one place that turns the user's weights and
 normalisation into the per-entry coefficients ``c`` of the diagonal and off-block entries.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
@@ -28,8 +29,37 @@ PRECISIONS: tuple[str, ...] = ("auto", "ieee", "tf32", "bf16")
 TINY: float = torch.finfo(torch.float32).tiny
 
 
+def autocast_disabled(device_type: str) -> contextlib.AbstractContextManager[object]:
+    """Autocast off for this device type (the backends choose their operand precision
+    themselves); nothing to turn off on device types autocast does not know (``meta``)."""
+    if device_type == "meta":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device_type, enabled=False)
+
+
+def round_to_tf32(x: Tensor) -> Tensor:
+    """fp32 -> nearest tf32 value (10 mantissa bits, ties to even), kept in fp32 (finite x)."""
+    bits = x.view(torch.int32)
+    rounded = (bits + 0x0FFF + ((bits >> 13) & 1)) & ~0x1FFF
+    return rounded.view(torch.float32)
+
+
+def matmul_operand(p: Tensor, precision: str) -> Tensor:
+    """A product's operand as the precision says (fp32 accumulation always).
+
+    ``bf16``: rounded to bf16 values, multiplied exactly. ``tf32``: on CUDA, rounded to tf32
+    values (nearest-even, as cuBLAS does), which makes the product tf32 whatever PyTorch's
+    global setting (CPU has no tf32: it computes fp32 there). ``ieee``: unchanged.
+    """
+    if precision == "bf16":
+        return p.to(torch.bfloat16).to(p.dtype)
+    if precision == "tf32" and p.device.type == "cuda" and p.dtype == torch.float32:
+        return round_to_tf32(p)
+    return p
+
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 stays float64; every other floating dtype computes in float32 (SPEC 1)."""
+    """float64 stays float64; every other floating dtype computes in float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -68,7 +98,7 @@ class LossConfig:
         return dim // self.segment_dim
 
     def coefficients(self, dim: int) -> tuple[float, float]:
-        """Multipliers ``(c_diag, c_off)`` of the raw sums ``H_diag`` and ``H_off`` (SPEC 1.5)."""
+        """Multipliers ``(c_diag, c_off)`` of the raw sums ``H_diag`` and ``H_off``."""
         s = self.num_segments(dim)
         if self.normalization == "blocks":
             c_off = self.off_weight / (s * (s - 1)) if s > 1 else 0.0

@@ -44,6 +44,8 @@ def resolve_backend(backend: Backend, device_type: str, dtype: torch.dtype) -> s
         'torch'
     """
     if backend == "auto":
+        if device_type == "meta":  # shapes only: nothing is materialised, the reference is free
+            return "reference"
         if device_type == "cuda" and triton_unavailable_reason(device_type, dtype) is None:
             return "triton"
         return "torch"
@@ -70,9 +72,18 @@ def resolve_precision(
         return precision
     if dtype == torch.float64:
         return "ieee"
-    if dtype in _SIXTEEN_BIT or torch.is_autocast_enabled(device_type):
+    if dtype in _SIXTEEN_BIT or _autocast_enabled(device_type):
         return "bf16"
     return float32_matmul_mode()
+
+
+def _autocast_enabled(device_type: str) -> bool:
+    """Whether autocast is on for this device type; ``False`` for device types autocast does
+    not know (``meta`` tensors, used to trace shapes, under any autocast context)."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:
+        return False
 
 
 @torch.compiler.assume_constant_result
@@ -140,7 +151,10 @@ def run_backend(
     if chosen == "reference":
         from music_loss.reference import music_loss_reference
 
-        terms = music_loss_reference(z1, z2, config, local_rows, p_rows)
+        # "auto" keeps the reference exact (the oracle the other backends are tested
+        # against, autocast or not); a named precision rounds its operands as they do.
+        terms = music_loss_reference(z1, z2, config, local_rows, p_rows,
+                                     precision="ieee" if precision == "auto" else mode)
     elif chosen == "torch":
         from music_loss.torch_backend import music_loss_torch
 

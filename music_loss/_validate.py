@@ -1,4 +1,4 @@
-"""Input validation of the public API (SPEC 2): every check names the argument and the fix.
+"""Input validation of the public API: every check names the argument and the fix.
 
 Nothing here reads a tensor's values (no host sync) except :func:`check_finite`, which runs
 only when the caller asks for it.
@@ -7,6 +7,7 @@ only when the caller asks for it.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 import torch
@@ -23,21 +24,62 @@ from music_loss._config import (
 )
 
 
+def _scalar(value: Any) -> Any:
+    """A 0-dim (or one-element) tensor as a Python number; anything else unchanged."""
+    if isinstance(value, Tensor):
+        if value.dim() != 0:
+            raise TypeError(f"expected a number, got a tensor of shape {tuple(value.shape)}; "
+                            "pass a Python number or a 0-dim tensor")
+        return value.item()
+    return value
+
+
+def check_int(name: str, value: Any, example: str) -> int:
+    """An integer (Python, numpy or a 0-dim integer tensor) as a Python ``int``."""
+    try:
+        value = _scalar(value)
+    except TypeError as err:
+        raise TypeError(f"{name}: {err}") from None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be a positive int, got {type(value).__name__} {value!r}; "
+                        f"pass e.g. {name}={example}")
+    return int(value)
+
+
 def check_segment_dim(segment_dim: Any) -> int:
-    if isinstance(segment_dim, bool) or not isinstance(segment_dim, int):
-        raise TypeError(f"segment_dim must be a positive int, got {type(segment_dim).__name__} "
-                        f"{segment_dim!r}; pass e.g. segment_dim=80")
+    segment_dim = check_int("segment_dim", segment_dim, "80")
     if segment_dim < 1:
         raise ValueError(f"segment_dim must be >= 1, got {segment_dim}; pass e.g. segment_dim=80")
     return segment_dim
 
 
 def check_real(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    """A real number (Python, numpy scalar or 0-dim tensor) as a finite Python ``float``."""
+    try:
+        value = _scalar(value)
+    except TypeError as err:
+        raise TypeError(f"{name}: {err}") from None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    value = float(value)
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value!r}")
-    return float(value)
+    return value
+
+
+def check_temperature(temperature: Any) -> float:
+    temperature = check_real("temperature", temperature)
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}; the paper uses 1.0")
+    return temperature
+
+
+def check_eps(eps: Any) -> float:
+    eps = check_real("eps", eps)
+    if not 0 <= eps < 1:
+        raise ValueError(f"eps must be in [0, 1), got {eps}; use the default 1e-8, or 0 for "
+                         "no clamp")
+    return eps
 
 
 def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
@@ -59,10 +101,17 @@ def check_precision(precision: Any) -> Precision:
 
 
 def check_chunk_size(chunk_size: Any) -> int | None:
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
-                                   or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-    return chunk_size
+    if chunk_size is None:
+        return None
+    try:
+        value = check_int("chunk_size", chunk_size, "256")
+    except TypeError:
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}"
+                         ) from None
+    if value < 1:
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}; "
+                         "pass None to choose it from the shapes")
+    return value
 
 
 def check_flag(name: str, value: Any) -> bool:
@@ -87,13 +136,8 @@ def make_config(
         0.5
     """
     segment_dim = check_segment_dim(segment_dim)
-    temperature = check_real("temperature", temperature)
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}; the paper uses 1.0")
-    eps = check_real("eps", eps)
-    if not 0 <= eps < 1:
-        raise ValueError(f"eps must be in [0, 1), got {eps}; use the default 1e-8, or 0 for "
-                         "no clamp")
+    temperature = check_temperature(temperature)
+    eps = check_eps(eps)
     check_choice("normalization", normalization, NORMALIZATIONS)
     return LossConfig(
         segment_dim=segment_dim,
@@ -139,7 +183,8 @@ def check_pair(z1: Any, z2: Any, segment_dim: int, *, min_rows: int = 2) -> None
         raise ValueError(f"z1 and z2 must be on the same device, got {z1.device} and "
                          f"{z2.device}; move both with .to(device)")
     if z1.shape[0] < min_rows:
-        raise ValueError(f"the batch must hold at least {min_rows} samples, got "
+        samples = "sample" if min_rows == 1 else "samples"
+        raise ValueError(f"the batch must hold at least {min_rows} {samples}, got "
                          f"{z1.shape[0]}; the loss is a statistic of the batch")
 
 
@@ -156,7 +201,16 @@ def check_not_under_functorch(backend: str, *tensors: Tensor) -> None:
 
 
 def check_finite(z1: Tensor, z2: Tensor) -> None:
-    # Host sync: only when the caller asks for it (check_finite=True).
+    """Raise if ``z1`` or ``z2`` holds NaN or inf.
+
+    Eager: a host sync, only when the caller asks for it (``check_finite=True``). Under
+    ``torch.compile``: a device-side assertion (``torch._assert_async``), no host read; on
+    CUDA a failed device assertion stops the process (the CUDA context cannot continue).
+    """
+    if torch.compiler.is_compiling():
+        finite = torch.isfinite(z1).all() & torch.isfinite(z2).all()
+        torch._assert_async(finite, "z1 or z2 contains NaN or inf")
+        return
     if not bool(torch.isfinite(z1).all()) or not bool(torch.isfinite(z2).all()):
         raise ValueError("z1 or z2 contains NaN or inf; check the encoder's output (learning "
                          "rate, mixed-precision overflow) before the loss")

@@ -1,7 +1,7 @@
 """Functional MUSIC loss: validate the inputs, then dispatch to a backend.
 
-Data flows one way: :func:`music_loss` -> ``_dispatch`` -> a backend
-(``reference`` | ``torch`` (:mod:`music_loss.chunked`) | ``triton`` (:mod:`music_loss.kernels`)).
+Data flows one way: :func:`music_loss` -> ``_dispatch`` -> a backend (``reference`` |
+``torch`` (:mod:`music_loss.torch_backend`) | ``triton`` (:mod:`music_loss.kernels`)).
 """
 
 from __future__ import annotations
@@ -38,8 +38,9 @@ from music_loss._validate import (
     check_finite as check_finite_values,
 )
 from music_loss.distributed import (
+    agree,
     check_process_group,
-    gather_rows,
+    gather_agreed,
     owned_segments,
     sum_over_ranks,
 )
@@ -267,26 +268,34 @@ def music_loss(
         backend: ``"auto"``, ``"triton"`` (CUDA, or CPU under ``TRITON_INTERPRET=1``),
             ``"torch"`` (memory-light PyTorch) or ``"reference"`` (materialises ``P``).
         precision: Matmul operands: ``"auto"``, ``"ieee"``, ``"tf32"`` or ``"bf16"``
-            (fp32 accumulation always).
+            (fp32 accumulation always). ``backend="reference"`` rounds its operands the same
+            way when the precision is named, and stays exact under ``"auto"``; ``"tf32"``
+            changes nothing on CPU, which has no tf32.
         return_terms: Return :class:`MUSICTerms` ``(loss, diag, off, invariance)``; on every
             backend only ``loss`` carries a gradient, the parts are detached logging values.
-        check_finite: Raise if ``z1``/``z2`` hold NaN or inf (costs a host sync). Otherwise a
-            NaN or ``+inf`` input gives a NaN loss, never a finite wrong one.
+        check_finite: Raise if ``z1``/``z2`` hold NaN or inf (eager: a host sync; under
+            ``torch.compile``: a device-side assertion). With ``gather_distributed`` every
+            rank raises when any rank's views are non-finite. Otherwise a NaN or ``+inf``
+            input gives a NaN loss, never a finite wrong one.
         chunk_size: Rows of ``P`` per block (``torch`` backend) or per chunk of the fused
             gradient products (``triton``); chosen from the shapes when ``None``. Smaller
-            saves workspace memory, larger moves fewer bytes (SPEC 6; see docs/backends).
-        uneven_batches: With ``gather_distributed``, allow ranks to hold different batch
-            sizes (exchanges the sizes every step: a host sync). By default all ranks must
-            hold the same number of rows (as DDP with ``drop_last=True`` or a
-            ``DistributedSampler`` gives); this is checked once per batch size, with a clear
-            error if they differ.
-        shard: With ``gather_distributed``, split the work on ``P`` across the ranks (SPEC 3):
+            saves workspace memory, larger moves fewer bytes (see docs/backends).
+        uneven_batches: With ``gather_distributed``, allow ranks to hold different (non-zero)
+            batch sizes ``n_r``. Each rank then returns the global entropy part plus its own
+            invariance term weighted by ``n_r W / N``, so the mean of the ranks' losses and
+            DDP's averaged gradients equal one process on the concatenated batch. By default
+            every rank must hold the same number of rows (as DDP with ``drop_last=True`` or a
+            ``DistributedSampler`` gives). Either way the ranks exchange their sizes at every
+            call and a mismatch raises the same clear error on every rank.
+        shard: With ``gather_distributed``, split the work on ``P`` across the ranks:
             each computes the entropy entries of its own rows of ``P`` (``6 N D^2 / W``
             FLOPs instead of ``6 N D^2``), with the same values and gradients as
             ``shard=False`` (every rank computing all of ``P``). Ignored without
             ``gather_distributed``.
 
     Raises:
+        ValueError: On a bad input or hyperparameter; with ``gather_distributed``, on every
+            rank alike when any rank's inputs are bad (see docs/distributed).
         RuntimeError: On a double backward (``create_graph=True`` through the loss) with a
             backend other than ``"reference"``: those compute first derivatives only.
         NotImplementedError: Under ``torch.func`` transforms with a backend other than
@@ -331,24 +340,51 @@ def loss_with_config(
     shard: bool = True,
 ) -> MUSICTerms:
     """:func:`music_loss` with hyperparameters already validated (``MUSICLoss`` holds them):
-    check the views, gather them if asked, dispatch."""
-    check_pair(z1, z2, config.segment_dim, min_rows=1 if gather_distributed else 2)
-    check_not_under_functorch(backend, z1, z2)
-    if check_finite:
-        check_finite_values(z1, z2)
+    check the views, gather them if asked, dispatch.
 
-    local_rows: tuple[int, int] | None = None
-    if gather_distributed:
-        check_process_group()
-        dim = z1.shape[1]
-        both, local_rows = gather_rows(torch.cat([z1, z2], dim=1), process_group,
-                                       uneven=uneven_batches)
+    With ``gather_distributed``, every rank first agrees on its peers' inputs
+    (:func:`music_loss.distributed.agree`): an error that depends on one rank's data reaches
+    every rank at the same point, as the same clear error, before any other collective.
+    """
+    if not gather_distributed:
+        check_pair(z1, z2, config.segment_dim, min_rows=2)
+        check_not_under_functorch(backend, z1, z2)
+        if check_finite:
+            check_finite_values(z1, z2)
+        return run_backend(z1, z2, config, None, backend, precision, chunk_size)
+
+    check_process_group()
+    if not isinstance(z1, Tensor) or not isinstance(z2, Tensor):
+        check_pair(z1, z2, config.segment_dim)  # raises: a programming error on every rank
+    local_error: Exception | None = None
+    try:
+        check_pair(z1, z2, config.segment_dim, min_rows=0)
+        check_not_under_functorch(backend, z1, z2)
+    except (ValueError, TypeError, NotImplementedError) as err:
+        if torch.compiler.is_compiling():
+            raise
+        local_error = err
+    agreement = agree(z1, z2, local_error, check_finite=check_finite, uneven=uneven_batches,
+                      group=process_group)
+    local_rows = agreement.local_rows
+    if len(set(agreement.sizes)) > 1:
+        # Each rank's invariance term is a mean over its own n_r rows; weighted by
+        # n_r W / N, the mean over ranks is the mean over all N rows, as in one process.
+        n_global, world = sum(agreement.sizes), len(agreement.sizes)
+        share = agreement.sizes[agreement.rank] * world / n_global
+        config = dataclasses.replace(config, invariance_weight=config.invariance_weight * share)
+    dim = z1.shape[1]
+    if z1.requires_grad == z2.requires_grad:
+        both = gather_agreed(torch.cat([z1, z2], dim=1), agreement, process_group)
         z1, z2 = both[:, :dim], both[:, dim:]
-        if z1.shape[0] < 2:
-            raise ValueError(f"the global batch must hold at least 2 samples, got {z1.shape[0]}")
-        if shard:
-            return _sharded(z1, z2, config, local_rows, process_group, backend, precision,
-                            chunk_size)
+    else:
+        # A stop-gradient view gathers on its own, without gradient: the backend then skips
+        # its gradient product and the backward has no reduce-scatter for it.
+        z1 = gather_agreed(z1, agreement, process_group)
+        z2 = gather_agreed(z2, agreement, process_group)
+    if shard:
+        return _sharded(z1, z2, config, local_rows, process_group, backend, precision,
+                        chunk_size)
     return run_backend(z1, z2, config, local_rows, backend, precision, chunk_size)
 
 
@@ -362,7 +398,7 @@ def _sharded(
     precision: Precision,
     chunk_size: int | None,
 ) -> MUSICTerms:
-    """This rank's share of the entropy on the gathered views, plus its invariance (SPEC 3).
+    """This rank's share of the entropy on the gathered views, plus its invariance.
 
     The backend runs with the entropy weights times ``W`` on this rank's rows of ``P``: its
     loss carries the gradient ``W x own entropy share + own invariance``, so the

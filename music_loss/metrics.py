@@ -1,6 +1,6 @@
 r"""Training diagnostics for MUSIC: is the code healthy, or collapsing?
 
-Four cheap statistics of a batch of projector outputs, each computed from the per-segment
+Five cheap statistics of a batch of projector outputs, each computed from the per-segment
 softmax ``p = softmax(z.view(N, S, K) / t)`` in ``O(N D)`` (the mutual information in
 ``O(N K^2)`` per sampled segment pair); none builds the ``D x D`` joint matrix, and none
 carries gradient. Log them every few hundred steps next to the loss.
@@ -16,7 +16,11 @@ statistic                what it measures                           range
                          ``max_k p[i, s, k]``                        softmax) .. 1 (one-hot)
 ``segment_mi``           mean mutual information between pairs of    0 (independent
                          segments (soft joint over the batch), as a  segments) .. 1 (one
-                         fraction of ``log K``                       segment copies another)
+                         fraction of ``log K``; grows with           segment copies another,
+                         confidence as well as redundancy            one-hot)
+``segment_redundancy``   mean normalised mutual information of the   0 (independent) .. 1
+                         segments' argmax assignments, over pairs    (a copy, at any
+                                                                     confidence)
 ``agreement``            fraction of (sample, segment) pairs whose   ``~1/K`` (chance) .. 1
                          argmax bin is the same in both views
 =======================  =========================================  ========================
@@ -49,10 +53,11 @@ How to read them:
 * **Flat softmax** (an untrained network, or too small a logit scale): confidence
   ``~ 1/K`` (1/16 = 0.0625); the argmax statistics then follow ties and biases, not the
   data (usage 0.02 and agreement 0.95 above), and mean nothing until confidence rises.
-* **Redundant segments**: usage and confidence look healthy, but segment MI rises towards
-  the usage entropy (1 when every segment copies one evenly used segment). On 10-class
-  digits the trained codes do share information (MI 0.19-0.45: many segments encode the
-  class); the MUSIC optimum has MI 0.
+* **Redundant segments**: usage and confidence look healthy, but segment redundancy rises
+  towards 1 (every segment a relabelled copy of another); the MUSIC optimum reads 0. The
+  soft segment MI of the table grows with confidence too (exact copies read 0.01 at
+  confidence 0.25 and 0.84 at 0.95), so read redundancy for this.
+* **Non-finite inputs** read NaN in every statistic.
 
 Example:
     >>> import torch
@@ -87,6 +92,7 @@ __all__ = [
     "mean_confidence",
     "segment_mutual_information",
     "segment_probabilities",
+    "segment_redundancy",
     "usage_entropy",
 ]
 
@@ -98,8 +104,12 @@ class MUSICDiagnostics(NamedTuple):
         usage_entropy: Mean over segments of the argmax-histogram entropy / ``log K``.
         min_usage_entropy: The least used segment's usage entropy / ``log K``.
         confidence: Mean ``max_k p[i, s, k]``.
-        segment_mi: Mean mutual information between segment pairs / ``log K``.
+        segment_mi: Mean soft mutual information between segment pairs / ``log K``
+            (grows with confidence as well as with redundancy).
         agreement: Fraction of (sample, segment) pairs with the same argmax in both views.
+        segment_redundancy: Mean normalised mutual information of the segments' argmax
+            assignments (:func:`segment_redundancy`): the redundancy reading, independent of
+            confidence.
     """
 
     usage_entropy: float
@@ -107,6 +117,7 @@ class MUSICDiagnostics(NamedTuple):
     confidence: float
     segment_mi: float
     agreement: float
+    segment_redundancy: float
 
 
 def _check_metric_segment_dim(segment_dim: int) -> int:
@@ -145,7 +156,32 @@ def segment_probabilities(
         raise ValueError(f"temperature must be > 0, got {temperature}; use the loss's (1.0)")
     n, d = z.shape
     zc = z.detach().to(compute_dtype(z.dtype)).view(n, d // segment_dim, segment_dim)
-    return zc if probabilities else torch.softmax(zc / temperature, dim=-1)
+    if probabilities:
+        _check_probabilities(zc, z.dtype)
+        return zc
+    return torch.softmax(zc / temperature, dim=-1)
+
+
+def _check_probabilities(p: Tensor, dtype: torch.dtype) -> None:
+    """``probabilities=True``: every finite segment must be a distribution (one host sync).
+
+    Non-finite rows pass (they make the statistics NaN); the sum tolerance covers 16-bit
+    inputs and the loss's clamp at ``eps``.
+    """
+    tol = 1e-2 if dtype in (torch.float16, torch.bfloat16) else 1e-3
+    finite = torch.isfinite(p).all(dim=-1)
+    bad_value = ((p < 0) | (p > 1 + tol)).any(dim=-1) & finite
+    bad_sum = ((p.sum(-1) - 1).abs() > tol) & finite
+    if bool((bad_value | bad_sum).any()):
+        raise ValueError("probabilities=True, but z is not a per-segment probability (values "
+                         "outside [0, 1], or segments of segment_dim values that do not sum "
+                         "to 1); pass the projector's logits with probabilities=False, or "
+                         "the output of segment_softmax / SegmentSoftmax")
+
+
+def _nan_unless_finite(value: Tensor, p: Tensor) -> Tensor:
+    """``value``, or NaN where the inputs held NaN or inf (argmax would hide them)."""
+    return torch.where(torch.isfinite(p).all(), value, torch.full_like(value, math.nan))
 
 
 def _entropy(dist: Tensor, dim: int = -1) -> Tensor:
@@ -194,7 +230,7 @@ def usage_entropy(
     else:
         bins = p.argmax(dim=-1) + torch.arange(s, device=p.device) * k  # (N, S) global bin ids
         hist = torch.bincount(bins.reshape(-1), minlength=s * k).view(s, k).to(p.dtype) / n
-    return _entropy(hist) / math.log(k)
+    return _nan_unless_finite(_entropy(hist) / math.log(k), p)
 
 
 @torch.no_grad()
@@ -220,7 +256,7 @@ def mean_confidence(
         0.25
     """
     p = segment_probabilities(z, segment_dim, temperature, probabilities=probabilities)
-    return p.amax(dim=-1).mean()
+    return _nan_unless_finite(p.amax(dim=-1).mean(), p)
 
 
 def _segment_pairs(num_segments: int, max_pairs: int, seed: int, device: torch.device
@@ -284,7 +320,79 @@ def segment_mutual_information(
     outer = joint.sum(2, keepdim=True) * joint.sum(1, keepdim=True)
     log_ratio = torch.log(torch.clamp_min(joint, TINY)) - torch.log(torch.clamp_min(outer, TINY))
     mi = (joint * log_ratio).sum(dim=(1, 2))
-    return mi.mean().clamp_min(0) / math.log(k)
+    return _nan_unless_finite(mi.mean().clamp_min(0) / math.log(k), p)
+
+
+@torch.no_grad()
+def segment_redundancy(
+    z: Tensor,
+    segment_dim: int,
+    temperature: float = 1.0,
+    *,
+    probabilities: bool = False,
+    max_pairs: int = 64,
+    seed: int = 0,
+) -> Tensor:
+    r"""Mean normalised mutual information of the segments' hard assignments, over pairs.
+
+    Each sample's bin in segment ``s`` is ``a_s = argmax_k p[i, s, k]``. For segments
+    ``s != r``, ``NMI(s, r) = I(a_s; a_r) / sqrt(H(a_s) H(a_r))`` from the ``K x K`` histogram
+    of ``(a_s, a_r)`` over the batch (pairs in which a segment uses a single bin count 0:
+    they share nothing, and :func:`usage_entropy` flags them). 1 when one segment's bins are
+    a relabelling of another's (a copy: redundant), 0 when the segments' assignments are
+    independent.
+
+    Why hard assignments: the soft mutual information (:func:`segment_mutual_information`)
+    of two exact copies is bounded by the entropy of the softmax's own noise: at confidence
+    0.25 it reads ~0.01, at 0.95 ~0.8, so it measures confidence as much as redundancy. The
+    argmax does not depend on the temperature or the logit scale, and dividing by the
+    entropies removes the dependence on how evenly the bins are used, so this reads the
+    same for the same partitions at any confidence. It reads what the code's decisions
+    share, which is what the off-block entropy term of the loss drives apart. Finite batches
+    bias it upwards by about ``(K-1)^2 / (2 N H)`` (``H`` in nats) for independent segments:
+    use ``N >> K^2``. When ``S (S-1) / 2 > max_pairs`` a fixed random subset of ``max_pairs``
+    pairs is used (``seed`` picks it): ``O(max_pairs (N + K^2))``.
+
+    Args:
+        z: ``(N, D)`` projector outputs (logits).
+        segment_dim: Bins per segment ``K >= 2``.
+        temperature: Softmax temperature (no effect on the argmax; kept for symmetry).
+        probabilities: ``z`` already holds per-segment probabilities (checked).
+        max_pairs: Most segment pairs to evaluate (>= 1).
+        seed: Seed of the pair subset.
+
+    Returns:
+        A scalar tensor in ``[0, 1]`` (0 with a single segment; NaN if ``z`` holds NaN or
+        inf).
+
+    Example:
+        >>> import torch
+        >>> z = torch.randn(4096, 8)
+        >>> copies = torch.cat([z, 0.01 * z], dim=1)   # a low-confidence copy of segment 1
+        >>> round(float(segment_redundancy(copies, 8)), 3)
+        1.0
+        >>> independent = torch.randn(4096, 16)
+        >>> float(segment_redundancy(independent, 8)) < 0.02
+        True
+    """
+    if isinstance(max_pairs, bool) or not isinstance(max_pairs, int) or max_pairs < 1:
+        raise ValueError(f"max_pairs must be a positive int, got {max_pairs!r}")
+    p = segment_probabilities(z, segment_dim, temperature, probabilities=probabilities)
+    n, s, k = p.shape
+    if s < 2:
+        return _nan_unless_finite(torch.zeros((), dtype=p.dtype, device=p.device), p)
+    first, second = _segment_pairs(s, max_pairs, seed, p.device)
+    bins = p.argmax(dim=-1)  # (N, S)
+    pairs = first.numel()
+    cell = (torch.arange(pairs, device=p.device) * k * k
+            + bins[:, first] * k + bins[:, second])  # (N, pairs) joint cell ids
+    joint = torch.bincount(cell.reshape(-1), minlength=pairs * k * k)
+    joint = joint.view(pairs, k, k).to(p.dtype) / n
+    h_first, h_second = _entropy(joint.sum(2)), _entropy(joint.sum(1))
+    mutual = (h_first + h_second - _entropy(joint.flatten(1))).clamp_min(0)
+    scale = torch.sqrt(h_first * h_second)
+    nmi = torch.where(scale > 0, mutual / scale.clamp_min(TINY), torch.zeros_like(scale))
+    return _nan_unless_finite(nmi.clamp(0, 1).mean(), p)
 
 
 @torch.no_grad()
@@ -322,7 +430,8 @@ def invariance_agreement(
     _check_pair(z1, z2, segment_dim, min_rows=1)
     p1 = segment_probabilities(z1, segment_dim, temperature, probabilities=probabilities)
     p2 = segment_probabilities(z2, segment_dim, temperature, probabilities=probabilities)
-    return (p1.argmax(-1) == p2.argmax(-1)).to(p1.dtype).mean()
+    agreement = (p1.argmax(-1) == p2.argmax(-1)).to(p1.dtype).mean()
+    return _nan_unless_finite(_nan_unless_finite(agreement, p1), p2)
 
 
 @torch.no_grad()
@@ -336,9 +445,9 @@ def diagnostics(
     max_pairs: int = 64,
     seed: int = 0,
 ) -> MUSICDiagnostics:
-    """All four statistics of two views of a batch, as floats (one host sync).
+    """All the statistics of two views of a batch, as floats (one host sync).
 
-    Usage entropy, confidence and segment MI are computed on both views pooled
+    Usage entropy, confidence, segment MI and redundancy are computed on both views pooled
     (``2N`` samples); agreement compares the views. See the module docstring for what
     healthy and collapsed runs show.
 
@@ -358,8 +467,9 @@ def diagnostics(
         >>> import torch
         >>> from music_loss.metrics import diagnostics
         >>> d = diagnostics(torch.randn(64, 32), torch.randn(64, 32), segment_dim=8)
-        >>> sorted(d._asdict())
-        ['agreement', 'confidence', 'min_usage_entropy', 'segment_mi', 'usage_entropy']
+        >>> sorted(d._asdict())  # doctest: +NORMALIZE_WHITESPACE
+        ['agreement', 'confidence', 'min_usage_entropy', 'segment_mi', 'segment_redundancy',
+         'usage_entropy']
     """
     segment_dim = _check_metric_segment_dim(segment_dim)
     _check_pair(z1, z2, segment_dim, min_rows=1)
@@ -372,5 +482,7 @@ def diagnostics(
         segment_mutual_information(both, segment_dim, temperature, probabilities=probabilities,
                                    max_pairs=max_pairs, seed=seed),
         invariance_agreement(z1, z2, segment_dim, temperature, probabilities=probabilities),
+        segment_redundancy(both, segment_dim, temperature, probabilities=probabilities,
+                           max_pairs=max_pairs, seed=seed),
     ]).tolist()
     return MUSICDiagnostics(*values)

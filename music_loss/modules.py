@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from torch import Tensor, nn
@@ -15,6 +16,42 @@ from music_loss._validate import (
     make_config,
 )
 from music_loss.functional import loss_with_config, segment_softmax
+
+#: Options of :class:`MUSICLoss` outside the loss's hyperparameters, with their validators.
+_OPTIONS: dict[str, Any] = {
+    "gather_distributed": lambda v: check_flag("gather_distributed", v),
+    "process_group": lambda v: v,
+    "backend": check_backend,
+    "precision": check_precision,
+    "check_finite": lambda v: check_flag("check_finite", v),
+    "chunk_size": check_chunk_size,
+    "uneven_batches": lambda v: check_flag("uneven_batches", v),
+    "shard": lambda v: check_flag("shard", v),
+}
+
+
+def _config_field(name: str) -> property:
+    """A hyperparameter of the config, validated on assignment as at construction."""
+
+    def get(self: MUSICLoss) -> Any:
+        return getattr(self.config, name)
+
+    def set_(self: MUSICLoss, value: Any) -> None:
+        fields = dataclasses.asdict(self.config)
+        fields[name] = value
+        self.config = make_config(**fields)
+
+    return property(get, set_, doc=f"``{name}``, validated on assignment.")
+
+
+def _option(name: str) -> property:
+    def get(self: MUSICLoss) -> Any:
+        return self._options[name]
+
+    def set_(self: MUSICLoss, value: Any) -> None:
+        self._options[name] = _OPTIONS[name](value)
+
+    return property(get, set_, doc=f"``{name}``, validated on assignment.")
 
 
 class MUSICLoss(nn.Module):
@@ -43,19 +80,35 @@ class MUSICLoss(nn.Module):
         process_group: Group for the gather (default group when ``None``).
         backend: ``"auto"`` | ``"triton"`` | ``"torch"`` | ``"reference"``.
         precision: ``"auto"`` | ``"ieee"`` | ``"tf32"`` | ``"bf16"``.
-        check_finite: Raise if a view holds NaN or inf (costs a host sync per call).
+        check_finite: Raise if a view holds NaN or inf (eager: a host sync per call; under
+            ``torch.compile``: a device-side assertion).
         chunk_size: Rows of ``P`` per block (``torch``) or per chunk of the fused
             gradient products (``triton``); ``None``: from the shapes.
-        uneven_batches: With ``gather_distributed``, allow different per-rank batch sizes
-            (exchanged every step). By default they must be equal (checked once).
+        uneven_batches: With ``gather_distributed``, allow different per-rank batch sizes;
+            each rank's invariance term is weighted by its share of the global batch, so the
+            mean loss and DDP's gradients are those of one process. By default the sizes must
+            be equal (checked on every rank at every call).
         shard: With ``gather_distributed``, each rank computes only its rows of ``P``
             (``1/W`` of the loss's work, same values and gradients); ``False``: every rank
             computes all of ``P``.
 
-    The hyperparameters are validated once, here, into an immutable config: a typo fails at
-    construction, and each call only checks the views. ``gather_distributed=True`` may be
-    set before the process group exists (trainers build modules first): the group is
-    required at the first call.
+    The hyperparameters are validated at construction and again on every assignment
+    (``loss_fn.chunk_size = 0`` raises the same error as ``MUSICLoss(chunk_size=0)``), so a
+    typo fails where it is made and each call only checks the views. Numbers may be Python
+    numbers, numpy scalars or 0-dim tensors (read once, as a Python float). ``temperature``
+    and the weights can change between steps, e.g. a temperature schedule::
+
+        loss_fn = MUSICLoss(segment_dim=80, temperature=1.0)
+        for epoch in range(epochs):
+            loss_fn.temperature = 1.0 - 0.5 * epoch / max(1, epochs - 1)   # 1.0 -> 0.5
+            ...
+
+    Under ``torch.compile`` a changed value is picked up: the first change recompiles the
+    step once, after which PyTorch treats the value as an input of the graph (four
+    temperatures, two graphs, values equal to eager).
+
+    ``gather_distributed=True`` may be set before the process group exists (trainers build
+    modules first): the group is required at the first call.
 
     Raises:
         ValueError: On a bad hyperparameter.
@@ -94,23 +147,32 @@ class MUSICLoss(nn.Module):
         super().__init__()
         self.config: LossConfig = make_config(segment_dim, temperature, eps, diag_weight,
                                               off_weight, invariance_weight, normalization)
-        self.gather_distributed = check_flag("gather_distributed", gather_distributed)
+        self._options: dict[str, Any] = {}
+        self.gather_distributed = gather_distributed
         self.process_group = process_group
-        self.backend: Backend = check_backend(backend)
-        self.precision: Precision = check_precision(precision)
-        self.check_finite = check_flag("check_finite", check_finite)
-        self.chunk_size = check_chunk_size(chunk_size)
-        self.uneven_batches = check_flag("uneven_batches", uneven_batches)
-        self.shard = check_flag("shard", shard)
+        self.backend = backend
+        self.precision = precision
+        self.check_finite = check_finite
+        self.chunk_size = chunk_size
+        self.uneven_batches = uneven_batches
+        self.shard = shard
 
-    # Read-only views of the config, for code that reads the module's hyperparameters.
-    segment_dim = property(lambda self: self.config.segment_dim)
-    temperature = property(lambda self: self.config.temperature)
-    eps = property(lambda self: self.config.eps)
-    diag_weight = property(lambda self: self.config.diag_weight)
-    off_weight = property(lambda self: self.config.off_weight)
-    invariance_weight = property(lambda self: self.config.invariance_weight)
-    normalization = property(lambda self: self.config.normalization)
+    # Views of the config: assignment validates and replaces the (immutable) config.
+    segment_dim: int = _config_field("segment_dim")  # type: ignore[assignment]
+    temperature: float = _config_field("temperature")  # type: ignore[assignment]
+    eps: float = _config_field("eps")  # type: ignore[assignment]
+    diag_weight: float = _config_field("diag_weight")  # type: ignore[assignment]
+    off_weight: float = _config_field("off_weight")  # type: ignore[assignment]
+    invariance_weight: float = _config_field("invariance_weight")  # type: ignore[assignment]
+    normalization: Normalization = _config_field("normalization")  # type: ignore[assignment]
+    gather_distributed: bool = _option("gather_distributed")  # type: ignore[assignment]
+    process_group: Any = _option("process_group")
+    backend: Backend = _option("backend")  # type: ignore[assignment]
+    precision: Precision = _option("precision")  # type: ignore[assignment]
+    check_finite: bool = _option("check_finite")  # type: ignore[assignment]
+    chunk_size: int | None = _option("chunk_size")  # type: ignore[assignment]
+    uneven_batches: bool = _option("uneven_batches")  # type: ignore[assignment]
+    shard: bool = _option("shard")  # type: ignore[assignment]
 
     def forward(self, z1: Tensor, z2: Tensor, return_terms: bool = False) -> Tensor | MUSICTerms:
         """Loss of two ``(N, D)`` views (or :class:`MUSICTerms` with ``return_terms=True``;
@@ -153,14 +215,37 @@ class SegmentSoftmax(nn.Module):
         >>> from music_loss import SegmentSoftmax
         >>> SegmentSoftmax(segment_dim=4)(torch.zeros(2, 8))[0, :4]
         tensor([0.2500, 0.2500, 0.2500, 0.2500])
+
+    Its hyperparameters are validated on assignment as at construction.
     """
 
     def __init__(self, segment_dim: int = 80, temperature: float = 1.0, eps: float = 0.0) -> None:
         super().__init__()
-        make_config(segment_dim, temperature, eps)
-        self.segment_dim = segment_dim
-        self.temperature = temperature
-        self.eps = eps
+        self._config = make_config(segment_dim, temperature, eps)
+
+    @property
+    def segment_dim(self) -> int:
+        return self._config.segment_dim
+
+    @segment_dim.setter
+    def segment_dim(self, value: Any) -> None:
+        self._config = make_config(value, self.temperature, self.eps)
+
+    @property
+    def temperature(self) -> float:
+        return self._config.temperature
+
+    @temperature.setter
+    def temperature(self, value: Any) -> None:
+        self._config = make_config(self.segment_dim, value, self.eps)
+
+    @property
+    def eps(self) -> float:
+        return self._config.eps
+
+    @eps.setter
+    def eps(self, value: Any) -> None:
+        self._config = make_config(self.segment_dim, self.temperature, value)
 
     def forward(self, z: Tensor) -> Tensor:
         return segment_softmax(z, self.segment_dim, self.temperature, self.eps)

@@ -10,7 +10,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from music_loss._config import TINY, LossConfig, MUSICTerms, compute_dtype
+from music_loss._config import (
+    TINY,
+    LossConfig,
+    MUSICTerms,
+    autocast_disabled,
+    compute_dtype,
+    matmul_operand,
+)
 
 
 def segment_softmax_reference(
@@ -71,7 +78,7 @@ def invariance_term_reference(p1: Tensor, p2: Tensor, segment_dim: int) -> Tenso
 
 def music_loss_reference(
     z1: Tensor, z2: Tensor, config: LossConfig, local_rows: tuple[int, int] | None = None,
-    p_rows: tuple[int, int] | None = None,
+    p_rows: tuple[int, int] | None = None, precision: str = "ieee",
 ) -> MUSICTerms:
     """The MUSIC loss of two views of shape ``(N, D)``, materialising ``P`` (``D x D``).
 
@@ -83,12 +90,16 @@ def music_loss_reference(
             process; the invariance term uses only those. ``None`` means all rows.
         p_rows: ``(p_row_start, p_row_stop)``: the rows of ``P`` whose entropy entries count
             (sharding); ``None`` means all ``D``.
+        precision: The joint product's operands: ``"ieee"`` (exact, the oracle), ``"bf16"``
+            or ``"tf32"`` (rounded as the other backends round them; the invariance term
+            keeps the unrounded probabilities).
     """
-    device_type = z1.device.type
-    with torch.autocast(device_type=device_type, enabled=False):
+    with autocast_disabled(z1.device.type):
         p1 = segment_softmax_reference(z1, config.segment_dim, config.temperature, config.eps)
         p2 = segment_softmax_reference(z2, config.segment_dim, config.temperature, config.eps)
-        h_diag, h_off = joint_entropy_terms_reference(p1, p2, config.segment_dim, p_rows)
+        h_diag, h_off = joint_entropy_terms_reference(
+            matmul_operand(p1, precision), matmul_operand(p2, precision), config.segment_dim,
+            p_rows)
         local_start, local_stop = local_rows if local_rows is not None else (0, p1.shape[0])
         l_inv = invariance_term_reference(p1[local_start:local_stop], p2[local_start:local_stop],
                                           config.segment_dim)

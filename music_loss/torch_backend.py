@@ -36,7 +36,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from music_loss._config import TINY, LossConfig, MUSICTerms, ResolvedPrecision, compute_dtype
+from music_loss._config import (
+    TINY,
+    LossConfig,
+    MUSICTerms,
+    ResolvedPrecision,
+    autocast_disabled,
+    compute_dtype,
+    matmul_operand,
+)
 
 #: Elements per ``chunk_size x D`` buffer: large enough for efficient matmuls, small next to D^2.
 _MIN_BUFFER = 1 << 20
@@ -52,27 +60,6 @@ def default_chunk_size(n: int, d: int) -> int:
     """
     budget = min(max(n * d // 2, _MIN_BUFFER), _MAX_BUFFER)
     return max(1, min(d, budget // d))
-
-
-def _round_to_tf32(x: Tensor) -> Tensor:
-    """fp32 -> nearest tf32 value (10 mantissa bits, ties to even), kept in fp32 (finite x)."""
-    bits = x.view(torch.int32)
-    rounded = (bits + 0x0FFF + ((bits >> 13) & 1)) & ~0x1FFF
-    return rounded.view(torch.float32)
-
-
-def _operand(p: Tensor, precision: str, device: torch.device) -> Tensor:
-    """Matmul operand as the precision says (fp32 accumulation always).
-
-    ``bf16``: rounded to bf16 values, multiplied exactly. ``tf32``: on CUDA, rounded to tf32
-    values, which makes the product tf32 whatever PyTorch's global setting (CPU has no tf32:
-    it computes fp32 there). ``ieee``: unchanged.
-    """
-    if precision == "bf16":
-        return p.to(torch.bfloat16).to(p.dtype)
-    if precision == "tf32" and device.type == "cuda" and p.dtype == torch.float32:
-        return _round_to_tf32(p)
-    return p
 
 
 def _check_ieee_products_possible(device: torch.device, precision: str) -> None:
@@ -122,7 +109,7 @@ class _ChunkedMUSIC(torch.autograd.Function):
         need_grad = need1 or need2
         p1 = _segment_softmax(z1, k, config.temperature, config.eps, dtype)
         p2 = _segment_softmax(z2, k, config.temperature, config.eps, dtype)
-        a1, a2 = _operand(p1, precision, z1.device), _operand(p2, precision, z1.device)
+        a1, a2 = matmul_operand(p1, precision), matmul_operand(p2, precision)
         c_diag, c_off = config.coefficients(d)
         acc = torch.float64 if z1.device.type != "mps" else torch.float32
 
@@ -186,7 +173,7 @@ class _ChunkedMUSIC(torch.autograd.Function):
                         grad_block = ((block >= TINY).to(dtype).add_(lg_block) if floor_binds
                                       else lg_block + 1.0)
                         grad_block[:, cols].masked_fill_(inside, 0.0)
-                    grad_block = _operand(grad_block, precision, z1.device)
+                    grad_block = matmul_operand(grad_block, precision)
                     # dp1[:, a0:a_end] += c a2 G^T / N ; dp2 += c a1[:, a0:a_end] G / N
                     if dp1 is not None:
                         dp1[:, a0:a_end].addmm_(a2, grad_block.t(), alpha=c_off / n)
@@ -326,7 +313,7 @@ def music_loss_torch(
     need_grads = (grad_on and z1.requires_grad, grad_on and z2.requires_grad)
     # Precision is ours to choose (resolved from autocast by the dispatch): autocast would
     # otherwise lower every product, gradient products included, to 16 bits.
-    with torch.autocast(z1.device.type, enabled=False):
+    with autocast_disabled(z1.device.type):
         loss, diag, off, inv = _ChunkedMUSIC.apply(z1, z2, config, local_rows, precision,
                                                    chunk_size, need_grads, p_rows)
     return MUSICTerms(loss, diag, off, inv)

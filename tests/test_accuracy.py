@@ -1,5 +1,5 @@
 """Accuracy against float64 where training goes: large logits, low temperature, near one-hot
-rows, and the paper's shape (SPEC 1: loss within 1e-6, gradient within 1e-5 relative
+rows, and the paper's shape (targets: loss within 1e-6, gradient within 1e-5 relative
 Frobenius, on every backend in ieee mode).
 
 Before the fix the ``torch`` backend recomputed the softmax as ``exp(x - lse)``: its gradient

@@ -27,7 +27,7 @@ META_KEYS = {"device", "driver", "torch", "triton", "music_loss", "git_sha", "da
 
 
 def _broken_loss(z1: torch.Tensor, z2: torch.Tensor, k: int, precision: str) -> torch.Tensor:
-    # Off by 1e-3 relative: the kind of error a mis-compiled path shows (SPEC 1).
+    # Off by 1e-3 relative: the kind of error a mis-compiled path shows.
     return barlow(z1, z2, k, precision) * (1 + 1e-3)
 
 

@@ -1,6 +1,6 @@
 """``torch.compile(fullgraph=True)`` of a model using MUSICLoss: it runs, and stays accurate.
 
-SPEC 1: compiled code was seen 2.4e-4 off float64 (boolean-mask sums), so accuracy is
+Compiled code was seen 2.4e-4 off float64 (boolean-mask sums), so accuracy is
 checked, not only that it runs.
 """
 

@@ -1,4 +1,4 @@
-"""Every bad input of SPEC 2 raises a ValueError/TypeError that names the argument and the fix."""
+"""Every documented bad input raises a ValueError/TypeError that names the argument and the fix."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import torch
 
 from music_loss import MUSICLoss, SegmentSoftmax, music_loss, segment_softmax
 from music_loss.functional import invariance_term, joint_entropy_terms
+from tests.tolerances import DTYPE_TOL, relative_error
 
 Z = torch.randn(8, 12)
 
@@ -133,3 +134,93 @@ def test_module_repr_shows_what_changes_the_loss():
                  "uneven_batches=True", "chunk_size=256", "check_finite=True"):
         assert part in custom, custom
     assert "diag_weight" not in custom  # defaults stay out
+
+
+# ---------------------------------------------------------------------------------------
+# Module knobs: validated on assignment as at construction; numbers of every kind
+# ---------------------------------------------------------------------------------------
+BAD_ASSIGNMENTS = [
+    ("chunk_size", -3, ValueError), ("chunk_size", 0, ValueError), ("chunk_size", 2.5, ValueError),
+    ("backend", "foo", ValueError), ("precision", "fp8", ValueError),
+    ("temperature", 0.0, ValueError), ("temperature", torch.ones(2), TypeError),
+    ("temperature", "1", TypeError), ("eps", -1.0, ValueError), ("segment_dim", 0, ValueError),
+    ("diag_weight", float("inf"), ValueError), ("normalization", "Eq5", ValueError),
+    ("shard", 1, TypeError), ("check_finite", "yes", TypeError),
+    ("uneven_batches", None, TypeError), ("gather_distributed", 0, TypeError),
+]
+
+
+@pytest.mark.parametrize("name, value, error", BAD_ASSIGNMENTS,
+                         ids=[f"{n}={v!r}"[:30] for n, v, _ in BAD_ASSIGNMENTS])
+def test_module_knobs_validate_on_assignment(name, value, error):
+    loss_fn = MUSICLoss(3)
+    before = loss_fn(Z, Z)
+    with pytest.raises(error, match=name):
+        setattr(loss_fn, name, value)
+    assert torch.equal(loss_fn(Z, Z), before)  # a refused assignment changes nothing
+
+
+def test_temperature_schedule_on_the_module():
+    import numpy as np
+
+    loss_fn = MUSICLoss(3)
+    for value in (0.5, np.float32(0.25), torch.tensor(0.125, dtype=torch.float64), np.int64(2)):
+        loss_fn.temperature = value
+        assert isinstance(loss_fn.temperature, float) and loss_fn.temperature == float(value)
+        want = music_loss(Z, Z, 3, temperature=float(value))
+        assert torch.equal(loss_fn(Z, Z), want)
+    loss_fn.chunk_size = np.int64(4)
+    assert loss_fn.chunk_size == 4 and type(loss_fn.chunk_size) is int
+    softmax = SegmentSoftmax(4)
+    softmax.temperature = np.float64(2.0)
+    assert torch.equal(softmax(Z), segment_softmax(Z, 4, temperature=2.0))
+    with pytest.raises(ValueError, match="eps"):
+        softmax.eps = -1.0
+
+
+def test_numbers_may_be_numpy_scalars_or_zero_dim_tensors():
+    import numpy as np
+
+    want = music_loss(Z, Z, 3, temperature=0.5, off_weight=2.0)
+    for t, w in ((np.float32(0.5), np.float64(2.0)), (torch.tensor(0.5), torch.tensor(2))):
+        assert torch.equal(music_loss(Z, Z, np.int64(3), temperature=t, off_weight=w), want)
+    with pytest.raises(TypeError, match="0-dim tensor"):
+        music_loss(Z, Z, 3, temperature=torch.tensor([0.5, 0.5]))
+
+
+def test_at_least_one_sample_is_singular():
+    with pytest.raises(ValueError, match="at least 1 sample,"):
+        joint_entropy_terms(Z[:0], Z[:0], 3)
+
+
+def test_meta_tensors_under_autocast():
+    z = torch.randn(8, 12, device="meta", requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = MUSICLoss(3)(z, z)
+    loss.backward()
+    assert loss.device.type == "meta" and loss.shape == () and z.grad.shape == z.shape
+
+
+def test_reference_backend_honours_precision():
+    """bf16 rounds the joint matrix's operands as the torch backend does; tf32 changes
+    nothing on CPU (no tf32 there)."""
+    gen = torch.Generator().manual_seed(0)
+    z1, z2 = torch.randn(64, 32, generator=gen), torch.randn(64, 32, generator=gen)
+    got = {p: music_loss(z1, z2, 8, backend="reference", precision=p) for p in
+           ("ieee", "tf32", "bf16")}
+    torch_bf16 = music_loss(z1, z2, 8, backend="torch", precision="bf16")
+    assert torch.equal(got["tf32"], got["ieee"])
+    assert not torch.equal(got["bf16"], got["ieee"])
+    # The rounding moves the value, and moves it to where the torch backend's bf16 mode is.
+    assert 10 * abs(float(got["bf16"] - torch_bf16)) < abs(float(got["ieee"] - torch_bf16))
+
+
+def test_check_finite_under_torch_compile_is_a_device_assertion():
+    loss_fn = MUSICLoss(3, backend="torch", check_finite=True)
+    step = torch.compile(lambda a, b: loss_fn(a, b), fullgraph=True)
+    # Compiled kernels may sum in another order: equal to eager within float32's tolerance.
+    assert relative_error(step(Z, Z), loss_fn(Z, Z)) <= DTYPE_TOL[torch.float32].loss
+    bad = Z.clone()
+    bad[1, 2] = float("nan")
+    with pytest.raises(RuntimeError, match="NaN or inf"):
+        step(bad, Z)

@@ -17,6 +17,7 @@ from music_loss.metrics import (
     mean_confidence,
     segment_mutual_information,
     segment_probabilities,
+    segment_redundancy,
     usage_entropy,
 )
 
@@ -25,7 +26,7 @@ def _optimal_codes(k: int = 5, segments: int = 3) -> torch.Tensor:
     """One-hot codes of N = K^2 samples from the strength-2 orthogonal array (a, b, a+b, ...).
 
     Every segment uses each bin N/K times and every pair of segments is independent: the
-    MUSIC optimum of SPEC 1.
+    MUSIC optimum (docs/math.md).
     """
     rows = []
     for a, b in itertools.product(range(k), repeat=2):
@@ -182,3 +183,70 @@ def test_single_segment_has_zero_mutual_information() -> None:
 def test_bad_input_names_the_argument(call, error, match) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(error, match=match):
         call()
+
+
+def _scaled_to_confidence(z: torch.Tensor, k: int, target: float) -> torch.Tensor:
+    """``z`` times the scale at which its mean confidence is ``target`` (bisection)."""
+    lo, hi = 1e-3, 1e3
+    for _ in range(80):
+        mid = math.sqrt(lo * hi)
+        lo, hi = (mid, hi) if float(mean_confidence(z * mid, k)) < target else (lo, mid)
+    return z * mid
+
+
+@pytest.mark.parametrize("confidence", [0.25, 0.5, 0.75, 0.95])
+def test_redundancy_reads_copies_and_independence_at_every_confidence(confidence) -> None:
+    """Exact copies read 1 and independent segments ~0 whatever the confidence (the soft MI
+    of exact copies reads ~0.01 at confidence 0.25 and ~0.84 at 0.95)."""
+    n, k = 4096, 16
+    gen = torch.Generator().manual_seed(1)
+    base = _scaled_to_confidence(torch.randn(n, k, generator=gen), k, confidence)
+    other = _scaled_to_confidence(torch.randn(n, k, generator=gen), k, confidence)
+    copies = torch.cat([base, base, base], dim=1)
+    independent = torch.cat([base, other], dim=1)
+    assert float(mean_confidence(copies, k)) == pytest.approx(confidence, abs=0.01)
+    assert float(segment_redundancy(copies, k)) == pytest.approx(1.0, abs=1e-6)
+    # Finite-batch bias of independent segments: about (K-1)^2 / (2 N H) = 0.01 here.
+    assert float(segment_redundancy(independent, k)) < 0.02
+    # A relabelled copy (bins permuted) is as redundant as an exact one.
+    relabelled = torch.cat([base, base[:, torch.randperm(k, generator=gen)]], dim=1)
+    assert float(segment_redundancy(relabelled, k)) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_redundancy_matches_numpy_and_diagnostics() -> None:
+    gen = torch.Generator().manual_seed(2)
+    z = torch.randn(300, 20, generator=gen, dtype=torch.float64)
+    z[:, 5:10] += 0.8 * z[:, :5]  # segment 2 partly follows segment 1
+    bins = z.view(300, 4, 5).argmax(-1).numpy()
+    values = []
+    for a, b in itertools.combinations(range(4), 2):
+        joint = np.zeros((5, 5))
+        np.add.at(joint, (bins[:, a], bins[:, b]), 1 / 300)
+        ha, hb = (-(m[m > 0] * np.log(m[m > 0])).sum() for m in (joint.sum(1), joint.sum(0)))
+        hab = -(joint[joint > 0] * np.log(joint[joint > 0])).sum()
+        values.append((ha + hb - hab) / math.sqrt(ha * hb))
+    assert float(segment_redundancy(z, 5)) == pytest.approx(float(np.mean(values)), rel=1e-9)
+    d = diagnostics(z, z, 5)
+    both = torch.cat([z, z])
+    assert d.segment_redundancy == pytest.approx(float(segment_redundancy(both, 5)), rel=1e-9)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_inputs_give_nan_diagnostics(bad) -> None:
+    """NaN (or inf) in reads NaN out, never a collapse-looking usage 0 / agreement 1."""
+    z = torch.randn(64, 16)
+    for corrupt in (torch.full_like(z, bad), z.clone().index_fill_(0, torch.tensor([3]), bad)):
+        d = diagnostics(corrupt, corrupt, segment_dim=8)
+        assert all(math.isnan(v) for v in d), d
+        assert math.isnan(float(usage_entropy(corrupt, 8).max()))
+
+
+def test_probabilities_true_checks_its_input() -> None:
+    logits = torch.randn(10, 8) * 3
+    with pytest.raises(ValueError, match="probabilities=True"):
+        mean_confidence(logits, 4, probabilities=True)
+    with pytest.raises(ValueError, match="probabilities=True"):
+        diagnostics(logits, logits, 4, probabilities=True)
+    p = segment_probabilities(logits, 4).reshape(10, 8)
+    assert float(mean_confidence(p, 4, probabilities=True)) <= 1.0
+    assert float(mean_confidence(p.to(torch.bfloat16), 4, probabilities=True)) <= 1.0

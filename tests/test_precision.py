@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from music_loss import music_loss
+from music_loss._config import round_to_tf32
 from music_loss._dispatch import float32_matmul_mode, resolve_backend, resolve_precision
-from music_loss.torch_backend import _round_to_tf32
 
 LEGACY = ["highest", "high", "medium"]
 NEW = ["none", "ieee", "tf32"]
@@ -30,6 +30,7 @@ def _snapshot():
 @pytest.fixture
 def restore_precision_globals():
     before = _snapshot()
+    legacy_before = torch.get_float32_matmul_precision()
     yield
     # Back through the new API (the legacy setter would raise while it is set): every
     # setting to "none", then each to its value before the test (earlier tests may have set
@@ -39,9 +40,11 @@ def restore_precision_globals():
              (torch.backends.mkldnn.matmul, "fp32_precision")]
     for owner, name in reversed(names):
         setattr(owner, name, "none")
+    torch.set_float32_matmul_precision(legacy_before)  # the legacy setting is a third global
     for (owner, name), value in zip(names, before):
         setattr(owner, name, value)
     assert _snapshot() == before
+    assert torch.get_float32_matmul_precision() == legacy_before
 
 
 def _expected(legacy: str, generic: str, cuda_matmul: str) -> str:
@@ -152,7 +155,7 @@ def test_tf32_operand_rounding_is_nearest_even_to_10_bits():
     # Exact ties and their neighbours: 1 + (2j+1) * 2^-11 lies halfway between tf32 values.
     ties = 1 + (2 * torch.arange(64, dtype=torch.float64) + 1) * 2.0**-11
     x = torch.cat([x, ties.float()])
-    r = _round_to_tf32(x)
+    r = round_to_tf32(x)
     bits = r.view(torch.int32)
     assert (bits & 0x1FFF == 0).all()  # 10 explicit mantissa bits left
     x64, r64 = x.double(), r.double()

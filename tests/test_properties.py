@@ -79,7 +79,7 @@ def test_every_backend_matches_float64_on_any_problem(problem, backend, data):
         # No clamp: probabilities down to exp(-|z|/t) ~ 1e-16 enter the gradient, each with the
         # float32 rounding of its exponent (6e-8 |z| / t), amplified by |lg P|: a float32
         # limit, not a defect (measured up to ~3e-5 at N=2, t=0.05). With eps > 0 (the
-        # default) the SPEC target holds.
+        # default) the documented target holds.
         tol = FLOAT32_NO_CLAMP_TOL
     weights = sum(abs(kwargs[w]) for w in ("diag_weight", "off_weight", "invariance_weight"))
     assert loss_error(got.loss, want, floor=weights) <= tol.loss

@@ -1,4 +1,4 @@
-"""The reference against an independent float64 NumPy transcription of SPEC 1, with loops."""
+"""The reference against an independent float64 NumPy transcription of the definition (docs/math.md), with loops."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ TINY = float(np.finfo(np.float32).tiny)
 
 
 def numpy_music(z1, z2, k, t=1.0, eps=1e-8, wd=1.0, wo=1.0, wi=1.0, norm="blocks"):
-    """SPEC 1 written out entry by entry, nothing shared with the package."""
+    """The definition written out entry by entry, nothing shared with the package."""
     n, d = z1.shape
     s = d // k
 

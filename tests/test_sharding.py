@@ -227,7 +227,7 @@ def _compile_worker(rank: int, world: int, init_file: str, out_dir: str, backend
     def step(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return loss_fn(model(a), model(b))
 
-    # The first call checks the equal batch sizes once (a host sync), eagerly.
+    # An eager first call, then the same step compiled.
     eager = step(x1[rows], x2[rows])
     eager.backward()
     eager_grads = [p.grad.clone() for p in model.parameters()]

@@ -283,7 +283,7 @@ CURVE_PANELS: tuple[tuple[str, str], ...] = (
     ("loss", "loss"),
     ("usage_entropy", "usage entropy / log K"),
     ("confidence", "mean confidence"),
-    ("segment_mi", "segment MI / log K"),
+    ("segment_redundancy", "segment redundancy (NMI of hard assignments)"),
     ("agreement", "view agreement"),
 )
 

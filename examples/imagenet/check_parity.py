@@ -18,7 +18,8 @@ and compares, after every step and at the end. The legs (``--legs``):
     (``gather_distributed=True``), Barlow Twins (global-batch form) and VICReg (``--losses``).
     BatchNorm statistics depend on the split and SyncBatchNorm is CUDA-only, so these runs use
     ``--norm group``; augmentations are seeded per sample, so both see the same images. The
-    2-rank loss compared is the mean over ranks (SPEC 3), the parameters are rank 0's.
+    2-rank loss compared is the mean over ranks (equal to one process's), the parameters are
+    rank 0's.
 ``resume``
     A run pre-empted after step 3 (mid-epoch) and resumed from its checkpoint vs an
     uninterrupted run, in one process and on 2 gloo ranks: must be bit-identical.

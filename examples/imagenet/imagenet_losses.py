@@ -1,7 +1,7 @@
 """The three criteria of ``pretrain.py --loss``, each computed over the global batch.
 
 * MUSIC: :class:`music_loss.MUSICLoss` with ``gather_distributed=True`` under torchrun
-  (entropy on the all-gathered batch, invariance on the local batch; SPEC 3).
+  (entropy on the all-gathered batch, invariance on the local batch).
 * Barlow Twins, global-batch form (not the official multi-GPU code): the cross-correlation of
   batch-normalised views, divided by the global batch and summed over ranks through an
   autograd-aware all-reduce, with global normalisation statistics. Its gradients equal

@@ -10,7 +10,7 @@ here touches the library: every mutation wraps it from outside.
   (the fused Triton path, Barlow Twins, VICReg, MUSIC);
 * ``view1-grad-x1.01``: the first view's gradient x1.01;
 * ``raise``: the criterion raises: an exception in a leg must be a FAIL, never a skip;
-* MUSIC only, a re-implementation of SPEC 1 from ``music_loss.reference``'s pieces whose
+* MUSIC only, a re-implementation of the loss from ``music_loss.reference``'s pieces whose
   forward value is exact but whose backward is wrong in one place:
   ``diag-plus-one-dropped`` (``P lg(P).detach()`` on the diagonal: gradient ``lg P`` instead
   of ``1 + lg P``), ``invariance-grad-x0.99``, ``off-grad-x0.99``; and ``reimplemented``, the
@@ -77,7 +77,7 @@ def scale_grad(x: Tensor, scale: float) -> Tensor:
 
 def music_terms_mutated(z1: Tensor, z2: Tensor, config: LossConfig,
                         mutation: str) -> tuple[Tensor, dict[str, Tensor]]:
-    """SPEC 1's loss (one process), exact forward, one wrong piece of backward.
+    """The loss (one process), exact forward, one wrong piece of backward.
 
     Example:
         >>> from music_loss.functional import music_loss

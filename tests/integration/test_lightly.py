@@ -2,10 +2,12 @@
 
 lightly's ``VICRegTransform`` (sized for 8x8 grey digits) with its ``MultiViewTransform``
 views and ``MultiViewCollate`` batches, its ``BarlowTwinsProjectionHead``, and its
-``BarlowTwinsLoss`` / ``VICRegLoss`` next to ``MUSICLoss``: each criterion trains the same
-tiny model for a few steps on scikit-learn's bundled digits and must lower its own loss on a
-fixed held-out batch. Then ``gather_distributed=True`` with 2 gloo ranks, used as lightly's
-losses are (each rank passes its local views; the gather happens inside the criterion).
+``BarlowTwinsLoss`` / ``VICRegLoss`` next to ``MUSICLoss`` and the memory-light Barlow Twins
+of ``music_loss.baselines``: each criterion trains the same tiny model for a few steps on
+scikit-learn's bundled digits and must lower its own loss on a fixed held-out batch. lightly's
+two losses swapped for the memory-light ones give the same values and gradients on lightly's
+inputs. Then ``gather_distributed=True`` with 2 gloo ranks, used as lightly's losses are
+(each rank passes its local views; the gather happens inside the criterion).
 
 Needs the ``integrations`` extra (``pip install -e ".[integrations]"``); CI installs it.
 """
@@ -35,6 +37,8 @@ from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
 from music_loss import MUSICLoss  # noqa: E402
+from music_loss.baselines import BarlowTwinsLoss as LightBarlowTwinsLoss  # noqa: E402
+from music_loss.baselines import VICRegLoss as LightVICRegLoss  # noqa: E402
 from tests.tolerances import DTYPE_TOL, relative_error  # noqa: E402
 
 PROJECTION_DIM, SEGMENT_DIM = 128, 16  # S = 8 segments of 16 bins
@@ -76,6 +80,8 @@ CRITERIA = {
     "music": lambda: MUSICLoss(segment_dim=SEGMENT_DIM),
     "barlow_twins": lambda: BarlowTwinsLoss(),
     "vicreg": lambda: VICRegLoss(),
+    # The memory-light Barlow Twins with lightly's lambda (5e-3; the paper's is 5.1e-3).
+    "barlow_twins_light": lambda: LightBarlowTwinsLoss(lambd=5e-3),
 }
 
 
@@ -116,6 +122,28 @@ def test_lightly_parts_train_with_each_criterion(name):
     assert last < first
     # A clear drop, relative to the loss's own scale (MUSIC is negative at its optimum).
     assert after < before - 0.05 * abs(before), (before, after)
+
+
+# ---- lightly's losses swapped for the memory-light ones ----------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_memory_light_losses_equal_lightlys_on_its_inputs(dtype):
+    """lightly's BarlowTwinsLoss and VICRegLoss against music_loss.baselines, on projections
+    of lightly's own views by its projection head: the same values and gradients."""
+    torch.manual_seed(0)
+    (x0, x1), _, _ = MultiViewCollate()([DigitViews(np.arange(64))[i] for i in range(64)])
+    model = make_model().to(dtype)
+    out0, out1 = model(x0.to(dtype)), model(x1.to(dtype))
+    tol = DTYPE_TOL[dtype]
+    for theirs, ours in ((BarlowTwinsLoss(), LightBarlowTwinsLoss(lambd=5e-3)),
+                         (VICRegLoss(), LightVICRegLoss())):
+        want = theirs(out0, out1)
+        want_grads = torch.autograd.grad(want, list(model.parameters()), retain_graph=True)
+        got = ours(out0, out1)
+        got_grads = torch.autograd.grad(got, list(model.parameters()), retain_graph=True)
+        assert relative_error(got, want) <= tol.loss, type(ours).__name__
+        assert relative_error(torch.cat([g.flatten() for g in got_grads]),
+                              torch.cat([g.flatten() for g in want_grads])) <= tol.grad
 
 
 # ---- gather_distributed with 2 gloo ranks ------------------------------------------------

@@ -1,6 +1,6 @@
 """A float64 oracle of the fused kernels' arithmetic, with bf16 or tf32 operand rounding.
 
-It spells out SPEC 1's gradient (``G = c (lg P + [P >= tiny])``, ``dp1 = p2 G^T / N``,
+It spells out the loss's gradient (``G = c (lg P + [P >= tiny])``, ``dp1 = p2 G^T / N``,
 ``dp2 = p1 G / N``, the elementwise diagonal and invariance parts, then clamp and softmax
 backward by autograd) and rounds exactly what the kernels round in bf16 or tf32 mode:
 ``p1, p2`` as product operands and the off-block ``G`` (tf32: to nearest, ties away from

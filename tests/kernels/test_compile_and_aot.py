@@ -87,8 +87,16 @@ def test_aot_compile_check_sm80_sm90(tmp_path):
     # The TMA variants (sm_90, joint kernel and products): bulk tensor copies, no cp.async.
     tma = [r for r in rows if r["variant"].endswith(",tma")]
     assert {r["arch"] for r in tma} == {90}
-    assert {r["variant"] for r in tma} == {"tf32,NT,tma", "bf16,NN,tma", "bf16,NT,tma",
-                                           "tf32,tma", "bf16,tma"}
+    assert {r["variant"] for r in tma} == {"tf32,dp2,NT,tma", "bf16,dp2,NN,tma",
+                                           "bf16,dp1,NT,tma", "tf32,tma", "bf16,tma"}
+    # Each product row says which product it is: dp2 accumulates (tf32's reads G^T, "NT"),
+    # dp1 does not; tf32's dp2 is compiled in every config its dp1 is.
+    products_90 = {(r["variant"], r["config"]) for r in rows
+                   if r["kernel"] == "grad_product" and r["arch"] == 90}
+    tf32_dp1 = {c for v, c in products_90 if v == "tf32,dp1,NT"}
+    assert tf32_dp1 and tf32_dp1 <= {c for v, c in products_90 if v == "tf32,dp2,NT"}
+    # The gate against the committed table ran and found nothing (the exit status above).
+    assert "regressions" in proc.stdout and " 0 regressions" in proc.stdout
     assert all(r["uses_tma"] and r["async_copy_min_bytes"] is None and r["mma_shape"]
                for r in tma)
     # Per entry: a mask, a log, a product, sums, the G store - never a handful (a misread
@@ -385,3 +393,87 @@ def test_a_precision_the_policy_runs_without_a_fitting_config_fails_the_check(mo
     assert {(r.kernel, r.variant) for r in gaps} == {
         ("joint_entropy", "ieee"), ("grad_product", "ieee"), ("grad_product", "tf32")}
     assert not any(r.ok for r in gaps) and aot.policy_gaps(90) == []
+
+
+def _gate_row(**facts):
+    row = {"kernel": "joint_entropy", "variant": "bf16", "config": "128x128x32 w8 s4",
+           "arch": 90, "ok": True, "registers": 183, "spill_instructions_in_loops": None,
+           "mma_shape": "m64n128k16", "async_copy_min_bytes": 16, "uses_tma": False,
+           "smem_bank_conflicts": 1, "epilogue_instructions_per_entry": 13.5,
+           "epilogue_instructions_per_entry_diagonal": 26.0}
+    row.update(facts)
+    return row
+
+
+@pytest.mark.parametrize("facts,found", [
+    ({}, None),
+    ({"epilogue_instructions_per_entry": 14.5, "registers": 191}, None),  # within slack
+    ({"epilogue_instructions_per_entry": 14.6}, "epilogue SASS/entry 13.5 -> 14.6"),
+    ({"epilogue_instructions_per_entry_diagonal": 27.5}, "(diagonal tiles) 26.0 -> 27.5"),
+    ({"mma_shape": "m64n64k16"}, "mma m64n128k16 -> m64n64k16 (narrower)"),
+    ({"mma_shape": None}, "mma m64n128k16 -> None"),
+    ({"registers": 192}, "registers 183 -> 192"),
+    ({"spill_instructions_in_loops": 2}, "spill instructions in loops 0 -> 2"),
+    ({"async_copy_min_bytes": 4}, "narrowest cp.async 16 -> 4 bytes"),
+    ({"smem_bank_conflicts": 4}, "bank conflicts 1-way -> 4-way"),
+    ({"smem_bank_conflicts": None}, "bank conflicts 1-way -> not counted"),
+    ({"ok": False, "problems": ["compile failed"]}, "now fails: compile failed"),
+])
+def test_gate_flags_each_regression_against_the_table(facts, found):
+    from benchmarks import aot
+
+    regressions, new = aot.gate_regressions([_gate_row(**facts)], [_gate_row()])
+    assert new == []
+    if found is None:
+        assert regressions == []
+    else:
+        assert len(regressions) == 1 and found in regressions[0], regressions
+    # A row the table does not hold is new, and passes.
+    regressions, new = aot.gate_regressions([_gate_row(**facts, config="other")],
+                                            [_gate_row()])
+    assert regressions == [] and new == ["joint_entropy bf16 other sm_90"]
+
+
+def test_gate_picks_the_newest_table_of_this_triton(tmp_path):
+    from benchmarks import aot
+
+    for name in ("aot-static-2026-01-02-triton3.8.json", "aot-static-2026-03-01-triton3.8.json",
+                 "aot-static-2026-04-01-triton3.6.json", "aot-static-2026-05-01.json"):
+        (tmp_path / name).write_text("[]")
+    assert aot.default_baseline(str(tmp_path), "3.8").endswith("2026-03-01-triton3.8.json")
+    assert aot.default_baseline(str(tmp_path), "3.6").endswith("2026-04-01-triton3.6.json")
+    assert aot.default_baseline(str(tmp_path), "3.9") is None
+    # This checkout holds a table for the Triton it runs.
+    assert aot.default_baseline() is not None
+
+
+_MUTATION = """
+import json, sys
+from dataclasses import asdict
+from benchmarks import aot
+spec = next(s for s in aot.kernel_specs(quick=True, arch=90)
+            if s.kernel == "joint_entropy" and s.variant == "bf16")
+rows = []
+for fast_log in (True, False):  # the committed kernel, then the accurate-log mutation
+    spec.constexprs["FAST_LOG"] = fast_log
+    rows.append(asdict(aot.compile_spec(spec, 90)))
+print(json.dumps(rows))
+"""
+
+
+def test_gate_fails_on_the_accurate_log_in_bf16():
+    """The bf16 joint kernel compiled with libdevice's accurate log instead of the
+    special-function unit's: the gate against the committed table must call it a
+    regression, and pass the committed kernel."""
+    from benchmarks import aot
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", _MUTATION], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    committed, mutated = json.loads(proc.stdout.strip().splitlines()[-1])
+    with open(aot.default_baseline()) as fh:
+        table = json.load(fh)
+    assert aot.gate_regressions([committed], table) == ([], [])
+    regressions, _ = aot.gate_regressions([mutated], table)
+    assert any("epilogue SASS/entry" in line for line in regressions), regressions

@@ -2,7 +2,7 @@
 
 On CPU these run in Triton's interpreter (``tests/conftest.py`` sets ``TRITON_INTERPRET=1``
 when there is no CUDA device); on a GPU machine the same tests run the compiled kernels.
-Shapes are small and odd: K = 80, 7 and 1, S = 1, N and D multiples of no block
+Shapes are small and odd: K = 80, 7, 2, 63 and 65, S = 1, N and D multiples of no block
 size, and several chunks of rows of ``P``. Per precision:
 
 - ``ieee``: against float64 autograd of ``music_loss.reference`` (the float32 target);
@@ -52,8 +52,11 @@ pytestmark = pytest.mark.skipif(
     DEVICE == "cpu" and not _common.INTERPRET,
     reason="needs CUDA, or TRITON_INTERPRET=1 set before music_loss.kernels is imported")
 
-# (N, D, K, chunk_size): K = 80 (paper), 7, 1 (every pair of bins is off-block), S = 1.
-SHAPES = [(45, 240, 80, 64), (33, 105, 7, 64), (20, 24, 1, 16), (19, 60, 60, 0)]
+# (N, D, K, chunk_size): K = 80 (paper), 7, 2 (most pairs of bins are off-block), S = 1,
+# and segment boundaries one column inside (K = 63) and outside (K = 65) the 64-wide tile
+# edges of the interpreter's joint tiles: the epilogue's block classification at its edges.
+SHAPES = [(45, 240, 80, 64), (33, 105, 7, 64), (20, 24, 2, 16), (19, 60, 60, 0),
+          (21, 189, 63, 64), (17, 195, 65, 0)]
 PRECISIONS = ["ieee", "tf32", "bf16"]
 WORST = WorstErrors("kernel tests: worst relative errors (Frobenius) over the matrix")
 
@@ -77,6 +80,8 @@ def _triton_terms_and_grads(z1, z2, config, precision, local_rows=None, grad_ter
     z2 = z2.detach().clone().requires_grad_(True)
     terms = music_loss_triton(z1, z2, config, local_rows, precision,
                               chunk_size=chunk_size or None)
+    # Only the loss carries a gradient: the parts are logging values.
+    assert terms.loss.requires_grad and not any(t.requires_grad for t in terms[1:])
     weights = grad_terms if grad_terms is not None else torch.tensor([1.0, 0, 0, 0])
     objective = sum(w * t for w, t in zip(weights.tolist(), terms))
     g1, g2 = torch.autograd.grad(objective, (z1, z2))
@@ -167,21 +172,22 @@ OPTION_CASES = [  # (normalization, eps, temperature, weights)
 
 @pytest.mark.parametrize("options", OPTION_CASES, ids=lambda o: f"{o[0]}-eps{o[1]:g}-t{o[2]:g}"
                          f"-w{'/'.join(map(str, o[3]))}")
-def test_options_local_rows_and_per_term_gradients(options):
+def test_options_local_rows_and_upstream_gradient(options):
     normalization, eps, temperature, (wd, wo, wi) = options
     config = LossConfig(segment_dim=20, temperature=temperature, eps=eps, diag_weight=wd,
                         off_weight=wo, invariance_weight=wi, normalization=normalization)
     z1, z2 = _views(23, 60)
-    grad_terms = torch.tensor([0.8, -1.5, 0.6, 2.5])  # each term's own gradient counts
+    # Not the last layer: the loss's upstream gradient is not 1 (the parts are detached).
+    grad_terms = torch.tensor([-1.7, 0.0, 0.0, 0.0])
     got = _triton_terms_and_grads(z1, z2, config, "ieee", (4, 17), grad_terms, chunk_size=32)
     _compare("ieee options vs float64", got,
              _float64_truth(z1, z2, config, (4, 17), grad_terms), PRECISION_TOL["ieee"])
 
 
-def test_bf16_per_term_gradients_match_the_rounded_oracle():
+def test_bf16_upstream_gradient_matches_the_rounded_oracle():
     config = LossConfig(segment_dim=20, normalization="joint", invariance_weight=0.5)
     z1, z2 = _views(23, 60, seed=3)
-    grad_terms = torch.tensor([1.0, 0.5, -2.0, 1.5])
+    grad_terms = torch.tensor([2.5, 0.0, 0.0, 0.0])
     got = _triton_terms_and_grads(z1, z2, config, "bf16", (0, 23), grad_terms, chunk_size=32)
     want = rounded_oracle(z1.cpu(), z2.cpu(), config, (0, 23), round_bf16=DEVICE == "cpu",
                           grad_terms=grad_terms)
@@ -207,6 +213,19 @@ def test_non_contiguous_inputs_and_grad_scale():
     got = _triton_terms_and_grads(z1, z2, config, "ieee", grad_terms=torch.tensor([3.7, 0, 0, 0]))
     want = _float64_truth(z1, z2, config, grad_terms=torch.tensor([3.7, 0, 0, 0]))
     _compare("ieee non-contiguous, grad x3.7 vs float64", got, want, PRECISION_TOL["ieee"])
+
+
+def test_retained_graph_gives_the_same_gradient_twice():
+    """The gradients are finished in the forward and the backward scales them: a second
+    backward through a retained graph (another upstream gradient) must not see the first's
+    scaling."""
+    config = LossConfig(segment_dim=20)
+    z1, z2 = (z.requires_grad_(True) for z in _views(19, 60))
+    loss = music_loss_triton(z1, z2, config, None, "ieee").loss
+    first = torch.autograd.grad(loss, (z1, z2), torch.tensor(3.0), retain_graph=True)
+    second = torch.autograd.grad(loss, (z1, z2), torch.tensor(-0.5))
+    for a, b in zip(first, second):
+        torch.testing.assert_close(b, a * (-0.5 / 3.0), rtol=1e-6, atol=0)
 
 
 def test_no_grad_and_grad_paths_agree():

@@ -122,3 +122,53 @@ def test_kernel_module_doctests():
     for module in (cf, launchers, triton_backend, segment_softmax, _common, plan):
         result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
         assert result.attempted > 0 and result.failed == 0, (module.__name__, result)
+
+
+class _TrackedAllocations:
+    """The arrays the launchers allocate (``torch.empty``, ``torch.zeros``,
+    ``Tensor.new_empty``), live bytes and their peak; each counts until its storage is freed
+    (a weak-reference finaliser on the storage, which views and autograd's saved tensors
+    share). ATen's scalar temporaries are not counted."""
+
+    def __init__(self, monkeypatch):
+        self.live = 0
+        self.peak = 0
+        self.count = 0
+        for owner, name in ((torch, "empty"), (torch, "zeros"), (torch.Tensor, "new_empty")):
+            monkeypatch.setattr(owner, name, self._wrap(getattr(owner, name)))
+
+    def _wrap(self, real):
+        import weakref
+
+        def allocate(*args, **kwargs):
+            out = real(*args, **kwargs)
+            storage = out.untyped_storage()  # one Python object per storage, views included
+            self.live += storage.nbytes()
+            self.count += 1
+            self.peak = max(self.peak, self.live)
+            weakref.finalize(storage, self._release, storage.nbytes())
+            return out
+
+        return allocate
+
+    def _release(self, size):
+        self.live -= size
+
+
+@pytest.mark.skipif(not _common.INTERPRET, reason="measures the interpreter's CPU arrays")
+@pytest.mark.parametrize("need_grad", [True, False], ids=["grad", "no-grad"])
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_memory_plan_is_what_the_launchers_allocate(monkeypatch, precision, need_grad):
+    n, d, k, chunk = 64, 240, 80, 64  # 4 chunks of rows of P, 64-wide tiles
+    z1, z2 = (torch.randn(n, d, requires_grad=need_grad) for _ in range(2))
+    tracked = _TrackedAllocations(monkeypatch)
+    terms = music_loss_triton(z1, z2, LossConfig(segment_dim=k), None, precision,
+                              chunk_size=chunk)
+    forward_peak, forward_count = tracked.peak, tracked.count
+    if need_grad:
+        terms.loss.backward()
+        assert tracked.count == forward_count  # the backward only scales: no launcher arrays
+    want = plan.fused_memory_bytes(n, d, precision, need_grad=need_grad, chunk_size=chunk,
+                                   segment_dim=k)
+    gradients = 2 * n * d * 4 if need_grad else 0  # the fp32 arrays the gradients fill
+    assert forward_peak - gradients == want["forward"], (forward_peak - gradients, want)
