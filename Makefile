@@ -83,13 +83,15 @@ $(VENV)/.docs-installed: $(VENV)/.installed
 	$(BIN)/python -m pip install -q -e ".[docs]"
 	touch $@
 
+# The compile check for every architecture (sm_75 to sm_120; AOT_ARCHS to narrow it).
+AOT_ARCHS ?= 75 80 86 89 90 100 120
 aot: env
-	env -u TRITON_INTERPRET $(BIN)/python -m benchmarks.aot --arch 80 90
+	env -u TRITON_INTERPRET $(BIN)/python -m benchmarks.aot --arch $(AOT_ARCHS)
 
 # The compile check with its static gate (exit 1 on a regression), the table kept as JSON.
 AOT_JSON ?= /tmp/music-loss-aot.json
 aot-gate: env
-	env -u TRITON_INTERPRET $(BIN)/python -m benchmarks.aot --arch 80 90 \
+	env -u TRITON_INTERPRET $(BIN)/python -m benchmarks.aot --arch $(AOT_ARCHS) \
 		--json $(AOT_JSON) --jobs 2
 
 clean:

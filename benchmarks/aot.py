@@ -1,20 +1,26 @@
-"""Ahead-of-time compile check of every kernel, for sm_80 and sm_90, with no GPU.
+"""Ahead-of-time compile check of every kernel, for each GPU architecture, with no GPU.
 
 Usage::
 
-    python -m benchmarks.aot --arch 80 90 [--json results.json] [--quick] [--jobs 2]
+    python -m benchmarks.aot --arch 75 80 86 89 90 100 120 [--json results.json] [--quick]
+        [--jobs 2]
 
-Compiles every kernel in every autotune config of every precision mode
-(:func:`music_loss.kernels.configs.configs_for`) to PTX and cubin
+Compiles every kernel in every autotune config of every precision mode that the GPU policy
+(:mod:`music_loss._gpu_policy`) runs on Triton on that architecture, with the configs that
+fit its shared memory (:func:`music_loss.kernels.configs.configs_for`), to PTX and cubin
 with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))``, then re-runs the
-ptxas bundled with Triton with ``-v`` on the PTX to read registers and spills. Prints one
-row per kernel/variant/config/arch: shared memory (and the per-block limit: 227 KiB sm_90,
-163 KiB sm_80), registers, spill bytes, tensor-core instructions (``wgmma`` on sm_90,
-``mma.sync`` on sm_80). Exits 1 if a compile fails, a config exceeds the shared-memory
-limit, spills registers inside a loop (or more than 64 bytes outside one: located in the
-SASS), or the joint-distribution kernel (or a gradient product) emits no tensor-core
-instruction in tf32/bf16 mode. On sm_90 it also compiles the TMA variant of the gradient
-products and of the joint kernel (``<mode>,tma`` variants: tensor-descriptor arguments).
+ptxas bundled with Triton with ``-v`` on the PTX to read registers and spills. An
+architecture the policy runs on the ``torch`` backend only (sm_75, sm_70) compiles nothing.
+Prints one row per kernel/variant/config/arch: shared memory (and the per-block limit of
+the policy's table: 163 KiB sm_80, 99 KiB sm_86/89/120, 227 KiB sm_90/100), registers,
+spill bytes, tensor-core instructions (:data:`TENSOR_CORE_PTX`: ``mma.sync`` on
+sm_80/86/89/120, ``wgmma`` on sm_90, ``tcgen05.mma`` on sm_100). Exits 1 if a compile
+fails, a config exceeds the shared-memory limit, spills registers inside a loop (or more
+than 64 bytes outside one: located in the SASS), the joint-distribution kernel (or a
+gradient product) emits none of its architecture's tensor-core instructions in tf32/bf16
+mode, or a precision the policy runs on Triton has no config that fits. From sm_90 on it
+also compiles the TMA variant of the gradient products and of the joint kernel
+(``<mode>,tma`` variants: tensor-descriptor arguments), as the launcher may use it there.
 Static facts per tensor-core product: widest mma shape, narrowest
 ``cp.async`` (or TMA), shared-memory bank conflicts (Triton's Gluon counter), the joint
 kernel's epilogue SASS per entry (for tiles off and on the block diagonal), and for the
@@ -41,6 +47,7 @@ import functools
 import inspect
 import io
 import json
+import math
 import os
 import re
 import subprocess
@@ -51,7 +58,45 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from music_loss import _gpu_policy
 from music_loss.kernels.configs import SMEM_LIMITS
+
+#: The architectures the check compiles for by default: one per card generation of the GPU
+#: policy from T4 (sm_75, where nothing runs on Triton) to Blackwell.
+ARCHS: tuple[int, ...] = (75, 80, 86, 89, 90, 100, 120)
+
+#: The tensor-core instruction of each architecture's products in PTX: Ampere's warp-level
+#: ``mma.sync`` (also Ada's and consumer Blackwell's, sm_120), Hopper's warpgroup ``wgmma``,
+#: datacenter Blackwell's ``tcgen05.mma`` (sm_100/103).
+TENSOR_CORE_PTX: dict[int, str] = {
+    80: r"\bmma\.sync\.aligned\.", 86: r"\bmma\.sync\.aligned\.", 87: r"\bmma\.sync\.aligned\.",
+    89: r"\bmma\.sync\.aligned\.", 90: r"\bwgmma\.mma_async\.", 100: r"\btcgen05\.mma\.",
+    103: r"\btcgen05\.mma\.", 120: r"\bmma\.sync\.aligned\.",
+}
+
+
+def capability_of(arch: int) -> tuple[int, int]:
+    """``86`` -> ``(8, 6)``, ``120`` -> ``(12, 0)``."""
+    return arch // 10, arch % 10
+
+
+def triton_precisions(arch: int) -> tuple[str, ...]:
+    """The precision modes the GPU policy lets run on Triton on ``sm_<arch>`` (an explicit
+    ``backend="triton"`` it does not refuse): what the check compiles there.
+
+    Example:
+        >>> triton_precisions(75), triton_precisions(86)
+        ((), ('ieee', 'tf32', 'bf16'))
+    """
+    card = _gpu_policy.card_for_capability(capability_of(arch))
+    allowed = []
+    for precision in ("ieee", "tf32", "bf16"):
+        try:
+            _gpu_policy.check_explicit(card, "triton", precision, precision)
+        except ValueError:
+            continue
+        allowed.append(precision)
+    return tuple(allowed)
 
 #: Representative segment sizes for the elementwise kernels' launch heuristics: K = 1, the
 #: paper's 80 (not a power of two), and a wide 2048-bin segment.
@@ -146,20 +191,32 @@ def _config_label(meta: dict[str, Any], num_warps: int, num_stages: int) -> str:
     return f"{blocks} w{num_warps} s{num_stages}"
 
 
+def arch_configs(configs: list[Any], arch: int, quick: bool = False) -> dict[str, list[Any]]:
+    """The configs each precision mode the policy runs on Triton autotunes over on
+    ``sm_<arch>`` (``configs_for`` with the arch's shared memory; ``quick``: the first two)."""
+    from music_loss.kernels import configs as cf
+
+    return {p: cf.configs_for(configs, p, SMEM_LIMITS[arch])[:2 if quick else None]
+            for p in triton_precisions(arch)}
+
+
 def kernel_specs(quick: bool = False, arch: int = 90) -> list[KernelSpec]:
     """Every compile job for ``arch``: all kernels x the autotune configs each precision mode
-    uses there (``configs_for`` with the arch's shared memory) x layouts."""
+    the policy runs on Triton uses there (``configs_for`` with the arch's shared memory) x
+    layouts; none where the policy runs nothing on Triton."""
     from music_loss.kernels import configs as cf
     from music_loss.kernels import joint_entropy as je
     from music_loss.kernels import segment_softmax as ss
     from music_loss.kernels.launchers import tma_available
 
     specs: list[KernelSpec] = []
-    precisions = ("ieee", "tf32", "bf16")
-    for cfg in cf.JOINT_CONFIGS[:2] if quick else cf.JOINT_CONFIGS:
+    if not triton_precisions(arch):
+        return specs
+    joint_configs = arch_configs(cf.JOINT_CONFIGS, arch, quick)
+    matmul_configs = arch_configs(cf.MATMUL_CONFIGS, arch, quick)
+    for cfg in cf.JOINT_CONFIGS:
         label = _config_label(cfg.kwargs, cfg.num_warps, cfg.num_stages)
-        for prec in [p for p in precisions
-                     if cfg in cf.configs_for(cf.JOINT_CONFIGS, p, SMEM_LIMITS[arch])]:
+        for prec in [p for p, picked in joint_configs.items() if cfg in picked]:
             op = "*bf16" if prec == "bf16" else "*fp32"
             # tf32 reads the (D, N) transposes (batch-contiguous) and also writes G^T.
             k_major = prec == "tf32"
@@ -190,11 +247,10 @@ def kernel_specs(quick: bool = False, arch: int = 90) -> list[KernelSpec]:
     # dp1 in every tf32 config and in bf16's first (its NT copies are bf16's widest).
     layouts = {"NN": ("stride_ak", "stride_bn", "stride_cn"),
                "NT": ("stride_ak", "stride_bk", "stride_cn")}
-    for cfg in cf.MATMUL_CONFIGS[:2] if quick else cf.MATMUL_CONFIGS:
+    for cfg in cf.MATMUL_CONFIGS:
         label = _config_label(cfg.kwargs, cfg.num_warps, cfg.num_stages)
-        modes = [p for p in precisions
-                 if cfg in cf.configs_for(cf.MATMUL_CONFIGS, p, SMEM_LIMITS[arch])]
-        first = cfg is cf.MATMUL_CONFIGS[0]
+        modes = [p for p, picked in matmul_configs.items() if cfg in picked]
+        first = cfg is (matmul_configs.get("bf16") or [None])[0]
         jobs = [(p, "dp2", "NT" if p == "tf32" else "NN") for p in modes]
         jobs += [(p, "dp1", "NT") for p in modes if p == "tf32" or (first and p == "bf16")]
         for prec, product, layout in jobs:
@@ -209,11 +265,10 @@ def kernel_specs(quick: bool = False, arch: int = 90) -> list[KernelSpec]:
     # tensor-core mode, in the layouts the launcher passes: tf32 reads B K-major in both
     # products ("NT"); bf16's dp2 reads G row-major ("NN"), its dp1 G^T ("NT").
     if arch >= 90 and tma_available():
-        for cfg in cf.MATMUL_CONFIGS[:2] if quick else cf.MATMUL_CONFIGS:
+        for cfg in cf.MATMUL_CONFIGS:
             label = _config_label(cfg.kwargs, cfg.num_warps, cfg.num_stages)
             bm, bn, bk = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]
-            for prec in [p for p in ("tf32", "bf16")
-                         if cfg in cf.configs_for(cf.MATMUL_CONFIGS, p, SMEM_LIMITS[arch])]:
+            for prec in [p for p in ("tf32", "bf16") if cfg in matmul_configs.get(p, [])]:
                 op = "bf16" if prec == "bf16" else "fp32"
                 products = ((("dp2", "NT"),) if prec == "tf32"
                             else (("dp2", "NN"), ("dp1", "NT")))
@@ -230,8 +285,9 @@ def kernel_specs(quick: bool = False, arch: int = 90) -> list[KernelSpec]:
                          "b_desc": f"tensordesc<{op}[{b_block}]>",
                          "c_desc": f"tensordesc<fp32[{bm}, {bn}]>"}, const, cfg.num_warps,
                         cfg.num_stages, label, needs_tensor_cores=True))
-    # int64 offsets (N * D >= 2**31) in the largest product config of sm_80's bf16.
-    big = cf.configs_for(cf.MATMUL_CONFIGS, "bf16", SMEM_LIMITS[80])[-1]
+    # int64 offsets (N * D >= 2**31) in the largest bf16 product config that fits both
+    # sm_80 and this arch.
+    big = cf.configs_for(cf.MATMUL_CONFIGS, "bf16", min(SMEM_LIMITS[80], SMEM_LIMITS[arch]))[-1]
     const = {**big.kwargs, "ACCUMULATE": True, "PRECISION": "bf16", "EMULATE_BF16": False,
              "USE_INT64": True, "EMULATE_TF32": False}
     specs.append(_spec("grad_product", "bf16,dp2,NN,int64", je.scaled_matmul_kernel,
@@ -332,11 +388,74 @@ _SHARED_STORE = re.compile(
     r"(#\w+)")
 
 
+def tensor_core_pattern(arch: int) -> str:
+    """The regular expression of ``sm_<arch>``'s tensor-core instruction in PTX
+    (:data:`TENSOR_CORE_PTX`; an unlisted arch takes its family's: 10x ``tcgen05.mma``,
+    9x ``wgmma``, the others ``mma.sync``)."""
+    if arch in TENSOR_CORE_PTX:
+        return TENSOR_CORE_PTX[arch]
+    family = {9: 90, 10: 100}.get(arch // 10, 80)
+    return TENSOR_CORE_PTX[family]
+
+
+def tensor_core_instructions(ptx: str, arch: int) -> int:
+    """How many of ``sm_<arch>``'s tensor-core instructions ``ptx`` holds.
+
+    Example:
+        >>> ptx = "@%p1 tcgen05.mma.cta_group::1.kind::tf32 [ %r9 + 0 ], %rd1, %rd2, %r3, %p2;"
+        >>> tensor_core_instructions(ptx, 100), tensor_core_instructions(ptx, 90)
+        (1, 0)
+    """
+    return len(re.findall(tensor_core_pattern(arch), ptx))
+
+
+#: ``tcgen05.mma``'s K per instruction by operand kind (32 bytes of each operand row).
+_TCGEN05_K = {"tf32": 8, "f16": 16, "f8f6f4": 32, "i8": 32}
+_MOV_B32 = re.compile(r"\s*mov\.b32\s+(%r\d+),\s*(-?\d+);")
+_TCGEN05_MMA = re.compile(r"\btcgen05\.mma\.cta_group::\d\.kind::(\w+)\s+\[[^\]]*\],\s*[^,]+,"
+                          r"\s*[^,]+,\s*(%r\d+|\d+)")
+
+
+def _tcgen05_shapes(ptx: str) -> set[tuple[int, str]]:
+    """``(N, "m<M>n<N>k<K>")`` of each ``tcgen05.mma`` in ``ptx``: M and N come from its
+    instruction descriptor (bits 24-28: M / 16, bits 17-22: N / 8; an immediate, or the
+    ``mov.b32`` constant of its register), K from the operand kind."""
+    constants: dict[str, int] = {}
+    shapes = set()
+    for line in ptx.splitlines():
+        mov = _MOV_B32.match(line)
+        if mov:
+            constants[mov.group(1)] = int(mov.group(2)) & 0xFFFFFFFF
+            continue
+        mma = _TCGEN05_MMA.search(line)
+        if not mma:
+            continue
+        desc = mma.group(2)
+        value = constants.get(desc) if desc.startswith("%") else int(desc)
+        if value is None:
+            continue
+        m, n = ((value >> 24) & 0x1F) << 4, ((value >> 17) & 0x3F) << 3
+        shapes.add((n, f"m{m}n{n}k{_TCGEN05_K.get(mma.group(1), 0)}"))
+    return shapes
+
+
 def mma_shape(ptx: str, arch: int) -> str | None:
-    """The widest tensor-core instruction shape in ``ptx`` (``m64n128k8``), or None."""
-    pattern = r"wgmma\.mma_async\.sync\.aligned\.(m\d+n(\d+)k\d+)" if arch >= 90 else \
-        r"mma\.sync\.aligned\.(m\d+n(\d+)k\d+)"
-    shapes = {(int(n), shape) for shape, n in re.findall(pattern, ptx)}
+    """The widest tensor-core instruction shape of ``sm_<arch>`` in ``ptx`` (``m64n128k8``),
+    or None.
+
+    Example:
+        >>> ptx = '''mov.b32 %r232, 68159760;
+        ... @%p3 tcgen05.mma.cta_group::1.kind::tf32 [ %r1 + 0 ], %rd8, %rd9, %r232, %p4;'''
+        >>> mma_shape(ptx, 100), mma_shape(ptx, 90)
+        ('m64n64k8', None)
+    """
+    pattern = tensor_core_pattern(arch)
+    if "tcgen05" in pattern:
+        shapes = _tcgen05_shapes(ptx)
+    else:
+        shape = (r"wgmma\.mma_async\.sync\.aligned\." if "wgmma" in pattern
+                 else r"\bmma\.sync\.aligned\.") + r"(m\d+n(\d+)k\d+)"
+        shapes = {(int(n), found) for found, n in re.findall(shape, ptx)}
     return max(shapes)[1] if shapes else None
 
 
@@ -484,12 +603,61 @@ def sass_of(cubin: bytes) -> str | None:
         return subprocess.run([tool, "-sass", path], capture_output=True, text=True).stdout
 
 
+def _successors(program: list[tuple[int, str, str, str]]) -> list[list[int]]:
+    """Control-flow successors (indices) of each instruction: the next one unless it is an
+    unconditional branch or exit, and a ``BRA``'s target."""
+    index_at = {address: i for i, (address, *_rest) in enumerate(program)}
+    successors: list[list[int]] = []
+    for i, (_, predicate, opcode, operands) in enumerate(program):
+        always = predicate in ("", "@PT") and not opcode.startswith("BRA.U")
+        nxt: list[int] = []
+        if opcode.startswith("BRA"):
+            target = _branch_target(operands)
+            if target is not None and target in index_at:
+                nxt.append(index_at[target])
+            if not always:
+                nxt.append(i + 1)
+        elif not (opcode.startswith(("EXIT", "RET")) and always):
+            nxt.append(i + 1)
+        successors.append([j for j in nxt if j < len(program)])
+    return successors
+
+
+def loop_bodies(program: list[tuple[int, str, str, str]]) -> list[set[int]]:
+    """The instructions (indices) of each loop: for each backward branch ``B -> T`` from
+    which ``T`` reaches ``B`` again, those on a path from ``T`` to ``B``. A backward jump
+    that only returns from out-of-line code (a barrier wait placed after the function's
+    exit, entered by a forward branch) is no loop."""
+    successors = _successors(program)
+    predecessors: list[list[int]] = [[] for _ in program]
+    for i, nxt in enumerate(successors):
+        for j in nxt:
+            predecessors[j].append(i)
+
+    def reach(start: int, edges: list[list[int]]) -> set[int]:
+        seen, stack = {start}, [start]
+        while stack:
+            for j in edges[stack.pop()]:
+                if j not in seen:
+                    seen.add(j)
+                    stack.append(j)
+        return seen
+
+    bodies = []
+    for branch, nxt in enumerate(successors):
+        for target in nxt:
+            if target <= branch:
+                body = reach(target, successors) & reach(branch, predecessors)
+                if branch in body:
+                    bodies.append(body)
+    return bodies
+
+
 def spill_instructions_in_loops(sass: str) -> int:
-    """Local-memory instructions (``LDL``/``STL``: register spills) inside a loop: between a
-    backward branch's target and the branch. Spills outside loops (ptxas parking a few
-    loop-invariant values across the main loop, stored once before it and loaded once
-    after, per tile) cost a few instructions per tile; inside the main loop they cost on
-    every step.
+    """Local-memory instructions (``LDL``/``STL``: register spills) inside a loop
+    (:func:`loop_bodies`). Spills outside loops (ptxas parking a few loop-invariant values
+    across the main loop, stored once before it and loaded once after, per tile) cost a few
+    instructions per tile; inside the main loop they cost on every step.
 
     Example:
         >>> sass = '''
@@ -497,17 +665,18 @@ def spill_instructions_in_loops(sass: str) -> int:
         ...         /*0010*/                   HMMA.16816.F32.BF16 R4, R8, R12, R4 ;
         ...         /*0020*/                   LDL R64, [R1] ;
         ...         /*0030*/              @!P2 BRA 0x10 ;
-        ...         /*0040*/                   LDL R65, [R1] ;
+        ...         /*0040*/              @!P3 BRA 0x70 ;
+        ...         /*0050*/                   LDL R65, [R1] ;
+        ...         /*0060*/                   EXIT ;
+        ...         /*0070*/              @!P4 BRA 0x70 ;
+        ...         /*0080*/                   BRA 0x50 ;
         ... '''
-        >>> spill_instructions_in_loops(sass)
+        >>> spill_instructions_in_loops(sass)  # 0x80 -> 0x50 returns from a wait: no loop
         1
     """
     program = _sass_program(sass)
-    loops = [(target, address) for address, _, opcode, operands in program
-             if opcode.startswith("BRA") and (target := _branch_target(operands)) is not None
-             and target <= address]
-    return sum(1 for address, _, opcode, _ in program if opcode.startswith(("LDL", "STL"))
-               and any(first <= address <= last for first, last in loops))
+    in_loops: set[int] = set().union(*loop_bodies(program))
+    return sum(1 for i in in_loops if program[i][2].startswith(("LDL", "STL")))
 
 
 def sass_path_lengths(sass: str, after: tuple[str, ...] = ("HGMMA", "HMMA")
@@ -629,8 +798,7 @@ def compile_spec(spec: KernelSpec, arch: int) -> AotRow:
     ptx = compiled.asm["ptx"]
     sass = functools.cache(lambda: sass_of(compiled.asm["cubin"]))  # cuobjdump once, if asked
     row.shared_bytes = int(compiled.metadata.shared)
-    row.tensor_core_instructions = len(re.findall(r"\bwgmma\.mma_async" if arch >= 90
-                                                  else r"\bmma\.sync", ptx))
+    row.tensor_core_instructions = tensor_core_instructions(ptx, arch)
     if spec.needs_tensor_cores:
         row.mma_shape = mma_shape(ptx, arch)
         row.async_copy_min_bytes, row.uses_tma = async_copy_widths(ptx)
@@ -666,7 +834,8 @@ def compile_spec(spec: KernelSpec, arch: int) -> AotRow:
         row.problems.append(f"shared memory {row.shared_bytes} > limit {row.smem_limit}")
     if spec.needs_tensor_cores and row.tensor_core_instructions == 0:
         row.ok = False
-        row.problems.append("no tensor-core instruction in a tf32/bf16 product")
+        row.problems.append("no tensor-core instruction in a tf32/bf16 product "
+                            f"(/{tensor_core_pattern(arch)}/ on sm_{arch})")
     static = static_problems(row)
     if static:
         row.ok = False
@@ -729,6 +898,23 @@ def _print_row(row: AotRow) -> None:
           f"{status:<4} {'; '.join(row.problems)}", flush=True)
 
 
+def policy_gaps(arch: int) -> list[AotRow]:
+    """A failing row for each precision the policy runs on Triton on ``sm_<arch>`` whose
+    joint kernel or gradient products have no config that fits the arch's shared memory."""
+    from music_loss.kernels import configs as cf
+
+    rows = []
+    for name, kernel, configs in (("joint_entropy", "joint kernel", cf.JOINT_CONFIGS),
+                                  ("grad_product", "gradient products", cf.MATMUL_CONFIGS)):
+        for precision, picked in arch_configs(configs, arch).items():
+            if not picked:
+                rows.append(AotRow(name, precision, "-", arch, ok=False,
+                                   smem_limit=SMEM_LIMITS[arch], problems=[
+                                       f"the policy runs {precision} on Triton on sm_{arch} but "
+                                       f"no {kernel} config fits {SMEM_LIMITS[arch]} bytes"]))
+    return rows
+
+
 def _compile_job(job: tuple[int, int, bool]) -> AotRow:
     """Worker entry point: rebuild the job list (kernels do not pickle), compile one."""
     index, arch, quick = job
@@ -739,10 +925,14 @@ def run(archs: list[int], quick: bool = False, jobs: int = 1) -> list[AotRow]:
     """Compile every job for every arch (``jobs`` processes), printing rows in order."""
     work = [(index, arch, quick) for arch in archs
             for index in range(len(kernel_specs(quick, arch)))]
+    gaps = [row for arch in archs for row in policy_gaps(arch)]
     print(f"{'kernel':<14} {'variant':<17} {'config':<23} {'arch':<6} "
           f"{'smem':>7} /{'limit':>7} {'regs':>4} {'spill st/ld':<11} {'tc':>5} "
           f"{'mma':<10} {'copy':>5} {'bank':>4} {'epi/e':>5} {'st1':>4} status", flush=True)
     rows: list[AotRow] = []
+    for row in gaps:
+        _print_row(row)
+        rows.append(row)
     if jobs <= 1:
         for job in work:
             rows.append(_compile_job(job))
@@ -838,6 +1028,55 @@ def compare_markdown(tables: list[tuple[str, list[dict[str, Any]]]]) -> str:
         lines.append(f"| {key[0]} | {key[1]} | sm_{key[2]} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
+
+def _instruction_name(arch: int) -> str:
+    """``"mma.sync"``, ``"wgmma"`` or ``"tcgen05.mma"``: the tensor-core instruction of
+    ``sm_<arch>`` as the table names it."""
+    pattern = tensor_core_pattern(arch)
+    return next(name for name in ("tcgen05.mma", "wgmma", "mma.sync")
+                if name.split(".")[0] in pattern)
+
+
+def arch_mode_markdown(tables: list[tuple[str, list[dict[str, Any]]]]) -> str:
+    """A markdown table per architecture and mode of ``--json`` tables (one block of rows per
+    table): compiles, the tensor-core products with the arch's instruction and the widest
+    shape, configs with spills (in a loop), the largest shared memory against the limit.
+    Modes: the joint kernel and products per precision (``ieee``, ``tf32``, ``bf16``), and
+    the elementwise kernels (softmax, backward); architectures the policy runs nothing on
+    Triton on show as such."""
+    lines = ["| Triton | arch | mode | compiles ok | tensor-core products | widest mma | "
+             "spills (in a loop) | max shared / limit |", "|---|---|---|---|---|---|---|---|"]
+    for label, rows in tables:
+        for arch in sorted({r["arch"] for r in rows} | {a for a in ARCHS
+                                                        if not triton_precisions(a)}):
+            sub = [r for r in rows if r["arch"] == arch]
+            if not sub:
+                lines.append(f"| {label} | sm_{arch} | all | - (the policy runs the torch "
+                             "backend only: nothing to compile) | - | - | - | - |")
+                continue
+            modes: dict[str, list[dict[str, Any]]] = {}
+            for r in sub:
+                mode = (r["variant"].split(",")[0] if r["kernel"] in ("joint_entropy",
+                                                                      "grad_product")
+                        else "elementwise")
+                modes.setdefault(mode, []).append(r)
+            for mode in [m for m in ("ieee", "tf32", "bf16", "elementwise") if m in modes]:
+                group = modes[mode]
+                tc = [r for r in group if r["needs_tensor_cores"]]
+                with_tc = sum(r["tensor_core_instructions"] > 0 for r in tc)
+                shapes = [r["mma_shape"] for r in tc if r["mma_shape"]]
+                widest = max(shapes, key=lambda m: math.prod(
+                    int(v) for v in re.findall(r"\d+", m)[:2])) if shapes else "-"
+                spilled = [r for r in group if r["spill_stores"] > 0 or r["spill_loads"] > 0]
+                in_loops = [r for r in spilled if r["spill_instructions_in_loops"] != 0]
+                shared = max(r["shared_bytes"] for r in group)
+                lines.append(
+                    f"| {label} | sm_{arch} | {mode} | {sum(r['ok'] for r in group)}/"
+                    f"{len(group)} | "
+                    + (f"{with_tc}/{len(tc)} {_instruction_name(arch)}" if tc else "- (FMA)")
+                    + f" | {widest} | {len(spilled)} ({len(in_loops)}) | "
+                    f"{shared / 1024:.0f} / {group[0]['smem_limit'] / 1024:.0f} KiB |")
+    return "\n".join(lines) + "\n"
 
 #: Where the committed tables live (``aot-static-<date>-triton<major>.<minor>.json``).
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -964,15 +1203,20 @@ def check_against_baseline(rows: list[dict[str, Any]], baseline_path: str | None
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit status."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--arch", type=int, nargs="+", default=[80, 90],
-                        choices=sorted(SMEM_LIMITS), help="compute capabilities (80, 90)")
+    parser.add_argument("--arch", type=int, nargs="+", default=list(ARCHS),
+                        choices=sorted(SMEM_LIMITS),
+                        help="compute capabilities (default: " + " ".join(map(str, ARCHS))
+                        + "); one the policy runs nothing on Triton on compiles nothing")
     parser.add_argument("--json", default=None, help="write the rows to this JSON file")
     parser.add_argument("--quick", action="store_true",
-                        help="first two configs of each product and K=80 only")
+                        help="first two configs of each product and mode, K=80 only")
     parser.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1),
                         help="compile processes (default: min(4, CPUs))")
     parser.add_argument("--dump-dir", default=None,
                         help="keep each compile's PTX as <kernel>-<variant>-<config>-sm_<arch>.ptx")
+    parser.add_argument("--arch-table", nargs="+", metavar="LABEL=JSON", default=None,
+                        help="print the markdown arch x mode table of earlier --json tables "
+                             "and exit; compiles nothing")
     parser.add_argument("--compare", nargs="+", metavar="LABEL=JSON", default=None,
                         help="print a markdown table of the static facts of earlier --json "
                              "tables side by side (old -> new) and exit; compiles nothing")
@@ -989,13 +1233,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         with open(args.check) as fh:
             return 1 if check_against_baseline(json.load(fh), baseline) else 0
-    if args.compare:
+    if args.compare or args.arch_table:
         tables = []
-        for item in args.compare:
+        for item in args.compare or args.arch_table:
             label, _, path = item.rpartition("=")
             with open(path) as fh:
                 tables.append((label or os.path.basename(path), json.load(fh)))
-        print(compare_markdown(tables), end="")
+        print(compare_markdown(tables) if args.compare else arch_mode_markdown(tables), end="")
         return 0
     if args.dump_dir:
         os.makedirs(args.dump_dir, exist_ok=True)
@@ -1008,6 +1252,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     start = time.perf_counter()
     rows = run(args.arch, args.quick, args.jobs)
+    for arch in args.arch:
+        if not triton_precisions(arch):
+            card = _gpu_policy.card_for_capability(capability_of(arch))
+            print(f"sm_{arch}: nothing to compile: the GPU policy runs the torch backend only "
+                  f"there ({_gpu_policy.plan(card, 'float32', 'high', False).reason})")
     print(summarize(rows))
     failed = [r for r in rows if not r.ok]
     print(f"{len(rows)} compiles in {time.perf_counter() - start:.1f} s; {len(failed)} failed")

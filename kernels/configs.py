@@ -3,17 +3,20 @@ that filters them per architecture and precision, and the chunk size of the join
 
 A config fits a device when its pipelined operand tiles (``stages x (rows + columns) x
 depth x element size``) plus :data:`EPILOGUE_SMEM` fit the device's per-block shared memory.
-``python -m benchmarks.aot`` compiles every config this module offers for sm_80 and sm_90
-and checks registers, spills and shared memory against the same limits.
+``python -m benchmarks.aot`` compiles every config this module offers for each architecture
+the Triton kernels run on (sm_80 to sm_120) and checks registers, spills and shared memory
+against the same limits.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
 import triton
 
+from music_loss._gpu_policy import SMEM_PER_BLOCK_KIB
 from music_loss.kernels._common import INTERPRET, operand_dtype
 
 #: Bytes of the ``G`` chunk workspace the launcher aims for (rounded to 128-row chunks).
@@ -23,9 +26,11 @@ CHUNK_MULTIPLE = 128
 #: Smallest tile edge of any config: sizes the partial-sum buffers.
 MIN_TILE = 16
 
-#: Per-block shared memory limits (opt-in, bytes) of the architectures the configs are
-#: filtered for (and the AOT check compiles for): sm_80 163 KiB, sm_90 227 KiB.
-SMEM_LIMITS: dict[int, int] = {80: 163 * 1024, 90: 227 * 1024}
+#: Per-block shared memory limits (opt-in, bytes) by architecture (``86`` for sm_86), from
+#: the GPU policy's table: what the AOT check compiles against (163 KiB sm_80, 99 KiB
+#: sm_86/89/120, 227 KiB sm_90/100). At run time the device's own limit is used.
+SMEM_LIMITS: dict[int, int] = {major * 10 + minor: kib * 1024
+                               for (major, minor), kib in SMEM_PER_BLOCK_KIB.items()}
 #: Shared memory kept for the epilogue's scratch (layout conversions, reductions).
 EPILOGUE_SMEM = 16 * 1024
 
@@ -70,7 +75,7 @@ _MAX_STAGING = max(SMEM_LIMITS.values()) - EPILOGUE_SMEM
 #: fits; the wide tiles take the two shallower depths only (each config costs the first step
 #: an autotuning run and a compile per key). The 32-per-thread tiles come first:
 #: deterministic mode pins a mode's first config.
-JOINT_CONFIGS: list[triton.Config] = [
+_JOINT_MAIN: list[triton.Config] = [
     triton.Config({"BLOCK_A": ba, "BLOCK_B": bb, "BLOCK_N": bn, "GROUP_A": 8,
                    "WIDE_TILE": wide}, num_warps=warps, num_stages=stages)
     for ba, bb, warps in ((64, 64, 4), (128, 64, 8), (64, 128, 8), (64, 128, 4), (128, 128, 8))
@@ -81,7 +86,7 @@ JOINT_CONFIGS: list[triton.Config] = [
 
 #: Autotune configs of the gradient products: a plain epilogue, so up to 64 accumulators
 #: per thread (128 spill); deeper K steps where they fit.
-MATMUL_CONFIGS: list[triton.Config] = [
+_MATMUL_MAIN: list[triton.Config] = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
                   num_warps=warps, num_stages=stages)
     for bm, bn, warps in ((64, 64, 4), (64, 128, 4), (128, 128, 8))
@@ -90,6 +95,34 @@ MATMUL_CONFIGS: list[triton.Config] = [
     and (bm, bn, bk) != (64, 64, 32)  # too little work per K step to hide latency
 ]
 
+
+def _shallower(config: triton.Config) -> triton.Config:
+    """``config`` with one pipeline stage fewer (a fallback of :data:`SHALLOW_FALLBACKS`)."""
+    return triton.Config(dict(config.kwargs), num_warps=config.num_warps,
+                         num_stages=config.num_stages - 1)
+
+
+def _same(a: triton.Config, b: triton.Config) -> bool:
+    return (a.kwargs, a.num_warps, a.num_stages) == (b.kwargs, b.num_warps, b.num_stages)
+
+
+#: 3-stage copies of the 4-stage configs fp32 needs on the ~99 KiB cards (sm_86, sm_89,
+#: sm_120), where no 4-stage fp32 config of the gradient products (nor an 8-warp one of the
+#: joint kernel, the only ones ``ieee`` keeps) fits: 72 KiB of staging plus the epilogue's
+#: 16 KiB. :func:`configs_for` offers a fallback only where its 4-stage original does not
+#: fit, so the cards with more shared memory autotune over the same configs as without it.
+SHALLOW_FALLBACKS: list[triton.Config] = [
+    _shallower(c) for c in _JOINT_MAIN if tile_of(c) == (128, 64, 32) and c.num_stages == 4
+] + [_shallower(c) for c in _MATMUL_MAIN if tile_of(c) == (64, 128, 32) and c.num_stages == 4]
+
+#: Autotune configs of the joint kernel (the union over architectures and precisions;
+#: :func:`configs_for` picks those of one): the main configs, then the fallbacks.
+JOINT_CONFIGS: list[triton.Config] = _JOINT_MAIN + [
+    c for c in SHALLOW_FALLBACKS if "BLOCK_A" in c.kwargs]
+#: Autotune configs of the gradient products: the main configs, then the fallbacks.
+MATMUL_CONFIGS: list[triton.Config] = _MATMUL_MAIN + [
+    c for c in SHALLOW_FALLBACKS if "BLOCK_M" in c.kwargs]
+
 #: Configs used under the interpreter (and by tests that pin one): few, large programs.
 INTERPRET_JOINT_META: dict[str, int] = {"BLOCK_A": 64, "BLOCK_B": 64, "BLOCK_N": 32,
                                         "GROUP_A": 4}
@@ -97,12 +130,16 @@ INTERPRET_MATMUL_META: dict[str, int] = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K"
                                          "GROUP_M": 4}
 
 
+@functools.cache
+def _device_smem(index: int) -> int:
+    props: Any = triton.runtime.driver.active.utils.get_device_properties(index)
+    return int(props["max_shared_mem"])
+
+
 def device_smem_limit() -> int:
     """The current CUDA device's per-block (opt-in) shared memory; sm_80's without CUDA."""
     if torch.cuda.is_available() and not INTERPRET:  # what Triton checks launches against
-        props: Any = triton.runtime.driver.active.utils.get_device_properties(
-            torch.cuda.current_device())
-        return int(props["max_shared_mem"])
+        return _device_smem(torch.cuda.current_device())
     return SMEM_LIMITS[80]
 
 
@@ -112,7 +149,8 @@ def configs_for(configs: list[triton.Config], precision: str,
     shared memory per block (default: the current device's).
 
     The operand staging (real element size: 4 bytes, 2 in bf16) plus
-    :data:`EPILOGUE_SMEM` must fit the limit. ``ieee`` runs on FMA units, where the
+    :data:`EPILOGUE_SMEM` must fit the limit; a config of :data:`SHALLOW_FALLBACKS` is
+    offered only where its 4-stage original does not fit. ``ieee`` runs on FMA units, where the
     operand tiles are spread over registers: on sm_80 every config with a 64-deep K step,
     and the joint kernel with 4 warps, spills (``python -m benchmarks.aot`` shows it);
     those are dropped for it.
@@ -123,7 +161,12 @@ def configs_for(configs: list[triton.Config], precision: str,
         True
     """
     limit = device_smem_limit() if smem_limit is None else smem_limit
-    fitting = [c for c in configs if config_smem(c, precision) <= limit - EPILOGUE_SMEM]
+    def fits(config: triton.Config) -> bool:
+        return config_smem(config, precision) <= limit - EPILOGUE_SMEM
+
+    fitting = [c for c in configs if fits(c) and not (
+        any(_same(c, f) for f in SHALLOW_FALLBACKS)
+        and fits(triton.Config(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages + 1)))]
     if precision != "ieee":
         return fitting
     return [c for c in fitting if tile_of(c)[2] == 32 and ("BLOCK_A" not in c.kwargs

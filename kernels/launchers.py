@@ -18,12 +18,14 @@ the chunk keeps about ``N`` rows, so the workspace is ``O(N D)``, never ``D^2``.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator, Mapping
 from typing import Any, NamedTuple
 
 import torch
 import triton
 from torch import Tensor
 
+from music_loss.kernels import configs as _configs
 from music_loss.kernels._common import (
     INTERPRET,
     check_precision,
@@ -111,9 +113,34 @@ def _autotuners() -> dict[str, Any]:
     }
 
 
-#: The GPU autotuners by name (empty under the interpreter, which does not autotune); their
-#: ``cache`` holds each tuning key's chosen config.
-AUTOTUNERS: dict[str, Any] = {} if INTERPRET else _autotuners()
+class _TunersPerSmemLimit(Mapping[str, Any]):
+    """The autotuners of the current device's per-block shared-memory limit, one set per
+    limit. Triton's autotune cache is keyed by the launch's arguments only: on a machine
+    with two different cards one set would hand the second card the config the first one
+    picked, which may not fit it (the pruning by the device's limit runs on a cache miss)."""
+
+    def __init__(self) -> None:
+        self.per_limit: dict[int, dict[str, Any]] = {}
+
+    def _current(self) -> dict[str, Any]:
+        limit = _configs.device_smem_limit()
+        if limit not in self.per_limit:
+            self.per_limit[limit] = _autotuners()
+        return self.per_limit[limit]
+
+    def __getitem__(self, name: str) -> Any:
+        return self._current()[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._current())
+
+    def __len__(self) -> int:
+        return len(self._current())
+
+
+#: The GPU autotuners by name, of the current device's shared-memory limit (empty under the
+#: interpreter, which does not autotune); their ``cache`` holds each tuning key's config.
+AUTOTUNERS: Mapping[str, Any] = {} if INTERPRET else _TunersPerSmemLimit()
 
 
 # ---------------------------------------------------------------------------------------

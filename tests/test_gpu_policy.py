@@ -21,14 +21,15 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 #: (backend, precision) per card class and input kind; "16-bit": fp16/bf16 inputs or autocast.
 PRE_AMPERE = {"highest": ("torch", "ieee"), "high": ("torch", "ieee"),
               "16-bit": ("torch", "ieee")}
-BIG_SMEM = {"highest": ("triton", "ieee"), "high": ("triton", "tf32"),
-            "16-bit": ("triton", "bf16")}
+TRITON = {"highest": ("triton", "ieee"), "high": ("triton", "tf32"),
+          "16-bit": ("triton", "bf16")}
+#: A card with less shared memory than any float32 config needs (none in the table today).
 SMALL_SMEM = {"highest": ("torch", "ieee"), "high": ("torch", "tf32"),
               "16-bit": ("triton", "bf16")}
 EXPECTED = {
     (7, 0): PRE_AMPERE, (7, 5): PRE_AMPERE,
-    (8, 0): BIG_SMEM, (8, 7): BIG_SMEM, (9, 0): BIG_SMEM, (10, 0): BIG_SMEM, (10, 3): BIG_SMEM,
-    (8, 6): SMALL_SMEM, (8, 9): SMALL_SMEM, (12, 0): SMALL_SMEM,
+    (8, 0): TRITON, (8, 7): TRITON, (9, 0): TRITON, (10, 0): TRITON, (10, 3): TRITON,
+    (8, 6): TRITON, (8, 9): TRITON, (12, 0): TRITON,  # 99 KiB: the 3-stage fp32 configs
 }
 
 
@@ -79,6 +80,14 @@ def test_auto_choice_per_capability(monkeypatch, capability, dtype, matmul, auto
     assert _gpu_policy.plan(card, dtype, matmul, autocast)[:2] == want
 
 
+@pytest.mark.parametrize("kind", list(SMALL_SMEM))
+def test_float32_runs_torch_where_no_float32_config_fits(monkeypatch, kind):
+    """A card below the float32 threshold (80 KiB per block) keeps bf16 on Triton only."""
+    dtype = torch.bfloat16 if kind == "16-bit" else torch.float32
+    mock_card(monkeypatch, (8, 6), smem_kib=80, matmul="highest" if kind == "highest" else "high")
+    assert dispatch("auto", "auto", dtype) == SMALL_SMEM[kind]
+
+
 @pytest.mark.parametrize("capability", list(EXPECTED))
 def test_float64_runs_torch_ieee(monkeypatch, capability):
     mock_card(monkeypatch, capability, matmul="high")
@@ -103,17 +112,17 @@ def test_future_capability_uses_its_own_shared_memory(monkeypatch):
     assert _gpu_policy.card_for_capability((11, 0)).smem_per_block == 227 * 1024
 
 
-@pytest.mark.parametrize("capability,backend,precision,match", [
-    ((7, 5), "torch", "tf32", r"precision='tf32'.*Mock GPU \(sm_75\).*precision='ieee'"),
-    ((7, 0), "auto", "tf32", r"precision='tf32'.*\(sm_70\)"),
-    ((7, 0), "triton", "auto", r"backend='triton'.*Mock GPU \(sm_70\).*backend='torch'"),
-    ((7, 5), "triton", "bf16", r"backend='triton'.*\(sm_75\)"),
-    ((8, 6), "triton", "ieee", r"'ieee' needs 112 KiB.*\(sm_86\) has 99 KiB.*precision='bf16'"),
-    ((12, 0), "triton", "tf32", r"'tf32' needs 112 KiB.*\(sm_120\) has 99 KiB"),
+@pytest.mark.parametrize("capability,smem_kib,backend,precision,match", [
+    ((7, 5), None, "torch", "tf32", r"precision='tf32'.*Mock GPU \(sm_75\).*precision='ieee'"),
+    ((7, 0), None, "auto", "tf32", r"precision='tf32'.*\(sm_70\)"),
+    ((7, 0), None, "triton", "auto", r"backend='triton'.*Mock GPU \(sm_70\).*backend='torch'"),
+    ((7, 5), None, "triton", "bf16", r"backend='triton'.*\(sm_75\)"),
+    ((8, 6), 80, "triton", "ieee", r"'ieee' needs 88 KiB.*\(sm_86\) has 80 KiB.*precision='bf16'"),
+    ((12, 0), 80, "triton", "tf32", r"'tf32' needs 88 KiB.*\(sm_120\) has 80 KiB"),
 ])
-def test_explicit_choice_the_card_cannot_run_raises(monkeypatch, capability, backend,
+def test_explicit_choice_the_card_cannot_run_raises(monkeypatch, capability, smem_kib, backend,
                                                     precision, match):
-    mock_card(monkeypatch, capability, matmul="high")
+    mock_card(monkeypatch, capability, smem_kib=smem_kib, matmul="high")
     with pytest.raises(ValueError, match=match):
         dispatch(backend, precision, torch.float32)
 
@@ -121,7 +130,7 @@ def test_explicit_choice_the_card_cannot_run_raises(monkeypatch, capability, bac
 @pytest.mark.parametrize("capability,backend,precision,want", [
     ((7, 5), "torch", "bf16", ("torch", "bf16")),      # runs (rounded operands, fp32 math)
     ((8, 6), "triton", "bf16", ("triton", "bf16")),
-    ((8, 6), "auto", "ieee", ("torch", "ieee")),       # auto still avoids what cannot fit
+    ((8, 6), "auto", "ieee", ("triton", "ieee")),      # 99 KiB: a 3-stage config fits
     ((9, 0), "triton", "ieee", ("triton", "ieee")),
     ((7, 5), "reference", "auto", ("reference", "tf32")),
 ])
@@ -133,7 +142,7 @@ def test_explicit_choice_the_card_can_run(monkeypatch, capability, backend, prec
 def test_card_read_once_and_choices_cached(monkeypatch):
     reads = mock_card(monkeypatch, (8, 6), matmul="high")
     for _ in range(5):
-        assert dispatch("auto", "auto", torch.float32) == ("torch", "tf32")
+        assert dispatch("auto", "auto", torch.float32) == ("triton", "tf32")
     assert reads == [0]
     assert _gpu_policy._choose.cache_info().misses == 1
 
@@ -185,10 +194,16 @@ def test_thresholds_match_the_kernels_configs():
         configs_for,
     )
 
+    def least(configs, precision):  # the smallest limit at which some config is offered
+        return min(config_smem(c, precision) + EPILOGUE_SMEM for c in configs
+                   if c in configs_for(configs, precision,
+                                       config_smem(c, precision) + EPILOGUE_SMEM))
+
     for precision, need in TRITON_MIN_SMEM.items():
-        smallest = max(min(config_smem(c, precision) for c in configs_for(cs, precision, 2**30))
-                       for cs in (JOINT_CONFIGS, MATMUL_CONFIGS))
-        assert smallest + EPILOGUE_SMEM == need, precision
+        assert max(least(cs, precision) for cs in (JOINT_CONFIGS, MATMUL_CONFIGS)) == need, \
+            precision
+        assert not all(configs_for(cs, precision, need - 1)
+                       for cs in (JOINT_CONFIGS, MATMUL_CONFIGS)), precision
         for capability, kib in SMEM_PER_BLOCK_KIB.items():
             fits = all(configs_for(cs, precision, kib * 1024)
                        for cs in (JOINT_CONFIGS, MATMUL_CONFIGS))

@@ -2,7 +2,8 @@
 
 ``torch.compile(fullgraph=True)`` must trace through the custom ops without a graph break
 and stay accurate (compiled code can drift). The AOT check compiles every
-kernel in every autotune config for sm_80 and sm_90 in a subprocess without
+kernel in every autotune config for sm_80 and sm_90, and the first two configs of each
+mode for the other architectures (``--quick``), in a subprocess without
 ``TRITON_INTERPRET`` (``triton.compile`` cannot compile interpreted functions).
 """
 
@@ -21,7 +22,9 @@ from music_loss import MUSICLoss
 from tests.tolerances import PRECISION_TOL, relative_error
 
 kernels = pytest.importorskip("music_loss.kernels")
+from benchmarks import aot  # noqa: E402
 from music_loss.kernels import _common  # noqa: E402
+from music_loss.kernels.configs import SMEM_LIMITS as SMEM_LIMIT  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -119,6 +122,81 @@ def test_aot_compile_check_sm80_sm90(tmp_path):
     assert len(list((tmp_path / "ptx").glob("joint_entropy-*-sm_90.ptx"))) >= 2
 
 
+def _triton_version() -> tuple[int, int]:
+    import triton
+
+    major, minor = triton.__version__.split(".")[:2]
+    return int(major), int(minor)
+
+
+#: The architectures the quick check covers. Triton 3.6 (the GPU machines' stack) fails to
+#: compile the joint kernel's tensor-core modes for sm_100 (an MLIR pass,
+#: TritonNvidiaGPUOptimizeTMemLayoutsPass, aborts; ``backend="auto"`` falls back to the
+#: ``torch`` backend there): sm_100 is checked under Triton 3.8.
+QUICK_ARCHS = [75, 86, 89, 120] + ([100] if _triton_version() >= (3, 8) else [])
+
+
+def test_aot_compile_check_other_archs_quick(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out_json = tmp_path / "aot.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.aot", "--quick", "--arch", *map(str, QUICK_ARCHS),
+         "--json", str(out_json)], env=env, capture_output=True, text=True, timeout=1800)
+    print(proc.stdout[-3000:])
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    rows = json.loads(out_json.read_text())
+    # sm_75: the policy runs the torch backend only, so nothing is compiled there.
+    assert not [r for r in rows if r["arch"] == 75]
+    assert "sm_75: nothing to compile" in proc.stdout
+    instruction = {86: "mma.sync", 89: "mma.sync", 120: "mma.sync", 100: "tcgen05.mma"}
+    for arch in [a for a in QUICK_ARCHS if a != 75]:
+        sub = [r for r in rows if r["arch"] == arch]
+        for name in ("joint_entropy", "grad_product", "softmax_fwd", "softmax_fwd_t",
+                     "loss_bwd"):
+            assert any(r["kernel"] == name for r in sub), (arch, name)
+        # float32 (ieee, tf32) runs on Triton on every card from sm_80 on, 99 KiB ones too.
+        for kernel in ("joint_entropy", "grad_product"):
+            modes = {r["variant"].split(",")[0] for r in sub if r["kernel"] == kernel}
+            assert modes == {"ieee", "tf32", "bf16"}, (arch, kernel, modes)
+        products = [r for r in sub if r["needs_tensor_cores"]]
+        assert products and all(r["tensor_core_instructions"] > 0 and r["mma_shape"]
+                                for r in products), arch
+        assert all(r["shared_bytes"] <= r["smem_limit"] == SMEM_LIMIT[arch] for r in sub)
+        assert all(r["spill_instructions_in_loops"] == 0 for r in sub if r["spill_stores"] > 0)
+        table = aot.arch_mode_markdown([("t", rows)])
+        assert f"| t | sm_{arch} | tf32 |" in table and instruction[arch] in table
+    if 100 in QUICK_ARCHS:  # tcgen05.mma's M and N, read from its instruction descriptor
+        shapes = {r["mma_shape"] for r in rows if r["arch"] == 100}
+        assert {"m64n64k8", "m64n64k16"} <= shapes, shapes
+
+
+_WRONG_INSTRUCTION = """
+import sys
+from benchmarks import aot
+arch = int(sys.argv[1])
+spec = next(s for s in aot.kernel_specs(True, arch)
+            if s.kernel == "joint_entropy" and s.variant == "tf32")
+right = aot.compile_spec(spec, arch)
+aot.TENSOR_CORE_PTX[arch] = aot.TENSOR_CORE_PTX[90 if arch != 90 else 80]
+wrong = aot.compile_spec(spec, arch)
+print(right.ok, right.tensor_core_instructions > 0, right.mma_shape)
+print(wrong.ok, wrong.tensor_core_instructions, "; ".join(wrong.problems))
+"""
+
+
+@pytest.mark.parametrize("arch", [a for a in QUICK_ARCHS if a in (100, 120)])
+def test_the_gate_fails_when_an_arch_expects_another_tensor_core_instruction(arch):
+    # sm_120 emits mma.sync and sm_100 tcgen05.mma; expecting Hopper's wgmma there (what the
+    # check did for every arch from sm_90 on) must fail the tf32 joint kernel's row.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", _WRONG_INSTRUCTION, str(arch)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    right, wrong = proc.stdout.split("\n")[:2]
+    assert right.startswith("True True m"), right
+    assert wrong.startswith("False 0 ") and "no tensor-core instruction" in wrong, wrong
+
+
 _PTX = """
     cp.async.ca.shared.global [%r1+0], [%rd2+0], 0x4, %r100;
     cp.async.cg.shared.global [%r3+0], [%rd4+0], 16, %r101;
@@ -195,12 +273,15 @@ def test_autotune_configs_fit_each_arch_with_the_real_operand_size(which):
     """Operand staging (stages x (rows + columns) x depth x element size) plus the epilogue's
     reserve fits each arch's per-block shared memory; bf16 on sm_90 (2-byte operands, 227 KiB)
     may use tiles fp32 on sm_80 cannot: the filter is per arch and precision."""
+    from benchmarks.aot import triton_precisions
     from music_loss.kernels import configs as cf
 
     configs = getattr(cf, which)
     chosen = {}
+    itemsizes = {"ieee": 4, "tf32": 4, "bf16": 2}
     for arch, limit in cf.SMEM_LIMITS.items():
-        for precision, itemsize in (("ieee", 4), ("tf32", 4), ("bf16", 2)):
+        for precision in triton_precisions(arch):
+            itemsize = itemsizes[precision]
             picked = cf.configs_for(configs, precision, limit)
             assert picked, (arch, precision)
             for cfg in picked:
@@ -213,6 +294,21 @@ def test_autotune_configs_fit_each_arch_with_the_real_operand_size(which):
             chosen[arch, precision] = {str(c) for c in picked}
     assert chosen[90, "bf16"] > chosen[80, "tf32"]
     assert chosen[90, "tf32"] > chosen[80, "tf32"]
+    # The 3-stage fallbacks: float32 on the 99 KiB cards, never where their original fits.
+    fallbacks = {str(c) for c in cf.SHALLOW_FALLBACKS}
+    for arch in (86, 89, 120):
+        assert chosen[arch, "ieee"] & fallbacks and chosen[arch, "tf32"] & fallbacks, arch
+        assert not chosen[arch, "bf16"] & fallbacks, arch
+    for arch in (80, 90, 100):
+        assert not any(chosen[arch, p] & fallbacks for p in itemsizes), arch
+
+
+def test_the_shared_memory_table_is_the_gpu_policys():
+    from music_loss._gpu_policy import SMEM_PER_BLOCK_KIB
+    from music_loss.kernels import configs as cf
+
+    table = {major * 10 + minor: kib * 1024 for (major, minor), kib in SMEM_PER_BLOCK_KIB.items()}
+    assert table == cf.SMEM_LIMITS
 
 
 _AUTOTUNERS = """
@@ -229,6 +325,36 @@ def test_only_the_accumulating_product_restores_its_output_while_autotuning():
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.split("\n")[0] == "[] ['c_ptr']"
+
+
+_TUNERS_PER_LIMIT = """
+from music_loss.kernels import configs
+from music_loss.kernels.launchers import AUTOTUNERS as tuners
+limit = [99 * 1024]
+configs.device_smem_limit = lambda: limit[0]
+small = tuners["joint"]
+small.cache[("key",)] = configs.JOINT_CONFIGS[0]
+small_set = configs.prune_configs(configs.MATMUL_CONFIGS, {"PRECISION": "tf32"})
+limit[0] = 227 * 1024
+large = tuners["joint"]
+large_set = configs.prune_configs(configs.MATMUL_CONFIGS, {"PRECISION": "tf32"})
+limit[0] = 99 * 1024
+print(large is not small, tuners["joint"] is small, ("key",) in large.cache)
+print(sorted(map(str, small_set)) != sorted(map(str, large_set)), len(small_set), len(large_set))
+"""
+
+
+def test_autotuners_are_per_shared_memory_limit():
+    # Two cards with different limits in one process: each gets its own autotuner (and
+    # cache), and the pruning by the device's limit offers each its own configs.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", _TUNERS_PER_LIMIT], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.split("\n")
+    assert lines[0] == "True True False", lines
+    differ, small, large = lines[1].split()
+    assert differ == "True" and 0 < int(small) < int(large), lines
 
 
 def test_static_tables_compare_side_by_side():
@@ -253,6 +379,20 @@ def test_static_tables_compare_side_by_side():
         "m64n64k8 -> m64n128k8 | 57-60 -> 31 | - -> 43 | - |" in table
     assert "| joint_entropy | tf32,tma | sm_90 | - -> TMA | - | - -> m64n64k8 | - -> 39 | - | - |" \
         in table
+
+
+def test_a_precision_the_policy_runs_without_a_fitting_config_fails_the_check(monkeypatch):
+    # Without the 3-stage fallbacks no float32 config fits the 99 KiB of sm_86, while the
+    # policy sends float32 there: the check must fail rather than compile nothing.
+    from music_loss.kernels import configs as cf
+
+    assert aot.policy_gaps(86) == []
+    monkeypatch.setattr(cf, "JOINT_CONFIGS", cf._JOINT_MAIN)
+    monkeypatch.setattr(cf, "MATMUL_CONFIGS", cf._MATMUL_MAIN)
+    gaps = aot.policy_gaps(86)
+    assert {(r.kernel, r.variant) for r in gaps} == {
+        ("joint_entropy", "ieee"), ("grad_product", "ieee"), ("grad_product", "tf32")}
+    assert not any(r.ok for r in gaps) and aot.policy_gaps(90) == []
 
 
 def _gate_row(**facts):
