@@ -285,11 +285,13 @@ def segment_mutual_information(
     For segments ``s != r`` the soft joint over the batch is ``J = p[:, s]^T p[:, r] / N``
     (``K x K``; the same quantity the loss's off-diagonal blocks use, within one view), and
     ``I(s; r) = sum J log(J / (J 1  1^T J))``. Low values mean the segments partition the
-    samples in different ways (what the off-block entropy term rewards); values near the
-    usage entropy mean redundant segments. When ``S (S-1) / 2 > max_pairs`` a fixed random
-    subset of ``max_pairs`` pairs is used (``seed`` picks it), so the cost stays
-    ``O(max_pairs N K^2)``. Finite-batch estimates are biased upwards by roughly
-    ``(K-1)^2 / (2 N log K)`` for confident codes.
+    samples in different ways (what the off-block entropy term rewards). The soft joint
+    grows with the softmax's confidence as much as with redundancy (exact copies of a
+    segment read 0.01 at confidence 0.25, 0.84 at 0.95): for redundancy read
+    :func:`segment_redundancy`, which does not depend on confidence. When
+    ``S (S-1) / 2 > max_pairs`` a fixed random subset of ``max_pairs`` pairs is used
+    (``seed`` picks it), so the cost stays ``O(max_pairs N K^2)``. Finite-batch estimates
+    are biased upwards by roughly ``(K-1)^2 / (2 N log K)`` for confident codes.
 
     Args:
         z: ``(N, D)`` projector outputs (logits).
