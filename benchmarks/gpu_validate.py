@@ -82,7 +82,7 @@ def plan(dry_run: bool, out_dir: Path, python: str) -> list[Step]:
 
     Example:
         >>> [s.name for s in plan(True, Path("/tmp/x"), sys.executable)][:3]
-        ['gpu-tests', 'benchmark', 'profile']
+        ['gpu-tests', 'self-check', 'benchmark']
     """
     py = [python]
     pytest = [*py, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider"]
@@ -94,6 +94,11 @@ def plan(dry_run: bool, out_dir: Path, python: str) -> list[Step]:
               f"--junitxml={out_dir / 'gpu-tests.xml'}"]
              + (["--collect-only"] if dry_run else []),
              timeout_s=120 if dry_run else 240, env=interp),
+        Step("self-check", "python -m music_loss.check: every backend and precision on the "
+             "card against float64, what auto picks, a timing",
+             [*py, "-m", "music_loss.check", "--json", str(out_dir / "check.json")]
+             + (["--device", "cpu", "--no-timing"] if dry_run else []),
+             timeout_s=120, env=interp),
         Step("benchmark", "gpu-headline: N=2048 D=8160 K=80, tf32+bf16, every peer",
              [*py, "-m", "benchmarks.run", "--resume", "--out", str(bench_json)]
              + (["--device", "cpu", "--suite", "smoke", "--in-process", "--only",
