@@ -5,7 +5,7 @@ thousands of frames per run. When the stream is not a terminal (or tqdm is not i
 :func:`progress_bar` returns :class:`PlainProgress` instead, which prints one ordinary line
 every ``every_seconds`` and one at the end.
 
-Used by ``examples/quickstart.py`` and ``benchmarks/quality/digits.py``.
+Used by ``examples/quickstart.py`` and ``benchmarks/quality/study.py``.
 """
 
 from __future__ import annotations

@@ -5,6 +5,7 @@ documented results schema, the Markdown report and the plots."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -12,38 +13,43 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks.quality import digits, fair, report
+from benchmarks.quality import fair, report, study
 from benchmarks.quality.data import AUGMENTS, load_fit_val_test, load_split
 from benchmarks.quality.train import TrainConfig, evaluate_baseline, few_label_indices, projector
 
 
 def test_tiny_study_end_to_end(tmp_path: Path) -> None:
-    # ~60 one-epoch runs: 27 s on the shared machine at load ~7 (4.6 min at load ~13).
+    # Every stage on the quick grid, one-epoch runs on a single thread.
     common = ["--quick", "--out-dir", str(tmp_path), "--name", "smoke", "--no-progress",
               "--threads", "1"]
     with pytest.raises(ValueError, match="--stage tune"):
-        digits.run(["--stage", "headline", *common])  # nothing tuned yet
+        study.run(["--stage", "headline", *common])  # nothing tuned yet
     for stage in ("tune", "headline", "ablations"):
-        data = digits.run(["--stage", stage, *common])
+        data = study.run(["--stage", stage, *common])
     saved = json.loads((tmp_path / "smoke.json").read_text())
     assert saved["runs"] == data["runs"]
     keys = [fair.spec_key(r["spec"]) for r in saved["runs"]]
     assert len(set(keys)) == len(keys)  # a run shared by several ablations runs once
-    grid = fair.Grid.quick()
-    for method in fair.COMPARED:
+    quick = fair.STUDIES["digits"].quick()
+    budget = saved["budget_points_per_method"]
+    assert budget >= quick.grid.budget_points
+    for method in quick.compared:
         entry = saved["methods"][method]
         assert entry["selected_on"] == "validation"
-        # Same budget: augmentations + lr x hyperparameter grid + extra depths, no more.
-        n_grid = len(grid.lrs) * grid.hp_points
-        assert len(entry["tuning"]) == len(grid.augments) + n_grid + len(grid.depths) - 1 - 1
-        best = max(entry["tuning"], key=lambda t: t["validation_score"])
+        # The same budget: every method the same points, each on every tuning seed.
+        assert entry["search"]["points"] == len(entry["tuning"]) == budget
+        tune_runs = [r for r in saved["runs"] if r["spec"]["method"] == method
+                     and r["stage"] == "tune"]
+        assert len(tune_runs) == budget * len(quick.grid.tune_seeds)
+        best = max((t for t in entry["tuning"] if t["validation_score"] is not None),
+                   key=lambda t: t["validation_score"])
         assert entry["selected_validation_score"] == best["validation_score"]
         assert entry["selected"] == best["params"]
-        assert entry["test"]["seeds"] == list(grid.headline_seeds)
+        assert entry["test"]["seeds"] == list(quick.grid.headline_seeds)
     # The test split is read only by the headline: one run per (selected method, seed).
     test_runs = [r for r in saved["runs"] if r["spec"]["evaluate_on"] == "test"]
     assert all(r["stage"] == "headline" for r in test_runs)
-    assert len(test_runs) == (len(fair.COMPARED) + 2) * len(grid.headline_seeds)
+    assert len(test_runs) == (len(quick.compared) + 2) * len(quick.grid.headline_seeds)
     claims = saved["paper_claims"]
     assert {c["table"] for c in claims} == {f"Table {t}" for t in (1, 4, 5, 6, 7, 8)}
     assert all(set(c) >= {"table", "claim", "measured", "verdict"} for c in claims)
@@ -52,27 +58,116 @@ def test_tiny_study_end_to_end(tmp_path: Path) -> None:
         assert (tmp_path / f"smoke-{suffix}.png").stat().st_size > 1000
     text = (tmp_path / "smoke.md").read_text()
     assert "Paired differences" in text and "Every setting tried" in text
+    assert "values tried" in text
     report.main([str(tmp_path / "smoke.json")])  # re-renders from the JSON alone
 
 
-def _fake_run(spec: dict[str, Any], score: float) -> dict[str, Any]:
+def test_mnist5k_pipeline_end_to_end(tmp_path: Path) -> None:
+    # The second dataset through tuning and the headline, on a tiny budget.
+    common = ["--dataset", "mnist5k", "--quick", "--out-dir", str(tmp_path), "--no-progress",
+              "--threads", "1"]
+    for stage in ("tune", "headline"):
+        study.run(["--stage", stage, *common])
+    saved = json.loads((tmp_path / "quality-mnist5k-quick.json").read_text())
+    assert saved["meta"]["dataset"] == "mnist5k"
+    assert "1000 images" in saved["meta"]["split"]
+    assert set(saved["methods"]) == set(fair.STUDIES["mnist5k"].compared)
+    assert all(r["spec"]["dataset"] == "mnist5k" for r in saved["runs"])
+    assert saved["baselines"]["raw_pixels"]["knn_1_acc"]["mean"] > 85
+
+
+def _fake_run(spec: dict[str, Any], score: float | None) -> dict[str, Any]:
+    if score is None:  # a run whose loss stopped being finite
+        return {"spec": spec, "metrics": None, "diverged": True, "validation_score": None,
+                "stage": "tune", "seconds": 0.0}
     metrics = {k: score for k, _ in fair.METRICS}
-    return {"spec": spec, "metrics": metrics, "validation_score": score, "stage": "tune",
-            "seconds": 0.0}
+    out = {"spec": spec, "metrics": metrics, "stage": "tune", "seconds": 0.0}
+    if spec["evaluate_on"] == "validation":
+        out["validation_score"] = score
+    return out
 
 
-def _fake_study(grid: fair.Grid, rng: np.random.Generator) -> list[dict[str, Any]]:
-    """Runs of every stage with random scores (the planner's specs, nothing trained)."""
+def _run_stage(stage: str, study_: fair.Study, runs: list[dict[str, Any]],
+               score: Any) -> int:
+    """Feed the planner ``score(spec)`` until ``stage`` is planned out; returns the rounds."""
+    rounds = 0
+    while True:
+        done = {fair.spec_key(r["spec"]) for r in runs}
+        new = list({fair.spec_key(s): s for s in fair.plan(stage, runs, study_)
+                    if fair.spec_key(s) not in done}.values())
+        if not new:
+            return rounds
+        rounds += 1
+        runs += [_fake_run(s, score(s)) for s in new]
+
+
+#: A smooth validation score peaked off the start on every axis (log2 distances).
+OPTIMUM = {"lr": 8e-3, "temperature": 0.25, "lambd": 0.0816, "std_coeff": 50.0,
+           "cov_coeff": 0.25}
+
+
+def _peaked(spec: dict[str, Any], wall_lr: float = 1.0) -> float | None:
+    params = fair.params_of(spec)
+    if params["lr"] > wall_lr:
+        return None
+    return 0.9 - sum(0.01 * math.log2(params[k] / v) ** 2 for k, v in OPTIMUM.items()
+                     if k in params) + 0.001 * spec["seed"]
+
+
+def test_search_widens_until_every_selected_value_is_inside() -> None:
+    digits_study = fair.STUDIES["digits"]
     runs: list[dict[str, Any]] = []
-    for stage in ("tune", "headline", "ablations"):
-        while True:
-            done = {fair.spec_key(r["spec"]) for r in runs}
-            new = list({fair.spec_key(s): s for s in fair.plan(stage, runs, grid, 1)
-                        if fair.spec_key(s) not in done}.values())
-            if not new:
-                break
-            runs += [_fake_run(s, float(rng.uniform(0.5, 1.0))) for s in new]
-    return runs
+    _run_stage("tune", digits_study, runs, _peaked)
+    summary = fair.summarize(runs, digits_study)
+    budget = summary["budget_points_per_method"]
+    for method in digits_study.compared:
+        entry = summary["methods"][method]
+        found = entry["search"]
+        assert found["converged"] and found["points"] == budget
+        assert found["runs"] == budget * len(digits_study.grid.tune_seeds)
+        for name, axis in found["axes"].items():
+            # The lattice point nearest the optimum, strictly inside the values tried.
+            assert axis["selected"] == pytest.approx(OPTIMUM[name], rel=1e-3), (method, name)
+            assert axis["interior"]
+            assert axis["values_tried"][0] < axis["selected"] < axis["values_tried"][-1]
+        assert entry["selected"]["lr"] == pytest.approx(OPTIMUM["lr"], rel=1e-3)
+    # The start (lr 2e-3) is two steps below the optimum: the search had to widen upwards.
+    assert max(summary["methods"]["vicreg"]["search"]["axes"]["lr"]["values_tried"]) > 8e-3
+
+
+def test_a_diverging_learning_rate_is_a_wall_never_selected() -> None:
+    digits_study = fair.STUDIES["digits"]
+    runs: list[dict[str, Any]] = []
+    _run_stage("tune", digits_study, runs, lambda s: _peaked(s, wall_lr=5e-3))
+    summary = fair.summarize(runs, digits_study)
+    for method in digits_study.compared:
+        found = summary["methods"][method]["search"]
+        assert found["walls"] and all(w["lr"] > 5e-3 for w in found["walls"])
+        lr = found["axes"]["lr"]
+        assert lr["selected"] <= 5e-3 and lr["interior"]  # inside: the wall counts as tried
+        assert any(t["diverged"] and t["validation_score"] is None
+                   for t in summary["methods"][method]["tuning"])
+
+
+def test_selection_is_a_function_of_the_validation_runs_alone() -> None:
+    quick = fair.STUDIES["digits"].quick()
+    runs: list[dict[str, Any]] = []
+    rng = np.random.default_rng(0)
+    _run_stage("tune", quick, runs, lambda s: float(rng.uniform(0.5, 1.0)))
+    selected = fair.selections(quick, runs)["selected"]
+    assert set(selected) == set(quick.compared)
+    for method, spec in selected.items():
+        entry = fair.summarize(runs, quick)["methods"][method]
+        best = max((t for t in entry["tuning"] if t["validation_score"] is not None),
+                   key=lambda t: t["validation_score"])
+        assert fair.params_of(spec) == best["params"]
+    # Replaying the same runs in another order selects the same settings.
+    shuffled = [runs[i] for i in rng.permutation(len(runs))]
+    assert fair.selections(quick, shuffled)["selected"] == selected
+    # Test results of anything cannot change what was selected.
+    test_runs = [_fake_run(dict(s, evaluate_on="test"), 1.0 if s["method"] == "vicreg" else 0.0)
+                 for s in fair.plan("headline", runs, quick) if "epochs" in s]
+    assert fair.selections(quick, runs + test_runs)["selected"] == selected
 
 
 def test_one_run_of_each_kind_gives_every_metric() -> None:
@@ -85,16 +180,28 @@ def test_one_run_of_each_kind_gives_every_metric() -> None:
     assert "validation_score" not in baseline and baseline["metrics"]["knn_1_acc"] > 0.95
 
 
+def test_a_run_whose_loss_blows_up_is_recorded_not_raised() -> None:
+    spec = fair.make_spec("vicreg", 0, 2, evaluate_on="validation", lr=1e3, d=32,
+                          segment_dim=8, batch_size=256,
+                          hp={"sim_coeff": 25.0, "std_coeff": 25.0, "cov_coeff": 1.0})
+    record = fair.execute(spec)
+    assert record["diverged"] and record["validation_score"] is None
+    assert "became" in record["error"]
+
+
 def test_summary_schema_and_report_from_runs(tmp_path: Path) -> None:
-    grid = fair.Grid.quick()
-    runs = _fake_study(grid, np.random.default_rng(1))
+    quick = fair.STUDIES["digits"].quick()
+    runs: list[dict[str, Any]] = []
+    rng = np.random.default_rng(1)
+    for stage in ("tune", "headline", "ablations"):
+        _run_stage(stage, quick, runs, lambda s: float(rng.uniform(0.5, 1.0)))
     data = {"meta": {"stages": {}, "notes": ["a note"]}, "runs": runs,
-            **fair.summarize(runs, grid, 1)}
-    for method in fair.COMPARED:
+            **fair.summarize(runs, quick)}
+    for method in quick.compared:
         entry = data["methods"][method]
         assert entry["selected_on"] == "validation" and entry["selected"] is not None
         assert all(set(t) >= {"params", "validation_score"} for t in entry["tuning"])
-        assert entry["test"]["seeds"] == list(grid.headline_seeds)
+        assert entry["test"]["seeds"] == list(quick.grid.headline_seeds)
     assert {c["table"] for c in data["paper_claims"]} == {f"Table {t}"
                                                           for t in (1, 4, 5, 6, 7, 8)}
     assert all(set(c) >= {"table", "claim", "measured", "verdict"}
@@ -103,32 +210,6 @@ def test_summary_schema_and_report_from_runs(tmp_path: Path) -> None:
     assert {p.name for p in paths} == {"fake.md", "fake-accuracy.png", "fake-tuning.png",
                                        "fake-ablations.png"}  # fake runs have no curves
     assert "Paired differences" in (tmp_path / "fake.md").read_text()
-
-
-def test_selection_maximises_validation_and_ignores_test() -> None:
-    grid = fair.Grid.quick()
-    runs: list[dict[str, Any]] = []
-    rng = np.random.default_rng(0)
-    # Feed the planner fake scores until tuning is complete.
-    while len(fair.selections(runs, grid, 1)["selected"]) < len(fair.COMPARED):
-        done = {fair.spec_key(r["spec"]) for r in runs}
-        new = [s for s in fair.plan("tune", runs, grid, 1) if fair.spec_key(s) not in done]
-        assert new and all(s["evaluate_on"] == "validation" for s in new)
-        runs += [_fake_run(s, float(rng.uniform())) for s in new]
-    selected = fair.selections(runs, grid, 1)["selected"]
-    for method, spec in selected.items():
-        # Depth is chosen last, among depth variants of the best depth-2 grid point.
-        candidates = [r for r in runs if r["spec"]["method"] == method
-                      and r["spec"]["augment"] == spec["augment"]
-                      and {k: v for k, v in r["spec"].items() if k != "projector_depth"}
-                      == {k: v for k, v in spec.items() if k != "projector_depth"}]
-        assert max(candidates, key=lambda r: r["validation_score"])["spec"] == spec
-    # Test results of anything cannot change what was selected.
-    test_runs = [_fake_run(dict(s, evaluate_on="test"), 1.0 if s["method"] == "vicreg" else 0.0)
-                 for s in fair.plan("headline", runs, grid, 1) if "epochs" in s]
-    assert fair.selections(runs + test_runs, grid, 1)["selected"] == selected
-    augment = fair.selections(runs, grid, 1)["augment"]
-    assert all(s["augment"] == augment for s in selected.values())  # one augmentation for all
 
 
 @pytest.mark.parametrize(("a", "b", "verdict"), [

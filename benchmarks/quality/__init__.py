@@ -1,6 +1,7 @@
-"""Does MUSIC learn? A small, honest study on scikit-learn's digits (project issue 6).
+"""Does MUSIC learn? Small, honest studies on two real datasets (8x8 digits, MNIST 5k).
 
-Run ``python -m benchmarks.quality.digits`` (about 14 minutes on 2 quiet CPU cores, 51 runs); see
-:mod:`benchmarks.quality.digits` for the options and ``benchmarks/results/quality-digits.md``
-for the last committed results.
+Run ``python -m benchmarks.quality.study --dataset digits`` (or ``--dataset mnist5k``); see
+:mod:`benchmarks.quality.study` for the stages and options, and
+``benchmarks/results/quality-<dataset>.md`` for the last committed results and their wall
+times.
 """

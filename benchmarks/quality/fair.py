@@ -1,11 +1,22 @@
-"""The fair digits study: what each stage runs, how settings are selected, how claims are scored.
+"""The fair study: what each stage runs, how settings are selected, how claims are scored.
 
-A run is a *spec* (a JSON-ready dict: method, seed, epochs, batch size, lr, augmentation,
-projector depth, D, segment_dim, the loss hyperparameters, and which split it is scored on);
-:func:`execute` turns a spec into a record. :func:`plan` lists a stage's specs from the runs
-done so far (tuning is sequential: augmentation, then lr x hyperparameter, then depth), and
-:func:`summarize` derives everything else (tuning tables, selections, paired comparisons,
-ablations, the paper's claims) from the runs alone, so the report re-renders from the JSON.
+A run is a *spec* (a JSON-ready dict: dataset, method, seed, epochs, batch size, lr,
+augmentation, projector depth, D, segment_dim, the loss hyperparameters, and which split it
+is scored on); :func:`execute` turns a spec into a record. :func:`plan` lists a stage's specs
+from the runs done so far, and :func:`summarize` derives everything else (tuning tables,
+searches, selections, paired comparisons, ablations, the paper's claims) from the runs alone,
+so the report re-renders from the JSON.
+
+Tuning (:func:`search`) is a pattern search on a log lattice, the same for every method: each
+numeric axis (the learning rate and the method's own hyperparameters) has a start and a
+step factor; a *point* is scored by its validation score averaged over the tuning seeds.
+From the start, the search scores the point and its two neighbours on every axis, moves to
+the best point scored so far, and repeats until the best point's neighbours on every axis
+have all been scored: the selected value of every axis then lies strictly inside the values
+tried. Every method then gets the same number of points (the study's budget, or the most
+any method needed, if more): the rest go to the same search at half steps around the best
+point. A run whose loss stops being finite records a *wall* (it scores below every finite
+run, so the search turns back from it).
 
 Scoring rule: "A >= B" is reproduced only if A's mean is higher AND A is higher on most
 seeds (paired by seed); "not reproduced" when B is ahead on both counts; otherwise
@@ -16,22 +27,16 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from functools import cache
 from typing import Any
 
 import numpy as np
 
-from benchmarks.quality.data import AUGMENTS, DigitsSplit, load_fit_val_test
+from benchmarks.quality.data import DATASETS, ImageSplit, augments_for, load_fit_val_test
 from benchmarks.quality.train import BASELINES, METHODS, TrainConfig, evaluate_baseline, train_run
 
 STAGES = ("headline", "tune", "ablations")
-EPOCHS = 30
-COMPARED = ("music_blocks", "music_joint", "barlow_twins", "vicreg")
-SPLIT_DESCRIPTION = ("scikit-learn digits (1797 8x8 images): fixed stratified test split (30%, "
-                     "540 images, split seed 0); validation = 20% of the rest (252), carved "
-                     "stratified; every run trains on the remaining 1005 'fit' images, and the "
-                     "probes learn from the fit images' labels")
 #: The metrics the validation score averages (the few-label end, where methods separate).
 SCORE_METRICS = ("linear_probe_1_acc", "linear_probe_5_acc", "knn_1_acc")
 VALIDATION_SCORE_DESCRIPTION = ("mean of " + ", ".join(SCORE_METRICS) + " on the validation "
@@ -48,60 +53,107 @@ CLAIM_METRICS = ("linear_probe_1_acc", "linear_probe_5_acc", "knn_1_acc", "linea
 
 
 @dataclass(frozen=True)
+class Axis:
+    """One tuned hyperparameter: lattice values ``start * factor**k``."""
+
+    name: str
+    start: float
+    factor: float
+
+    def value(self, exponent: float) -> float:
+        """The value at ``exponent`` steps from the start, to 4 significant digits.
+
+        Example:
+            >>> Axis("lr", 2e-3, 2.0).value(-1), Axis("lr", 2e-3, 2.0).value(0.5)
+            (0.001, 0.002828)
+        """
+        return float(f"{self.start * self.factor ** exponent:.4g}")
+
+
+#: Each method's tuned axes: the learning rate, then its own main hyperparameters (MUSIC:
+#: the softmax temperature; Barlow Twins: lambda; VICReg: the variance and covariance weights,
+#: the invariance weight fixed at 25, as its authors tune it).
+LR_AXIS = Axis("lr", 2e-3, 2.0)
+METHOD_AXES: dict[str, tuple[Axis, ...]] = {
+    "music_blocks": (LR_AXIS, Axis("temperature", 0.5, 2.0)),
+    "music_joint": (LR_AXIS, Axis("temperature", 0.5, 2.0)),
+    "barlow_twins": (LR_AXIS, Axis("lambd", 0.0051, 4.0)),
+    "vicreg": (LR_AXIS, Axis("std_coeff", 25.0, 2.0), Axis("cov_coeff", 1.0, 4.0)),
+}
+#: Fixed loss hyperparameters that are not tuned.
+FIXED_HP: dict[str, dict[str, float]] = {"vicreg": {"sim_coeff": 25.0}}
+
+
+@dataclass(frozen=True)
 class Grid:
-    """Every setting the study may try; the same number of points for every method."""
+    """Every setting a study may try; the same budget for every method."""
 
     d: int = 512
     segment_dim: int = 16
     batch_size: int = 256
-    lrs: tuple[float, ...] = (1e-3, 2e-3)
-    augment_lr: float = 2e-3
-    augments: tuple[str, ...] = ("weak", "medium", "strong")
-    depths: tuple[int, ...] = (2, 3, 4)
-    hp_points: int = 2
-    tune_seed: int = 0
+    augment: str = "medium"
+    depth: int = 2
+    tune_seeds: tuple[int, ...] = (0, 1)
+    budget_points: int = 12  # points per method (each scored on every tuning seed)
+    max_points: int = 40  # a search that has not converged by then stops (reported)
     headline_seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
     ablation_seeds: tuple[int, ...] = (0, 1, 2)
     ablation_batch_sizes: tuple[int, ...] = (64, 256)
+    ablation_depths: tuple[int, ...] = (2, 3, 4)
     ablation_segment_dims: tuple[int, ...] = (8, 16, 32)
     ablation_dims: tuple[int, ...] = (128, 512, 1024)
 
     @classmethod
     def quick(cls) -> Grid:
         """A tiny grid for smoke tests (every stage, a few runs each)."""
-        return cls(d=32, segment_dim=8, lrs=(2e-3,), augment_lr=2e-3, augments=("weak", "medium"),
-                   depths=(2, 3), hp_points=2, headline_seeds=(0, 1), ablation_seeds=(0, 1),
-                   ablation_batch_sizes=(128, 256), ablation_segment_dims=(4, 8),
-                   ablation_dims=(16, 32))
+        return cls(d=32, segment_dim=8, tune_seeds=(0, 1), budget_points=6, max_points=8,
+                   headline_seeds=(0, 1), ablation_seeds=(0, 1),
+                   ablation_batch_sizes=(128, 256), ablation_depths=(2, 3),
+                   ablation_segment_dims=(4, 8), ablation_dims=(16, 32))
 
-    def hyperparameters(self, method: str, d: int | None = None) -> list[dict[str, float]]:
-        """The main-hyperparameter values of ``method``; the first is its default.
-
-        MUSIC: the softmax temperature. Barlow Twins: lambda = 1/D (the authors' scaling
-        suggestion), their 0.0051 (tuned at D = 8192), and 0.02. VICReg: (variance,
-        covariance) weights with the invariance weight 25.
-        """
-        d = self.d if d is None else d
-        if method.startswith("music"):
-            values: list[dict[str, float]] = [{"temperature": t} for t in (1.0, 0.5, 2.0)]
-        elif method == "barlow_twins":
-            values = [{"lambd": 1.0 / d}, {"lambd": 0.0051}, {"lambd": 0.02}]
-        elif method == "vicreg":
-            values = [{"sim_coeff": 25.0, "std_coeff": s, "cov_coeff": c}
-                      for s, c in ((25.0, 1.0), (10.0, 1.0), (25.0, 4.0))]
-        else:
-            raise ValueError(f"no hyperparameters for {method!r}")
-        return values[:self.hp_points]
-
-    def describe(self) -> dict[str, Any]:
+    def describe(self, compared: tuple[str, ...]) -> dict[str, Any]:
         """The grid as JSON-ready data (for the results' meta)."""
         out: dict[str, Any] = {k: v for k, v in self.__dict__.items()}
-        out["hyperparameters"] = {m: self.hyperparameters(m) for m in COMPARED}
-        out["budget_per_method"] = (f"{len(self.augments)} augmentation runs + "
-                                    f"{len(self.lrs)} lr x {self.hp_points} hyperparameter "
-                                    f"values + {len(self.depths) - 1} extra depths, "
-                                    f"all on seed {self.tune_seed}, same epochs")
+        out["axes"] = {m: [a.__dict__ for a in METHOD_AXES[m]] for m in compared}
+        out["fixed_hyperparameters"] = {m: FIXED_HP.get(m, {}) for m in compared}
+        out["budget_per_method"] = (
+            f"the same number of points for every method: {self.budget_points}, or the most "
+            f"any method's search needed to converge, if more; each point trained and scored "
+            f"on {len(self.tune_seeds)} seeds ({list(self.tune_seeds)}), validation split, "
+            f"same epochs; augmentation '{self.augment}' and projector depth {self.depth} for "
+            "all")
         return out
+
+
+@dataclass(frozen=True)
+class Study:
+    """One dataset's study: its split, budget and which methods it compares."""
+
+    dataset: str
+    epochs: int
+    test_fraction: float
+    compared: tuple[str, ...]
+    grid: Grid = field(default_factory=Grid)
+
+    def describe_split(self) -> str:
+        to_val, to_test = _splits(self.dataset, self.test_fraction)
+        return (f"{DATASETS[self.dataset]}: fixed stratified test split "
+                f"({self.test_fraction:.0%}, {len(to_test.test_labels)} images, split seed 0); "
+                f"validation = 20% of the rest ({len(to_val.test_labels)}), carved stratified; "
+                f"every run trains on the remaining {len(to_val.train_labels)} 'fit' images, "
+                "and the probes learn from the fit images' labels")
+
+    def quick(self) -> Study:
+        """The smoke-test version: 1 epoch, the tiny grid."""
+        return replace(self, epochs=1, grid=Grid.quick())
+
+
+STUDIES: dict[str, Study] = {
+    "digits": Study("digits", epochs=30, test_fraction=0.3,
+                    compared=("music_blocks", "music_joint", "barlow_twins", "vicreg")),
+    "mnist5k": Study("mnist5k", epochs=20, test_fraction=0.2,
+                     compared=("music_blocks", "barlow_twins", "vicreg")),
+}
 
 
 def spec_key(spec: dict[str, Any]) -> str:
@@ -109,15 +161,16 @@ def spec_key(spec: dict[str, Any]) -> str:
     return json.dumps(spec, sort_keys=True)
 
 
-def make_spec(method: str, seed: int, epochs: int, *, evaluate_on: str, lr: float = 0.0,
-              augment: str = "medium", depth: int = 2, d: int = 0, segment_dim: int = 0,
-              batch_size: int = 256, hp: dict[str, float] | None = None) -> dict[str, Any]:
+def make_spec(method: str, seed: int, epochs: int, *, evaluate_on: str, dataset: str = "digits",
+              lr: float = 0.0, augment: str = "medium", depth: int = 2, d: int = 0,
+              segment_dim: int = 0, batch_size: int = 256,
+              hp: dict[str, float] | None = None) -> dict[str, Any]:
     """One run's settings as a JSON-ready dict (baselines keep only method, seed, split)."""
     if method in BASELINES:
-        return {"method": method, "seed": seed, "evaluate_on": evaluate_on}
-    return {"method": method, "seed": seed, "epochs": epochs, "evaluate_on": evaluate_on,
-            "lr": lr, "augment": augment, "projector_depth": depth, "d": d,
-            "segment_dim": segment_dim, "batch_size": batch_size, "hp": dict(hp or {})}
+        return {"dataset": dataset, "method": method, "seed": seed, "evaluate_on": evaluate_on}
+    return {"dataset": dataset, "method": method, "seed": seed, "epochs": epochs,
+            "evaluate_on": evaluate_on, "lr": lr, "augment": augment, "projector_depth": depth,
+            "d": d, "segment_dim": segment_dim, "batch_size": batch_size, "hp": dict(hp or {})}
 
 
 def params_of(spec: dict[str, Any]) -> dict[str, Any]:
@@ -127,13 +180,18 @@ def params_of(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 @cache
-def _splits() -> tuple[DigitsSplit, DigitsSplit]:
-    return load_fit_val_test(0)
+def _splits(dataset: str, test_fraction: float) -> tuple[ImageSplit, ImageSplit]:
+    return load_fit_val_test(0, test_fraction=test_fraction, dataset=dataset)
 
 
 def execute(spec: dict[str, Any]) -> dict[str, Any]:
-    """Train and probe one spec; the record holds the spec, metrics and (headline) curve."""
-    to_val, to_test = _splits()
+    """Train and probe one spec; the record holds the spec, metrics and (headline) curve.
+
+    A run whose loss stops being finite is recorded with ``"diverged": True`` and no
+    metrics (a wall for the tuning search), instead of stopping the study.
+    """
+    study = STUDIES[spec["dataset"]]
+    to_val, to_test = _splits(study.dataset, study.test_fraction)
     split = to_val if spec["evaluate_on"] == "validation" else to_test
     start = time.perf_counter()
     record: dict[str, Any] = {"spec": spec}
@@ -144,17 +202,23 @@ def execute(spec: dict[str, Any]) -> dict[str, Any]:
         temperature = hp.pop("temperature", 1.0)
         headline = spec["evaluate_on"] == "test"
         cfg = TrainConfig(epochs=spec["epochs"], batch_size=spec["batch_size"], lr=spec["lr"],
-                          temperature=temperature, augment=AUGMENTS[spec["augment"]],
+                          temperature=temperature,
+                          augment=augments_for(study.dataset)[spec["augment"]],
                           projector_depth=spec["projector_depth"], loss_params=hp,
                           log_every=0, diagnostics=headline)
-        result = train_run(spec["method"], split, cfg, seed=spec["seed"],
-                           segment_dim=spec["segment_dim"], dim=spec["d"])
-        record["metrics"] = result.metrics
-        if headline:
-            record["curve"] = result.curve
+        try:
+            result = train_run(spec["method"], split, cfg, seed=spec["seed"],
+                               segment_dim=spec["segment_dim"], dim=spec["d"])
+        except FloatingPointError as err:
+            record.update(metrics=None, diverged=True, error=str(err))
+        else:
+            record["metrics"] = result.metrics
+            if headline:
+                record["curve"] = result.curve
     record["seconds"] = time.perf_counter() - start
     if spec["evaluate_on"] == "validation":
-        record["validation_score"] = validation_score(record["metrics"])
+        record["validation_score"] = (None if record.get("diverged")
+                                      else validation_score(record["metrics"]))
     return record
 
 
@@ -170,62 +234,154 @@ def describe_run(record: dict[str, Any]) -> str:
         f" lr={s['lr']:g} aug={s['augment']} depth={s['projector_depth']} D={s['d']} "
         f"K={s['segment_dim']} bs={s['batch_size']} " + " ".join(f"{k}={v:g}"
                                                                for k, v in s["hp"].items()))
-    score = f" score {100 * record['validation_score']:.1f}" if "validation_score" in record else ""
+    if m is None:
+        return (f"{s['method']:>18} seed={s['seed']} on {s['evaluate_on']}:{setting} | "
+                f"DIVERGED: {record.get('error')} ({record['seconds']:.0f} s)")
+    score = (f" score {100 * record['validation_score']:.1f}"
+             if record.get("validation_score") is not None else "")
     return (f"{s['method']:>18} seed={s['seed']} on {s['evaluate_on']}:{setting} | "
             + "  ".join(f"{label.split(',')[-1].strip()} {100 * m[k]:.1f}"
                         for k, label in METRICS) + f"{score} ({record['seconds']:.0f} s)")
 
 
 # ---------------------------------------------------------------------------------------------
-# Planning and selection
+# The tuning search
+
+Point = tuple[float, ...]  # exponents, one per axis of the method
 
 
-def _index(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    return {spec_key(r["spec"]): r for r in runs}
+def _point_spec(study: Study, method: str, point: Point, seed: int) -> dict[str, Any]:
+    g = study.grid
+    hp = dict(FIXED_HP.get(method, {}))
+    values = {a.name: a.value(e) for a, e in zip(METHOD_AXES[method], point)}
+    lr = values.pop("lr")
+    hp.update(values)
+    return make_spec(method, seed, study.epochs, evaluate_on="validation",
+                     dataset=study.dataset, lr=lr, augment=g.augment, depth=g.depth, d=g.d,
+                     segment_dim=g.segment_dim, batch_size=g.batch_size, hp=hp)
 
 
-def _tune_specs(method: str, grid: Grid, epochs: int, **kw: Any) -> dict[str, Any]:
-    base: dict[str, Any] = {"augment": "medium", "lr": grid.augment_lr, "depth": 2,
-                            "hp": grid.hyperparameters(method)[0]}
-    base.update(kw)
-    return make_spec(method, grid.tune_seed, epochs, evaluate_on="validation", d=grid.d,
-                     segment_dim=grid.segment_dim, batch_size=grid.batch_size, **base)
+def _star(center: Point, step: float) -> list[Point]:
+    """``center``, then its two neighbours at ``step`` on each axis (minus first)."""
+    out = [center]
+    for i in range(len(center)):
+        for sign in (-1, 1):
+            out.append(center[:i] + (center[i] + sign * step,) + center[i + 1:])
+    return out
 
 
-def _tune_plan(runs: list[dict[str, Any]], grid: Grid, epochs: int
-               ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """The tuning specs plannable so far, and the selections made so far."""
-    done = _index(runs)
-    chosen: dict[str, Any] = {"augment": None, "selected": {}}
-    specs = [_tune_specs(m, grid, epochs, augment=a) for a in grid.augments for m in COMPARED]
-    if any(spec_key(s) not in done for s in specs):
-        return specs, chosen
-    by_augment = {a: float(np.mean([done[spec_key(_tune_specs(m, grid, epochs, augment=a))]
-                                    ["validation_score"] for m in COMPARED]))
-                  for a in grid.augments}
-    augment = max(grid.augments, key=lambda a: by_augment[a])
-    chosen.update(augment=augment, augment_scores=by_augment)
-    grid_specs = {m: [_tune_specs(m, grid, epochs, augment=augment, lr=lr, hp=hp)
-                      for lr in grid.lrs for hp in grid.hyperparameters(m)] for m in COMPARED}
-    specs += [s for m in COMPARED for s in grid_specs[m]]
-    if any(spec_key(s) not in done for s in specs):
-        return specs, chosen
-    depth_specs = {}
-    for m in COMPARED:
-        best = max(grid_specs[m], key=lambda s: done[spec_key(s)]["validation_score"])
-        depth_specs[m] = [dict(best, projector_depth=depth) for depth in grid.depths]
-    specs += [s for m in COMPARED for s in depth_specs[m]]
-    if any(spec_key(s) not in done for s in specs):
-        return specs, chosen
-    for m in COMPARED:
-        best = max(depth_specs[m], key=lambda s: done[spec_key(s)]["validation_score"])
-        chosen["selected"][m] = best
-    return specs, chosen
+@dataclass
+class Search:
+    """One method's search, derived from the runs: what is scored, what to run next."""
+
+    method: str
+    scores: dict[Point, float | None] = field(default_factory=dict)  # None: a wall
+    order: list[Point] = field(default_factory=list)  # points in the order they were planned
+    todo: list[Point] = field(default_factory=list)
+    coarse_points: int = 0
+    converged: bool = False
+    capped: bool = False
+
+    @property
+    def best(self) -> Point | None:
+        finite = [p for p in self.order if self.scores.get(p) is not None]
+        return max(finite, key=lambda p: self.scores[p]) if finite else None  # type: ignore
 
 
-def selections(runs: list[dict[str, Any]], grid: Grid, epochs: int) -> dict[str, Any]:
-    """The augmentation and per-method settings chosen on validation (None until tuned)."""
-    return _tune_plan(runs, grid, epochs)[1]
+def _point_scores(study: Study, method: str, runs: list[dict[str, Any]]
+                  ) -> dict[str, dict[str, Any]]:
+    return {spec_key(r["spec"]): r for r in runs if r["spec"].get("method") == method
+            and r["spec"].get("evaluate_on") == "validation"
+            and r["spec"].get("dataset", "digits") == study.dataset}
+
+
+def search(study: Study, method: str, runs: list[dict[str, Any]], budget: int | None = None
+           ) -> Search:
+    """Replay ``method``'s search on the runs done so far (see the module docstring).
+
+    ``budget``: the points every method ends with (``None``: only the coarse search).
+    """
+    g = study.grid
+    done = _point_scores(study, method, runs)
+    state = Search(method)
+
+    def score(point: Point) -> bool:
+        """Score ``point`` if all its seeds ran; else queue it. True if scored."""
+        if point in state.scores:
+            return True
+        if point not in state.order:
+            state.order.append(point)
+        recs = [done.get(spec_key(_point_spec(study, method, point, s))) for s in g.tune_seeds]
+        if any(r is None for r in recs):
+            if point not in state.todo:
+                state.todo.append(point)
+            return False
+        vals = [r["validation_score"] for r in recs]  # type: ignore[index]
+        state.scores[point] = None if any(v is None for v in vals) else float(np.mean(vals))
+        return True
+
+    center: Point = tuple(0.0 for _ in METHOD_AXES[method])
+    step = 1.0
+    while True:
+        star = _star(center, step)
+        if step == 1.0 and len(state.order) >= g.max_points and any(
+                p not in state.order for p in star):
+            state.capped = True  # the coarse search did not converge within max_points
+            return state
+        if step < 1.0:  # refining: only as many new points as the budget has room for
+            new = [p for p in star if p not in state.order]
+            room = max(0, (budget or 0) - len(state.order))
+            star = [p for p in star if p in state.order] + new[:room]
+        ready = [score(p) for p in star]  # queues every missing point
+        if not all(ready):
+            return state
+        best = state.best
+        if best is None:  # every point a wall: nowhere to go
+            state.capped = True
+            return state
+        if best != center:
+            center = best
+            continue
+        if step == 1.0:
+            state.converged, state.coarse_points = True, len(state.order)
+        if budget is None or len(state.order) >= budget:
+            return state
+        step /= 2  # refine around the best point at half the step
+
+
+def budget_of(study: Study, runs: list[dict[str, Any]]) -> int | None:
+    """The points every method gets: the study's budget, or the most any method's coarse
+    search used if more; ``None`` until every method's coarse search has converged."""
+    states = [search(study, m, runs) for m in study.compared]
+    if not all(s.converged or s.capped for s in states):
+        return None
+    return max([study.grid.budget_points] + [len(s.order) for s in states])
+
+
+def _tune_specs(study: Study, runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every tuning spec planned so far (done or not), for every method."""
+    budget = budget_of(study, runs)  # refining waits for it: every method the same points
+    specs = []
+    for m in study.compared:
+        state = search(study, m, runs, budget)
+        specs += [_point_spec(study, m, p, seed) for p in state.order
+                  for seed in study.grid.tune_seeds]
+    return specs
+
+
+def selections(study: Study, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per method: the selected spec (seed of the first tuning seed), once tuning is done."""
+    budget = budget_of(study, runs)
+    chosen: dict[str, Any] = {"selected": {}, "budget_points": budget}
+    if budget is None:
+        return chosen
+    states = {m: search(study, m, runs, budget) for m in study.compared}
+    if any(s.todo for s in states.values()):
+        return chosen
+    for m, state in states.items():
+        if state.best is not None:
+            chosen["selected"][m] = _point_spec(study, m, state.best, study.grid.tune_seeds[0])
+    return chosen
 
 
 def _ablation_specs(selected: dict[str, dict[str, Any]], grid: Grid
@@ -236,7 +392,7 @@ def _ablation_specs(selected: dict[str, dict[str, Any]], grid: Grid
         "batch_size": [(s["method"], b, dict(s, batch_size=b))
                        for s in (music, vicreg) for b in grid.ablation_batch_sizes],
         "projector_depth": [(s["method"], p, dict(s, projector_depth=p))
-                            for s in (music, vicreg) for p in grid.depths],
+                            for s in (music, vicreg) for p in grid.ablation_depths],
         "invariance": [("music_blocks", "entropy + invariance", music),
                        ("music_entropy_only", "entropy only",
                         dict(music, method="music_entropy_only"))],
@@ -248,23 +404,26 @@ def _ablation_specs(selected: dict[str, dict[str, Any]], grid: Grid
     return out
 
 
-def plan(stage: str, runs: list[dict[str, Any]], grid: Grid, epochs: int
-         ) -> list[dict[str, Any]]:
+def plan(stage: str, runs: list[dict[str, Any]], study: Study) -> list[dict[str, Any]]:
     """The specs of ``stage`` that can be planned from ``runs`` (call again after running)."""
     if stage == "tune":
-        return _tune_plan(runs, grid, epochs)[0]
-    selected = selections(runs, grid, epochs)["selected"]
-    if len(selected) < len(COMPARED):
+        return _tune_specs(study, runs)
+    selected = selections(study, runs)["selected"]
+    if len(selected) < len(study.compared):
         raise ValueError(f"stage {stage!r} needs the tuning runs: run `python -m "
-                         "benchmarks.quality.digits --stage tune --resume` first (or pass the "
-                         "same --quick/--epochs as the tuning run)")
+                         f"benchmarks.quality.study --dataset {study.dataset} --stage tune "
+                         "--resume` first (or pass the same --quick as the tuning run)")
+    grid = study.grid
     if stage == "headline":
         specs = [dict(selected[m], seed=seed, evaluate_on="test")
-                 for seed in grid.headline_seeds for m in COMPARED]
-        specs += [make_spec(b, seed, 0, evaluate_on="test") for seed in grid.headline_seeds
-                  for b in BASELINES]
+                 for seed in grid.headline_seeds for m in study.compared]
+        specs += [make_spec(b, seed, 0, evaluate_on="test", dataset=study.dataset)
+                  for seed in grid.headline_seeds for b in BASELINES]
         return specs
     if stage == "ablations":
+        if not {"music_blocks", "vicreg"} <= set(selected):
+            raise ValueError("the ablations vary the selected MUSIC (blocks) and VICReg "
+                             "settings: the study must compare both")
         return [dict(template, seed=seed) for seed in grid.ablation_seeds
                 for variants in _ablation_specs(selected, grid).values()
                 for _, _, template in variants]
@@ -326,20 +485,53 @@ def _stats(values: list[float]) -> dict[str, float]:
             "n": len(arr)}
 
 
-def summarize(runs: list[dict[str, Any]], grid: Grid, epochs: int) -> dict[str, Any]:
-    """Everything the report shows, derived from the runs of a study on ``grid``."""
-    chosen = selections(runs, grid, epochs)
+def _search_summary(study: Study, state: Search) -> dict[str, Any]:
+    """Per axis: the values tried, the selected one and whether it is strictly inside."""
+    axes = METHOD_AXES[state.method]
+    best = state.best
+    out: dict[str, Any] = {"points": len(state.order),
+                           "runs": len(state.order) * len(study.grid.tune_seeds),
+                           "coarse_points": state.coarse_points, "converged": state.converged,
+                           "stopped_at_max_points": state.capped, "axes": {}}
+    for i, axis in enumerate(axes):
+        tried = sorted({axis.value(p[i]) for p in state.order})
+        chosen = None if best is None else axis.value(best[i])
+        out["axes"][axis.name] = {
+            "values_tried": tried, "selected": chosen,
+            "interior": chosen is not None and tried[0] < chosen < tried[-1]}
+    out["walls"] = [{a.name: a.value(e) for a, e in zip(axes, p)} for p in state.order
+                    if p in state.scores and state.scores[p] is None]
+    return out
+
+
+def summarize(runs: list[dict[str, Any]], study: Study) -> dict[str, Any]:
+    """Everything the report shows, derived from the runs of ``study``."""
+    grid = study.grid
+    chosen = selections(study, runs)
+    budget = chosen["budget_points"]
     methods: dict[str, Any] = {}
-    for m in COMPARED:
-        tuning = [{"params": params_of(r["spec"]), "validation_score": r["validation_score"],
-                   "validation": {k: r["metrics"][k] for k, _ in METRICS}}
-                  for r in runs if r["spec"]["method"] == m
-                  and r["spec"]["seed"] == grid.tune_seed and r["spec"]["evaluate_on"] ==
-                  "validation" and r["spec"]["d"] == grid.d
-                  and r["spec"]["segment_dim"] == grid.segment_dim
-                  and r["spec"]["batch_size"] == grid.batch_size]
+    for m in study.compared:
+        state = search(study, m, runs, budget)
+        done = _point_scores(study, m, runs)
+        tuning = []
+        for point in state.order:
+            recs = [done.get(spec_key(_point_spec(study, m, point, s))) for s in grid.tune_seeds]
+            recs = [r for r in recs if r is not None]
+            if len(recs) < len(grid.tune_seeds):
+                continue
+            spec = _point_spec(study, m, point, grid.tune_seeds[0])
+            walled = any(r.get("diverged") for r in recs)
+            tuning.append({
+                "params": params_of(spec),
+                "validation_score": state.scores.get(point),
+                "validation_scores": [r["validation_score"] for r in recs],
+                "seeds": list(grid.tune_seeds), "diverged": walled,
+                "validation": None if walled else {
+                    k: float(np.mean([r["metrics"][k] for r in recs])) for k, _ in METRICS}})
         entry: dict[str, Any] = {"label": METHODS[m], "tuning": tuning,
-                                 "selected": None, "selected_on": "validation"}
+                                 "search": _search_summary(study, state),
+                                 "selected": None, "selected_on": "validation",
+                                 "selected_on_seeds": list(grid.tune_seeds)}
         if m in chosen["selected"]:
             sel = chosen["selected"][m]
             entry["selected"] = params_of(sel)
@@ -353,32 +545,35 @@ def summarize(runs: list[dict[str, Any]], grid: Grid, epochs: int) -> dict[str, 
         methods[m] = entry
     baselines = {}
     for b in BASELINES:
-        rows = [r for r in runs if r["spec"]["method"] == b]
+        rows = [r for r in runs if r["spec"]["method"] == b
+                and r["spec"].get("dataset", "digits") == study.dataset]
         if rows:
             baselines[b] = {k: _stats([r["metrics"][k] for r in rows]) for k, _ in METRICS}
     out: dict[str, Any] = {"methods": methods, "baselines": baselines,
-                           "selected_augment": chosen.get("augment"),
-                           "augment_scores": chosen.get("augment_scores"),
+                           "budget_points_per_method": budget,
                            "comparisons": [], "ablations": {}, "paper_claims": []}
-    if len(chosen["selected"]) < len(COMPARED):
+    if len(chosen["selected"]) < len(study.compared):
         return out
     sel = chosen["selected"]
-    test_template = {m: dict(sel[m], evaluate_on="test") for m in COMPARED}
-    pairs = (("music_blocks", "vicreg", "Table 1"), ("music_blocks", "barlow_twins", "Table 1"),
-             ("music_joint", "vicreg", "Table 1"), ("music_joint", "barlow_twins", "Table 1"))
-    for a, b, table in pairs:
-        for key, label in METRICS:
-            p = paired(_by_seed(runs, test_template[a], key), _by_seed(runs, test_template[b], key))
-            if p["n"]:
-                out["comparisons"].append({"a": a, "b": b, "metric": key, **p})
-                if key in CLAIM_METRICS and a == "music_blocks":
-                    out["paper_claims"].append({
-                        "table": table, "claim": f"{METHODS[a]} >= {METHODS[b]}",
-                        "setting": "tuned on validation, test split, "
-                                   f"{p['n']} seeds", "metric": label,
-                        "measured": measured_text(p), "verdict": p["verdict"]})
-    out["ablations"], claims = _ablations(runs, sel, grid)
-    out["paper_claims"] += claims
+    test_template = {m: dict(sel[m], evaluate_on="test") for m in study.compared}
+    musics = [m for m in ("music_blocks", "music_joint") if m in study.compared]
+    peers = [m for m in ("vicreg", "barlow_twins") if m in study.compared]
+    for a in musics:
+        for b in peers:
+            for key, label in METRICS:
+                p = paired(_by_seed(runs, test_template[a], key),
+                           _by_seed(runs, test_template[b], key))
+                if p["n"]:
+                    out["comparisons"].append({"a": a, "b": b, "metric": key, **p})
+                    if key in CLAIM_METRICS and a == "music_blocks":
+                        out["paper_claims"].append({
+                            "table": "Table 1", "claim": f"{METHODS[a]} >= {METHODS[b]}",
+                            "setting": f"tuned on validation, test split, {p['n']} seeds",
+                            "metric": label, "measured": measured_text(p),
+                            "verdict": p["verdict"]})
+    if {"music_blocks", "vicreg"} <= set(sel):
+        out["ablations"], claims = _ablations(runs, sel, grid)
+        out["paper_claims"] += claims
     return out
 
 
@@ -417,9 +612,9 @@ def _ablations(runs: list[dict[str, Any]], selected: dict[str, dict[str, Any]], 
     for b in grid.ablation_batch_sizes:
         claim("Table 4", f"MUSIC >= VICReg at batch size {b}", val,
               ("batch_size", "music_blocks", b), ("batch_size", "vicreg", b))
-    for depth in grid.depths[1:]:
-        claim("Table 5", f"MUSIC: projector depth {grid.depths[0]} >= depth {depth}", val,
-              ("projector_depth", "music_blocks", grid.depths[0]),
+    for depth in grid.ablation_depths[1:]:
+        claim("Table 5", f"MUSIC: projector depth {grid.ablation_depths[0]} >= depth {depth}",
+              val, ("projector_depth", "music_blocks", grid.ablation_depths[0]),
               ("projector_depth", "music_blocks", depth))
     claim("Table 6", "MUSIC: entropy + invariance >= entropy only", val,
           ("invariance", "music_blocks", "entropy + invariance"),

@@ -1,4 +1,4 @@
-"""Tables (Markdown) and plots (PNG) from the results JSON of the fair digits study.
+"""Tables (Markdown) and plots (PNG) from the results JSON of a fair quality study.
 
 Re-render without retraining: ``python -m benchmarks.quality.report
 benchmarks/results/quality-digits.json``. Everything shown is in the JSON (the summary that
@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.quality.fair import COMPARED, METRICS
+from benchmarks.quality.fair import METRICS
 from benchmarks.quality.train import BASELINES, METHODS
 
 LABELS: dict[str, str] = {**METHODS, **BASELINES}
@@ -32,6 +32,10 @@ def _cell(stat: dict[str, float] | None) -> str:
     return "-" if not stat else f"{stat['mean']:.1f} ± {stat['std']:.1f}"
 
 
+def _compared(data: dict[str, Any]) -> list[str]:
+    return list(data.get("methods", {}))
+
+
 def _setting(params: dict[str, Any] | None) -> str:
     if not params:
         return "-"
@@ -43,7 +47,7 @@ def headline_table(data: dict[str, Any]) -> list[str]:
     lines = ["| method | selected on validation | val. score | seeds | "
              + " | ".join(label for _, label in METRICS) + " |",
              "|---|---|---|---|" + "---|" * len(METRICS)]
-    for m in COMPARED:
+    for m in _compared(data):
         entry = data["methods"].get(m, {})
         test = entry.get("test")
         score = entry.get("selected_validation_score")
@@ -102,23 +106,45 @@ def ablation_tables(data: dict[str, Any]) -> list[str]:
     return out
 
 
+def search_table(data: dict[str, Any]) -> list[str]:
+    """Per method and axis: the values tried, the selected one, inside or at an edge."""
+    lines = ["| method | points (runs) | axis | values tried | selected | inside? |",
+             "|---|---|---|---|---|---|"]
+    for m in _compared(data):
+        found = data["methods"][m].get("search")
+        if not found:
+            continue
+        for name, axis in found["axes"].items():
+            tried = ", ".join(f"{v:.4g}" for v in axis["values_tried"])
+            sel = "-" if axis["selected"] is None else f"{axis['selected']:.4g}"
+            lines.append(f"| {LABELS[m]} | {found['points']} ({found['runs']}) | {name} | "
+                         f"{tried} | **{sel}** | {'yes' if axis['interior'] else '**no**'} |")
+        if found.get("walls"):
+            lines.append(f"| {LABELS[m]} | | walls (loss not finite) | "
+                         + "; ".join(_setting(w) for w in found["walls"]) + " | | |")
+    return lines
+
+
 def tuning_tables(data: dict[str, Any]) -> list[str]:
     out: list[str] = []
-    if data.get("augment_scores"):
-        out += ["Augmentation, chosen once with every method (mean validation score over the "
-                f"{len(COMPARED)} methods at their default setting): "
-                + ", ".join(f"{a} {100 * s:.1f}" for a, s in data["augment_scores"].items())
-                + f" -> **{data.get('selected_augment')}**.", ""]
-    for m in COMPARED:
+    for m in _compared(data):
         entry = data["methods"].get(m)
         if not entry:
             continue
         out += [f"### {LABELS[m]}: {len(entry['tuning'])} settings tried", "",
-                "| setting | validation score | " + " | ".join(lab for _, lab in METRICS)
+                "| setting | validation score (per seed) | "
+                + " | ".join(lab for _, lab in METRICS)
                 + " | selected |", "|---|---|" + "---|" * len(METRICS) + "---|"]
-        for t in sorted(entry["tuning"], key=lambda t: -t["validation_score"]):
+        for t in sorted(entry["tuning"], key=lambda t: -(t["validation_score"] or -1.0)):
             chosen = "**yes**" if t["params"] == entry.get("selected") else ""
-            out.append(f"| {_setting(t['params'])} | {100 * t['validation_score']:.1f} | "
+            if t["validation_score"] is None:
+                out.append(f"| {_setting(t['params'])} | diverged | "
+                           + " | ".join("-" for _ in METRICS) + f" | {chosen} |")
+                continue
+            per_seed = ", ".join(f"{100 * v:.1f}" for v in t.get("validation_scores", [])
+                                 if v is not None)
+            out.append(f"| {_setting(t['params'])} | {100 * t['validation_score']:.1f} "
+                       f"({per_seed}) | "
                        + " | ".join(f"{100 * t['validation'][k]:.1f}" for k, _ in METRICS)
                        + f" | {chosen} |")
         out.append("")
@@ -140,11 +166,14 @@ def render_markdown(data: dict[str, Any]) -> str:
             f"{s.get('load_average_1min_max', float('nan')):.1f})"
             + ("" if s.get("complete") else " - **interrupted, incomplete**"))
     out = [
-        "# Does MUSIC learn, fairly? Digits study",
+        f"# Does MUSIC learn, fairly? {meta.get('dataset', 'digits')} study",
         "",
-        f"Data: {meta.get('split')}. Host {meta.get('host')}, torch {meta.get('torch')}.",
-        f"Selection: on validation only, seed {grid.get('tune_seed')}; validation score = "
-        f"{meta.get('validation_score')}. Budget per method: {grid.get('budget_per_method')}. "
+        f"Data: {meta.get('split')}. Host {meta.get('host')}, torch {meta.get('torch')}; "
+        f"{meta.get('epochs')} epochs per run.",
+        f"Selection: on validation only, the mean over seeds {grid.get('tune_seeds')}; "
+        f"validation score = {meta.get('validation_score')}. Budget per method: "
+        f"{grid.get('budget_per_method')}; points per method in this study: "
+        f"{data.get('budget_points_per_method')}. "
         "The test split is read once per selected setting (the headline).",
         "Scoring: \"A >= B\" is *reproduced* only if A's mean is higher and A is ahead on most "
         "seeds (paired by seed: same initialisation, augmentation draws and label draws); "
@@ -172,7 +201,11 @@ def render_markdown(data: dict[str, Any]) -> str:
         "## Ablations in miniature (validation split, accuracy %)",
         "",
         *ablation_tables(data),
-        "## Every setting tried (validation, seed 0)",
+        "## The search: values tried per axis, the selected value inside them",
+        "",
+        *search_table(data),
+        "",
+        "## Every setting tried (validation, mean over the tuning seeds)",
         "",
         *tuning_tables(data),
     ]
@@ -184,7 +217,7 @@ def render_markdown(data: dict[str, Any]) -> str:
 def plot_headline(data: dict[str, Any], path: Path) -> bool:
     import matplotlib.pyplot as plt
 
-    rows = [(LABELS[m], data["methods"][m]["test"]) for m in COMPARED
+    rows = [(LABELS[m], data["methods"][m]["test"]) for m in _compared(data)
             if data["methods"].get(m, {}).get("test")]
     rows += [(LABELS[b], s) for b, s in data.get("baselines", {}).items()]
     if not rows:
@@ -213,24 +246,26 @@ def plot_headline(data: dict[str, Any], path: Path) -> bool:
 def plot_tuning(data: dict[str, Any], path: Path) -> bool:
     import matplotlib.pyplot as plt
 
-    entries = [(m, data["methods"][m]) for m in COMPARED if data["methods"].get(m, {}).get(
-        "tuning")]
+    entries = [(m, data["methods"][m]) for m in _compared(data)
+               if data["methods"].get(m, {}).get("tuning")]
     if not entries:
         return False
     fig, ax = plt.subplots(figsize=(8, 4))
     for i, (_, entry) in enumerate(entries):
-        scores = [100 * t["validation_score"] for t in entry["tuning"]]
+        scored = [t for t in entry["tuning"] if t["validation_score"] is not None]
+        scores = [100 * t["validation_score"] for t in scored]
         jitter = np.linspace(-0.15, 0.15, len(scores))
         ax.scatter(i + jitter, scores, s=18, color="C0", alpha=0.7,
                    label="setting tried" if i == 0 else None)
-        chosen = [j for j, t in enumerate(entry["tuning"]) if t["params"] == entry["selected"]]
+        chosen = [j for j, t in enumerate(scored) if t["params"] == entry["selected"]]
         if chosen:
             ax.scatter(i + jitter[chosen], [scores[j] for j in chosen], s=110, marker="*",
                        color="C3", zorder=3, label="selected" if i == 0 else None)
     ax.set_xticks(range(len(entries)))
     ax.set_xticklabels([LABELS[m] for m, _ in entries], fontsize=8)
     ax.set_ylabel("validation score (%)")
-    ax.set_title("Every setting tried (seed 0, validation split)", fontsize=10)
+    ax.set_title("Every setting tried (validation split, mean over the tuning seeds)",
+                 fontsize=10)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

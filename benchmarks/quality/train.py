@@ -23,7 +23,7 @@ from threadpoolctl import threadpool_limits
 from torch import Tensor, nn
 
 from benchmarks.baselines import barlow_twins_loss, vicreg_loss
-from benchmarks.quality.data import Augment, DigitsSplit
+from benchmarks.quality.data import Augment, ImageSplit
 from music_loss import MUSICLoss, MUSICTerms
 from music_loss.metrics import diagnostics
 
@@ -74,18 +74,33 @@ class TrainConfig:
 
 
 class Encoder(nn.Module):
-    """A small CNN for 8x8 images: 4 conv layers, then a linear layer to ``rep_dim``."""
+    """A small CNN: conv layers (BatchNorm, ReLU), then a linear layer to ``rep_dim``.
 
-    def __init__(self, rep_dim: int = 128) -> None:
+    8x8 digits: 4 conv layers, 8x8 -> 2x2x128. 28x28 MNIST: 3 stride-2 conv layers and one
+    stride-1, 28 -> 14 -> 7 -> 4 (x128): about twice the multiply-adds per image.
+
+    Example:
+        >>> Encoder(16, image_size=28)(torch.zeros(2, 1, 28, 28)).shape
+        torch.Size([2, 16])
+    """
+
+    def __init__(self, rep_dim: int = 128, image_size: int = 8) -> None:
         super().__init__()
 
         def block(c_in: int, c_out: int, stride: int) -> list[nn.Module]:
             return [nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False),
                     nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
 
-        self.features = nn.Sequential(*block(1, 32, 1), *block(32, 64, 2), *block(64, 64, 1),
-                                      *block(64, 128, 2), nn.Flatten())  # 8x8 -> 2x2x128
-        self.head = nn.Sequential(nn.Linear(512, rep_dim, bias=False), nn.BatchNorm1d(rep_dim),
+        if image_size == 8:
+            layers = [*block(1, 32, 1), *block(32, 64, 2), *block(64, 64, 1), *block(64, 128, 2)]
+            flat = 128 * 2 * 2
+        elif image_size == 28:
+            layers = [*block(1, 32, 2), *block(32, 64, 2), *block(64, 64, 1), *block(64, 128, 2)]
+            flat = 128 * 4 * 4
+        else:
+            raise ValueError(f"image_size must be 8 or 28, got {image_size}")
+        self.features = nn.Sequential(*layers, nn.Flatten())
+        self.head = nn.Sequential(nn.Linear(flat, rep_dim, bias=False), nn.BatchNorm1d(rep_dim),
                                   nn.ReLU(inplace=True))
 
     def forward(self, x: Tensor) -> Tensor:
@@ -111,6 +126,11 @@ def projector(rep_dim: int, hidden_dim: int, out_dim: int, depth: int = 2) -> nn
                    nn.ReLU(inplace=True)]
         width = hidden_dim
     return nn.Sequential(*layers, nn.Linear(width, out_dim))
+
+
+def images_side(split: ImageSplit) -> int:
+    """The side length of the (square) images of ``split``."""
+    return int(split.train_images.shape[-1])
 
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -175,7 +195,7 @@ def few_label_indices(labels: np.ndarray, per_class: int, rng: np.random.Generat
                            for c in np.unique(labels)])
 
 
-def evaluate_features(train_x: np.ndarray, test_x: np.ndarray, split: DigitsSplit,
+def evaluate_features(train_x: np.ndarray, test_x: np.ndarray, split: ImageSplit,
                       cfg: TrainConfig, seed: int) -> dict[str, float]:
     """Linear probe (all labels; n labels per class, averaged over draws) and k-NN per k.
 
@@ -200,7 +220,7 @@ def evaluate_features(train_x: np.ndarray, test_x: np.ndarray, split: DigitsSpli
     return result
 
 
-def evaluate_baseline(method: str, split: DigitsSplit, cfg: TrainConfig, seed: int
+def evaluate_baseline(method: str, split: ImageSplit, cfg: TrainConfig, seed: int
                       ) -> dict[str, Any]:
     """Probes on raw pixels, or on an untrained encoder initialised with ``seed``."""
     if method == "raw_pixels":
@@ -208,7 +228,7 @@ def evaluate_baseline(method: str, split: DigitsSplit, cfg: TrainConfig, seed: i
         test_x = split.test_images.flatten(1).numpy()
     elif method == "random_init":
         torch.manual_seed(seed)
-        encoder = Encoder(cfg.rep_dim)
+        encoder = Encoder(cfg.rep_dim, image_size=images_side(split))
         train_x, test_x = encode(encoder, split.train_images), encode(encoder, split.test_images)
     else:
         raise ValueError(f"unknown baseline {method!r}; choose from {', '.join(BASELINES)}")
@@ -231,7 +251,7 @@ class RunResult:
     curve: list[dict[str, float]]
 
 
-def train_run(method: str, split: DigitsSplit, cfg: TrainConfig, *, seed: int, segment_dim: int,
+def train_run(method: str, split: ImageSplit, cfg: TrainConfig, *, seed: int, segment_dim: int,
               dim: int, progress: Callable[[], None] | None = None) -> RunResult:
     """Train encoder + projector with ``method`` for ``cfg.epochs``, then probe the encoder.
 
@@ -241,7 +261,7 @@ def train_run(method: str, split: DigitsSplit, cfg: TrainConfig, *, seed: int, s
     """
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed + 1000)
-    encoder = Encoder(cfg.rep_dim)
+    encoder = Encoder(cfg.rep_dim, image_size=images_side(split))
     head = projector(cfg.rep_dim, cfg.hidden_dim, dim, cfg.projector_depth)
     params = list(encoder.parameters()) + list(head.parameters())
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
