@@ -324,19 +324,15 @@ def search(study: Study, method: str, runs: list[dict[str, Any]], budget: int | 
     step = 1.0
     while True:
         star = _star(center, step)
-        if step == 1.0 and len(state.order) >= g.max_points and any(
-                p not in state.order for p in star):
-            state.capped = True  # the coarse search did not converge within max_points
-            return state
-        if step < 1.0:  # refining: only as many new points as the budget has room for
-            new = [p for p in star if p not in state.order]
-            room = max(0, (budget or 0) - len(state.order))
-            star = [p for p in star if p in state.order] + new[:room]
-        ready = [score(p) for p in star]  # queues every missing point
-        if not all(ready):
+        new = [p for p in star if p not in state.order]
+        # The coarse search stops at max_points (reported); refining stops at the budget.
+        room = max(0, (g.max_points if step == 1.0 else (budget or 0)) - len(state.order))
+        capped = step == 1.0 and len(new) > room
+        ready = [score(p) for p in [p for p in star if p in state.order] + new[:room]]
+        if not all(ready):  # score() queued the missing points
             return state
         best = state.best
-        if best is None:  # every point a wall: nowhere to go
+        if capped or best is None:  # out of points, or every point a wall
             state.capped = True
             return state
         if best != center:
