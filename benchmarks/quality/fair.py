@@ -106,7 +106,7 @@ class Grid:
     @classmethod
     def quick(cls) -> Grid:
         """A tiny grid for smoke tests (every stage, a few runs each)."""
-        return cls(d=32, segment_dim=8, tune_seeds=(0, 1), budget_points=6, max_points=8,
+        return cls(d=32, segment_dim=8, tune_seeds=(0, 1), budget_points=3, max_points=3,
                    headline_seeds=(0, 1), ablation_seeds=(0, 1),
                    ablation_batch_sizes=(128, 256), ablation_depths=(2, 3),
                    ablation_segment_dims=(4, 8), ablation_dims=(16, 32))
