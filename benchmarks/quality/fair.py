@@ -151,7 +151,7 @@ class Study:
 STUDIES: dict[str, Study] = {
     "digits": Study("digits", epochs=30, test_fraction=0.3,
                     compared=("music_blocks", "music_joint", "barlow_twins", "vicreg")),
-    "mnist5k": Study("mnist5k", epochs=20, test_fraction=0.2,
+    "mnist5k": Study("mnist5k", epochs=15, test_fraction=0.2,
                      compared=("music_blocks", "barlow_twins", "vicreg")),
 }
 
