@@ -312,9 +312,13 @@ JOINT_METAS = [None, {"BLOCK_A": 32, "BLOCK_B": 16, "BLOCK_N": 16, "GROUP_A": 2}
                {"BLOCK_A": 128, "BLOCK_B": 128, "BLOCK_N": 32, "GROUP_A": 8}]
 
 
+@pytest.mark.parametrize("precision", ["ieee", "tf32"])
 @pytest.mark.parametrize("meta", JOINT_METAS,
                          ids=["default", "32x16x16", "16x64x64", "128x128x32"])
-def test_joint_entropy_kernel_forward_backward(meta):
+def test_joint_entropy_kernel_forward_backward(meta, precision):
+    """The joint pass against float64 autograd, in ieee and in tf32 (whose operand tiles of
+    every width, 16 to 128 columns, are assembled from 16-column loads where Hopper needs
+    them K-major; the interpreter runs that path: a misplaced column is an O(1) error)."""
     n, d, k = 27, 70, 7
     z1, z2 = _views(n, d)
     p1 = segment_softmax_reference(z1, k, 1.0, 1e-8)
@@ -324,9 +328,9 @@ def test_joint_entropy_kernel_forward_backward(meta):
     h64 = joint_entropy_terms_reference(p1_64, p2_64, k)
     upstream = torch.tensor([0.7, -1.9], dtype=torch.float64)
     g64 = torch.autograd.grad(h64, (p1_64, p2_64), tuple(upstream))
-    tol = PRECISION_TOL["ieee"]
+    tol = PRECISION_TOL[precision]
     # Default: one chunk, the launcher's tiles; pinned tile shapes: several chunks.
-    plan = JointPlan(k, 1.0, "ieee", grads=(True, True))
+    plan = JointPlan(k, 1.0, precision, grads=(True, True))
     if meta is not None:
         plan = plan._replace(chunk_size=32, joint_meta=meta,
                              matmul_meta={"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 16,
@@ -339,10 +343,11 @@ def test_joint_entropy_kernel_forward_backward(meta):
     per_col = (torch.log(torch.diagonal(joint64)) + 1) / n
     off1 = (g64[0] - upstream[0] * per_col * p2_64.detach()) / upstream[1]
     off2 = (g64[1] - upstream[0] * per_col * p1_64.detach()) / upstream[1]
-    assert WORST.record("joint kernel dp", relative_error(result.dp1.cpu(), off1)) <= tol.grad
-    assert WORST.record("joint kernel dp", relative_error(result.dp2.cpu(), off2)) <= tol.grad
+    key = f"joint kernel ({precision})"
+    assert WORST.record(f"{key} dp", relative_error(result.dp1.cpu(), off1)) <= tol.grad
+    assert WORST.record(f"{key} dp", relative_error(result.dp2.cpu(), off2)) <= tol.grad
     for a, b in zip(h, h64):
-        assert WORST.record("joint kernel H", relative_error(a.cpu(), b)) <= tol.loss
+        assert WORST.record(f"{key} H", relative_error(a.cpu(), b)) <= tol.loss
 
 
 # ---------------------------------------------------------------------------------------
