@@ -76,8 +76,8 @@ _MAX_STAGING = max(SMEM_LIMITS.values()) - EPILOGUE_SMEM
 #: an autotuning run and a compile per key). The 32-per-thread tiles come first:
 #: deterministic mode pins a mode's first config.
 _JOINT_MAIN: list[triton.Config] = [
-    triton.Config({"BLOCK_A": ba, "BLOCK_B": bb, "BLOCK_N": bn, "GROUP_A": 8,
-                   "WIDE_TILE": wide}, num_warps=warps, num_stages=stages)
+    triton.Config({"BLOCK_A": ba, "BLOCK_B": bb, "BLOCK_N": bn, "GROUP_A": 8},
+                  num_warps=warps, num_stages=stages)
     for ba, bb, warps in ((64, 64, 4), (128, 64, 8), (64, 128, 8), (64, 128, 4), (128, 128, 8))
     for wide in (ba * bb > 32 * 32 * warps,)
     for bn, stages in ((32, 4), (64, 3)) + (() if wide else ((64, 4), (128, 3)))

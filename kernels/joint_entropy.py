@@ -17,11 +17,14 @@ entries' gradient is elementwise (``dp1[i, a] = G_aa p2[i, a] / N``), so only ``
 diagonal (``D`` floats) is kept for it. Without gradients (evaluation, ``torch.no_grad``)
 the forward skips ``G`` and the two products and costs one product.
 
-tf32 layouts: Hopper's tf32 ``wgmma`` takes only K-major operands (contiguous along the
-reduced dimension), so in tf32 mode the joint product reads ``p1, p2`` transposed, ``(D, N)``
-contiguous, written by the softmax kernel next to ``p1, p2``, and ``dp2 = p1 G`` reads
-``G^T``, written by the joint kernel next to ``G``. ieee and bf16 (16-bit ``wgmma`` takes
-either major order) keep the row-major operands.
+Operands as stored, in every mode: every product reads the row-major ``(N, D)`` arrays
+``p1, p2`` and the row-major ``G`` chunk, no transposed copies. Two operands reduce over
+their rows: both of the joint product (over the batch) and ``G`` in ``dp2 = p1 G``. Hopper's
+tf32 ``wgmma`` reads fp32 operands only K-major (contiguous along the reduced dimension)
+from shared memory, so there (``KMAJOR_STAGING``) those tiles are transposed on chip
+(:func:`_kmajor_operand_tile`: 16-byte copies in memory order, then a transposing store
+into the operand buffer, at most 2-way bank conflicted); 16-bit ``wgmma`` (bf16) and
+``mma.sync`` (sm_80, sm_86, sm_89, sm_120: operands in registers) take either order.
 
 TMA (opt-in, ``MUSIC_LOSS_TMA=1``): on sm_90 the joint product's operand tiles and the two
 gradient products' tiles can move through host-side tensor descriptors (``USE_TMA`` of
@@ -100,7 +103,8 @@ def _kmajor_operand_tile(ptr, offs_n, col0, n_left, col_stop, stride_n,
                          BLOCK: tl.constexpr, EMULATE: tl.constexpr):
     """Rows ``offs_n`` x columns ``col0 + [0, BLOCK)`` (``BLOCK`` 16 to 128) of a row-major
     fp32 array, for a tf32 ``wgmma`` operand that reduces over the rows: Hopper reads it
-    only K-major (row-contiguous) from shared memory, so the tile is transposed on chip.
+    from shared memory only K-major (contiguous along the rows), so the tile is transposed
+    on chip.
 
     Loaded as 16-column tiles, each one copy of 16 bytes per thread with 4 threads per row
     (a whole-tile load puts up to 32 threads along a row), kept in the global order in the
@@ -130,26 +134,23 @@ def joint_entropy_kernel(
     GROUP_A: tl.constexpr, EMULATE_TF32: tl.constexpr = False, ROUND_TF32: tl.constexpr = True,
     USE_INT64: tl.constexpr = False,
     FAST_LOG: tl.constexpr = True, USE_TMA: tl.constexpr = False,
-    WIDE_TILE: tl.constexpr = False, KMAJOR_STAGING: tl.constexpr = False,
+    KMAJOR_STAGING: tl.constexpr = False,
 ):
     """One ``[BLOCK_A, BLOCK_B]`` tile of rows ``chunk_start + [0, chunk_len)`` of ``P``.
 
     Writes ``partial[0, pid] = sum P lg P`` over the tile's diagonal entries and
     ``partial[1, pid]`` over its off-block entries, ``pdiag[a] = P[a, a]``, and (``WRITE_G``)
     ``G[a - chunk_start, b] = c_off (lg P + [P >= tiny])`` on off blocks, 0 elsewhere (an
-    operand of the tf32 products: stored rounded to nearest tf32 there, ``ROUND_TF32``);
-    ``WRITE_GT``: also ``G^T`` (``gt[b, a - chunk_start]``), the K-major operand of ``dp2``.
+    operand of the tf32 products: stored rounded to nearest tf32 there, ``ROUND_TF32``).
     ``FAST_LOG`` (tf32/bf16 only; ieee always takes the accurate log): ``lg2.approx.f32``.
     ``USE_TMA``: ``p1_ptr, p2_ptr`` are tensor descriptors of the operands (the strides are
     then unused), read with TMA bulk copies; the epilogue's stores keep pointers.
-    ``WIDE_TILE`` (set by the autotune configs): 64 accumulators per thread, which with
-    ``WRITE_GT`` keeps the general epilogue on every tile (see the epilogue's comment).
+    ``KMAJOR_STAGING`` (tf32 on Hopper; the row-major arrays, unit column strides): both
+    operand tiles are made K-major on chip (:func:`_kmajor_operand_tile`).
 
     The operands are read through both strides: ``p[n, a]`` at ``n * stride_p1n + a *
-    stride_p1a``. Row-major ``(N, D)`` arrays (ieee, bf16) or their ``(D, N)`` transposes
-    (tf32): Hopper's tf32 ``wgmma`` takes only K-major (batch-contiguous) operands, read from
-    the transposes with 16-byte copies. Pointer increments along the batch are 64-bit and
-    ``USE_INT64`` widens the column offsets (``D * N >= 2**31`` in the transposed layout).
+    stride_p1a`` (row-major ``(N, D)`` arrays). Pointer increments along the batch are
+    64-bit and ``USE_INT64`` widens the column offsets (``N * D >= 2**31``).
     """
     pid = tl.program_id(0)
     num_a = tl.cdiv(chunk_len, BLOCK_A)
@@ -200,10 +201,9 @@ def joint_entropy_kernel(
     # percent of the tiles at K = 80) needs the segment masks, the diagonal sum and
     # P's diagonal: a uniform branch on the tile, the whole epilogue on each side (only the
     # accumulator is live across it), every other tile taking its valid entries as
-    # off-block. Tensor-core modes only, and not where a wide tile (64 accumulators per
-    # thread) also writes G^T: the branch makes ptxas spill in both (G^T's transposing
-    # store; ieee's FMA operand tiles, whose product dwarfs the epilogue anyway), so every
-    # tile runs the general epilogue there.
+    # off-block. Tensor-core modes only: with ieee's FMA operand tiles the branch makes
+    # ptxas spill (and that product dwarfs the epilogue anyway), so every tile runs the
+    # general epilogue there.
     valid = mask_a[:, None] & mask_b[None, :]
     a_first = chunk_start + pid_a * BLOCK_A
     b_first = pid_b * BLOCK_B
@@ -245,7 +245,7 @@ def _joint_epilogue(acc, valid, row_has_diag, offs_a, offs_b, local_a, K, inv_n,
     """The joint kernel's epilogue of one tile, fp32: ``P lg P`` reduced to the tile's two
     partial sums, and the tile of ``G = c_off (lg P + [P >= tiny])`` (``WRITE_G``; rounded
     as its store will be: to nearest tf32 for the tf32 products, or to bf16 under the
-    interpreter, as a GPU store does) and of ``G^T`` (``WRITE_GT``). ``MEETS_BLOCKS``: the
+    interpreter, as a GPU store does). ``MEETS_BLOCKS``: the
     tile touches the block diagonal, so entries are classed by segment (diagonal / off-block
     / neither) and ``P``'s diagonal is stored; else every valid entry is off-block."""
     joint = acc * inv_n
@@ -292,7 +292,9 @@ def scaled_matmul_kernel(
     """``C = alpha * A @ B`` (``+ C`` when ``ACCUMULATE``), fp32 accumulate and store.
 
     Any strides (the launcher passes transposes as strides). ``USE_INT64`` widens the row
-    and column offsets (either may run over the batch, whose offsets may pass ``2**31``).
+    and column offsets (``M * stride_am`` may pass ``2**31``). ``KMAJOR_STAGING`` (tf32 on
+    Hopper, ``B`` row-major with unit column stride: ``dp2``'s ``G``): ``B``'s tiles are made
+    K-major on chip (:func:`_kmajor_operand_tile`).
     """
     pid = tl.program_id(0)
     pid_m, pid_n = _grouped_tile(pid, tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
