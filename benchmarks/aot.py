@@ -218,11 +218,11 @@ def kernel_specs(quick: bool = False, arch: int = 90) -> list[KernelSpec]:
         label = _config_label(cfg.kwargs, cfg.num_warps, cfg.num_stages)
         for prec in [p for p, picked in joint_configs.items() if cfg in picked]:
             op = "*bf16" if prec == "bf16" else "*fp32"
-            # Every mode reads the row-major (N, D) arrays; tf32 on Hopper forms its K-major
-            # operands on chip (KMAJOR_STAGING, as the launcher sets it there).
+            # Every mode reads the row-major (N, D) arrays; tf32 on sm_90/sm_100 forms its
+            # K-major operands on chip (KMAJOR_STAGING, as the launcher sets it there).
             const = {**cfg.kwargs, "WRITE_G": True, "PRECISION": prec, "EMULATE_BF16": False,
                      "EMULATE_TF32": False, "ROUND_TF32": True, "USE_INT64": False,
-                     "KMAJOR_STAGING": prec == "tf32" and arch // 10 == 9}
+                     "KMAJOR_STAGING": prec == "tf32" and arch // 10 in (9, 10)}
             unit_p = ("stride_p1a", "stride_p2b")
             specs.append(_spec("joint_entropy", prec, je.joint_entropy_kernel,
                                {"p1_ptr": op, "p2_ptr": op, "g_ptr": op}, const,
@@ -241,7 +241,7 @@ def kernel_specs(quick: bool = False, arch: int = 90) -> list[KernelSpec]:
                                    cfg.num_warps, cfg.num_stages, label, unit_p,
                                    needs_tensor_cores=True))
     # The two products, labelled by which one they are: dp2 += p1[:, a0:a1] @ G
-    # (accumulating, row-major "NN"; tf32 on Hopper forms G's K-major tiles on chip) and
+    # (accumulating, row-major "NN"; tf32 on sm_90/sm_100 forms G's K-major tiles on chip) and
     # dp1[:, a0:a1] = p2 @ G^T ("NT", not accumulating). dp2 in every config of every mode;
     # dp1 in every tf32 config and in bf16's first (its NT copies are bf16's widest).
     layouts = {"NN": ("stride_ak", "stride_bn", "stride_cn"),
@@ -257,7 +257,7 @@ def kernel_specs(quick: bool = False, arch: int = 90) -> list[KernelSpec]:
             const = {**cfg.kwargs, "ACCUMULATE": product == "dp2", "PRECISION": prec,
                      "EMULATE_BF16": False, "USE_INT64": False, "EMULATE_TF32": False,
                      "KMAJOR_STAGING": prec == "tf32" and product == "dp2"
-                     and arch // 10 == 9}
+                     and arch // 10 in (9, 10)}
             specs.append(_spec("grad_product", f"{prec},{product},{layout}",
                                je.scaled_matmul_kernel, {"a_ptr": op, "b_ptr": op}, const,
                                cfg.num_warps, cfg.num_stages, label, layouts[layout],

@@ -168,7 +168,7 @@ def configs_for(configs: list[triton.Config], precision: str,
         any(_same(c, f) for f in SHALLOW_FALLBACKS)
         and fits(triton.Config(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages + 1)))]
     if precision == "tf32" and limit >= SMEM_LIMITS[90]:
-        # Hopper-class cards: tf32 operands that reduce over their rows are loaded as
+        # sm_90/sm_100 (227 KiB): tf32 operands that reduce over their rows are loaded as
         # 16-column tiles and made K-major on chip (``_kmajor_operand_tile`` in
         # ``joint_entropy``); a 16-byte copy needs 4 floats a thread, depth * 16 >= 128 *
         # num_warps (8 warps with a 32-deep step would copy 8 bytes).

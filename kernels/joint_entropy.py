@@ -20,8 +20,9 @@ the forward skips ``G`` and the two products and costs one product.
 Operands as stored, in every mode: every product reads the row-major ``(N, D)`` arrays
 ``p1, p2`` and the row-major ``G`` chunk, no transposed copies. Two operands reduce over
 their rows: both of the joint product (over the batch) and ``G`` in ``dp2 = p1 G``. Hopper's
-tf32 ``wgmma`` reads fp32 operands only K-major (contiguous along the reduced dimension)
-from shared memory, so there (``KMAJOR_STAGING``) those tiles are transposed on chip
+tf32 ``wgmma`` (and datacenter Blackwell's ``tcgen05.mma``) read fp32 operands only K-major
+(contiguous along the reduced dimension) from shared memory, so there
+(``KMAJOR_STAGING``, sm_90 and sm_100) those tiles are transposed on chip
 (:func:`_kmajor_operand_tile`: 16-byte copies in memory order, then a transposing store
 into the operand buffer, at most 2-way bank conflicted); 16-bit ``wgmma`` (bf16) and
 ``mma.sync`` (sm_80, sm_86, sm_89, sm_120: operands in registers) take either order.
@@ -102,8 +103,8 @@ def _columns64(ptr, offs_n, col0, n_left, col_stop, stride_n):
 def _kmajor_operand_tile(ptr, offs_n, col0, n_left, col_stop, stride_n,
                          BLOCK: tl.constexpr, EMULATE: tl.constexpr):
     """Rows ``offs_n`` x columns ``col0 + [0, BLOCK)`` (``BLOCK`` 16 to 128) of a row-major
-    fp32 array, for a tf32 ``wgmma`` operand that reduces over the rows: Hopper reads it
-    from shared memory only K-major (contiguous along the rows), so the tile is transposed
+    fp32 array, for a tf32 tensor-core operand that reduces over the rows, which sm_90's
+    ``wgmma`` and sm_100's ``tcgen05.mma`` read from shared memory only K-major (contiguous along the rows), so the tile is transposed
     on chip.
 
     Loaded as 16-column tiles, each one copy of 16 bytes per thread with 4 threads per row
@@ -145,7 +146,7 @@ def joint_entropy_kernel(
     ``FAST_LOG`` (tf32/bf16 only; ieee always takes the accurate log): ``lg2.approx.f32``.
     ``USE_TMA``: ``p1_ptr, p2_ptr`` are tensor descriptors of the operands (the strides are
     then unused), read with TMA bulk copies; the epilogue's stores keep pointers.
-    ``KMAJOR_STAGING`` (tf32 on Hopper; the row-major arrays, unit column strides): both
+    ``KMAJOR_STAGING`` (tf32 on sm_90/sm_100; row-major arrays, unit column strides): both
     operand tiles are made K-major on chip (:func:`_kmajor_operand_tile`).
 
     The operands are read through both strides: ``p[n, a]`` at ``n * stride_p1n + a *
@@ -293,7 +294,7 @@ def scaled_matmul_kernel(
 
     Any strides (the launcher passes transposes as strides). ``USE_INT64`` widens the row
     and column offsets (``M * stride_am`` may pass ``2**31``). ``KMAJOR_STAGING`` (tf32 on
-    Hopper, ``B`` row-major with unit column stride: ``dp2``'s ``G``): ``B``'s tiles are made
+    sm_90/sm_100, ``B`` row-major with unit column stride: ``dp2``'s ``G``): ``B``'s tiles are made
     K-major on chip (:func:`_kmajor_operand_tile`).
     """
     pid = tl.program_id(0)

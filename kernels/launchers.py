@@ -216,7 +216,7 @@ def _matmul(a: Tensor, b: Tensor, c: Tensor, alpha: float, accumulate: bool, pre
             meta: dict[str, Any] | None, kmajor_staging: bool = False) -> None:
     """``c (+)= alpha * a @ b`` with the Triton product (``c`` fp32, any strides): through
     TMA descriptors where :func:`use_tma` says so and the layouts allow, else pointers.
-    ``kmajor_staging`` (``b`` row-major, tf32 on Hopper): the pointer kernel forms ``b``'s
+    ``kmajor_staging`` (``b`` row-major, tf32 on sm_90/sm_100): the pointer kernel forms ``b``'s
     K-major tiles on chip (TMA tiles would land in memory order, the wrong one)."""
     if not kmajor_staging and use_tma(a.device, precision) and _matmul_tma(
             a, b, c, alpha, accumulate, precision, meta):
@@ -234,10 +234,11 @@ def _matmul(a: Tensor, b: Tensor, c: Tensor, alpha: float, accumulate: bool, pre
 
 
 def kmajor_staging(device: torch.device, precision: str) -> bool:
-    """Whether tf32 products form their K-major operands on chip (Hopper's tf32 ``wgmma``,
-    the only tensor-core instruction here that reads fp32 operands K-major only): sm_90, and
-    the interpreter (which runs the same indexing, so the CPU tests cover it). Elsewhere
-    (``mma.sync``: operands in registers, any order) the plain row-major tiles are best.
+    """Whether tf32 products form their K-major operands on chip: where the tensor cores read
+    fp32 operands from shared memory K-major only (Hopper's ``wgmma``, sm_90; datacenter
+    Blackwell's ``tcgen05.mma``, sm_100/103), and in the interpreter (which runs the same
+    indexing, so the CPU tests cover it). Elsewhere (``mma.sync``: sm_80 to sm_89, sm_120;
+    operands in registers, any order) the plain row-major tiles are best.
 
     Example:
         >>> kmajor_staging(torch.device("cpu"), "ieee")
@@ -247,7 +248,7 @@ def kmajor_staging(device: torch.device, precision: str) -> bool:
         return False
     if INTERPRET:
         return True
-    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] in (9, 10)
 
 
 def _dp2_product(p1_cols: Tensor, g_chunk: Tensor, dp2: Tensor, alpha: float,
