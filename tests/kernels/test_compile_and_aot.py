@@ -292,7 +292,11 @@ def test_autotune_configs_fit_each_arch_with_the_real_operand_size(which):
                 assert staging + cf.EPILOGUE_SMEM <= limit, (arch, precision, cfg)
             chosen[arch, precision] = {str(c) for c in picked}
     assert chosen[90, "bf16"] > chosen[80, "tf32"]
-    assert chosen[90, "tf32"] > chosen[80, "tf32"]
+    # sm_90/sm_100 offer tf32 every sm_80 config but those whose operand tiles, made K-major
+    # on chip from 16-column loads there, would be copied less than 16 bytes a thread.
+    narrow = {str(c) for c in configs if cf.tile_of(c)[2] * 16 < 128 * c.num_warps}
+    assert chosen[90, "tf32"] > chosen[80, "tf32"] - narrow
+    assert not chosen[90, "tf32"] & narrow and not chosen[100, "tf32"] & narrow
     # The 3-stage fallbacks: float32 on the 99 KiB cards, never where their original fits.
     fallbacks = {str(c) for c in cf.SHALLOW_FALLBACKS}
     for arch in (86, 89, 120):
