@@ -218,31 +218,30 @@ def kernel_specs(quick: bool = False, arch: int = 90) -> list[KernelSpec]:
         label = _config_label(cfg.kwargs, cfg.num_warps, cfg.num_stages)
         for prec in [p for p, picked in joint_configs.items() if cfg in picked]:
             op = "*bf16" if prec == "bf16" else "*fp32"
-            # tf32 reads the (D, N) transposes (batch-contiguous) and also writes G^T.
-            k_major = prec == "tf32"
+            # Every mode reads the row-major (N, D) arrays; tf32 on sm_90/sm_100 forms its
+            # K-major operands on chip (KMAJOR_STAGING, as the launcher sets it there).
             const = {**cfg.kwargs, "WRITE_G": True, "PRECISION": prec, "EMULATE_BF16": False,
-                     "EMULATE_TF32": False, "ROUND_TF32": True, "WRITE_GT": k_major,
-                     "USE_INT64": False}
-            unit_p = ("stride_p1n", "stride_p2n") if k_major else ("stride_p1a", "stride_p2b")
+                     "EMULATE_TF32": False, "ROUND_TF32": True, "USE_INT64": False,
+                     "KMAJOR_STAGING": prec == "tf32" and arch // 10 in (9, 10)}
+            unit_p = ("stride_p1a", "stride_p2b")
             specs.append(_spec("joint_entropy", prec, je.joint_entropy_kernel,
-                               {"p1_ptr": op, "p2_ptr": op, "g_ptr": op, "gt_ptr": op}, const,
+                               {"p1_ptr": op, "p2_ptr": op, "g_ptr": op}, const,
                                cfg.num_warps, cfg.num_stages, label, unit_p,
                                needs_tensor_cores=prec != "ieee"))
-            if prec != "ieee" and arch >= 90 and tma_available():
-                # TMA operand tiles (sm_90): descriptors of the (D, N) transposes in tf32,
-                # of the row-major (N, D) arrays in bf16.
+            if prec == "bf16" and arch >= 90 and tma_available():
+                # TMA operand tiles (sm_90, bf16; tf32 keeps the pointer kernel's on-chip
+                # K-major staging): descriptors of the row-major (N, D) arrays.
                 ba, bb, bn = cfg.kwargs["BLOCK_A"], cfg.kwargs["BLOCK_B"], cfg.kwargs["BLOCK_N"]
                 dt = op.removeprefix("*")
-                blocks = ((f"{ba}, {bn}", f"{bb}, {bn}") if k_major
-                          else (f"{bn}, {ba}", f"{bn}, {bb}"))
                 specs.append(_spec("joint_entropy", f"{prec},tma", je.joint_entropy_kernel,
-                                   {"p1_ptr": f"tensordesc<{dt}[{blocks[0]}]>",
-                                    "p2_ptr": f"tensordesc<{dt}[{blocks[1]}]>",
-                                    "g_ptr": op, "gt_ptr": op}, {**const, "USE_TMA": True},
+                                   {"p1_ptr": f"tensordesc<{dt}[{bn}, {ba}]>",
+                                    "p2_ptr": f"tensordesc<{dt}[{bn}, {bb}]>",
+                                    "g_ptr": op},
+                                   {**const, "USE_TMA": True},
                                    cfg.num_warps, cfg.num_stages, label, unit_p,
                                    needs_tensor_cores=True))
     # The two products, labelled by which one they are: dp2 += p1[:, a0:a1] @ G
-    # (accumulating; row-major "NN" in ieee/bf16, "NT" in tf32, which reads G^T K-major) and
+    # (accumulating, row-major "NN"; tf32 on sm_90/sm_100 forms G's K-major tiles on chip) and
     # dp1[:, a0:a1] = p2 @ G^T ("NT", not accumulating). dp2 in every config of every mode;
     # dp1 in every tf32 config and in bf16's first (its NT copies are bf16's widest).
     layouts = {"NN": ("stride_ak", "stride_bn", "stride_cn"),
@@ -251,26 +250,29 @@ def kernel_specs(quick: bool = False, arch: int = 90) -> list[KernelSpec]:
         label = _config_label(cfg.kwargs, cfg.num_warps, cfg.num_stages)
         modes = [p for p, picked in matmul_configs.items() if cfg in picked]
         first = cfg is (matmul_configs.get("bf16") or [None])[0]
-        jobs = [(p, "dp2", "NT" if p == "tf32" else "NN") for p in modes]
+        jobs = [(p, "dp2", "NN") for p in modes]
         jobs += [(p, "dp1", "NT") for p in modes if p == "tf32" or (first and p == "bf16")]
         for prec, product, layout in jobs:
             op = "*bf16" if prec == "bf16" else "*fp32"
             const = {**cfg.kwargs, "ACCUMULATE": product == "dp2", "PRECISION": prec,
-                     "EMULATE_BF16": False, "USE_INT64": False, "EMULATE_TF32": False}
+                     "EMULATE_BF16": False, "USE_INT64": False, "EMULATE_TF32": False,
+                     "KMAJOR_STAGING": prec == "tf32" and product == "dp2"
+                     and arch // 10 in (9, 10)}
             specs.append(_spec("grad_product", f"{prec},{product},{layout}",
                                je.scaled_matmul_kernel, {"a_ptr": op, "b_ptr": op}, const,
                                cfg.num_warps, cfg.num_stages, label, layouts[layout],
                                needs_tensor_cores=prec != "ieee"))
     # The TMA variant of the products (sm_90: Hopper's tensor descriptors), every config and
-    # tensor-core mode, in the layouts the launcher passes: tf32 reads B K-major in both
-    # products ("NT"); bf16's dp2 reads G row-major ("NN"), its dp1 G^T ("NT").
+    # tensor-core mode, in the layouts the launcher passes to it: dp1 reads G^T ("NT") in
+    # both modes; bf16's dp2 reads G row-major ("NN"); tf32's dp2 keeps the pointer kernel
+    # (its K-major staging of G).
     if arch >= 90 and tma_available():
         for cfg in cf.MATMUL_CONFIGS:
             label = _config_label(cfg.kwargs, cfg.num_warps, cfg.num_stages)
             bm, bn, bk = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]
             for prec in [p for p in ("tf32", "bf16") if cfg in matmul_configs.get(p, [])]:
                 op = "bf16" if prec == "bf16" else "fp32"
-                products = ((("dp2", "NT"),) if prec == "tf32"
+                products = ((("dp1", "NT"),) if prec == "tf32"
                             else (("dp2", "NN"), ("dp1", "NT")))
                 for product, layout in products:
                     kmajor = layout == "NT"
@@ -299,27 +301,21 @@ def kernel_specs(quick: bool = False, arch: int = 90) -> list[KernelSpec]:
         meta = ss.softmax_blocks(k, _NUM_SEGMENTS[k])
         warps = meta.pop("num_warps")
         label = f"K={k} " + _config_label(meta, warps, 1)
-        # (z dtype, int64 offsets, p stored rounded to tf32: the tf32 mode's operands)
+        # (z dtype, int64 offsets, p stored rounded to nearest tf32: the tf32 mode's operands)
         variants = ([("fp32", False, False), ("fp32", False, True), ("bf16", False, False),
                      ("bf16", True, False)] if k == 80 else [("fp32", False, False)])
         for z_dtype, int64, round_tf32 in variants:
             z_type = "*" + z_dtype
             variant = z_dtype + (",int64" if int64 else "") + (",tf32-round" if round_tf32
                                                                else "")
-            if round_tf32:  # the tf32 mode's softmax: row tiles, p and p^T
-                t_meta = ss.transposed_blocks(k)
-                t_warps = t_meta.pop("num_warps")
-                const = {**t_meta, "USE_INT64": int64, "ROUND_TF32": True,
-                         "EMULATE_TF32": False}
-                specs.append(_spec("softmax_fwd_t", variant, ss.segment_softmax_fwd_t_kernel,
-                                   {"z1_ptr": z_type, "z2_ptr": z_type}, const, t_warps, 1,
-                                   f"K={k} " + _config_label(t_meta, t_warps, 1), unit_z))
-                continue
             const = {**meta, "TWO_VIEWS": True, "ROUND_BF16": False, "USE_INT64": int64,
-                     "ROUND_TF32": False, "EMULATE_TF32": False}
+                     "ROUND_TF32": round_tf32, "EMULATE_TF32": False}
+            p_type = "*fp32" if round_tf32 else z_type
             specs.append(_spec("softmax_fwd", variant, ss.segment_softmax_fwd_kernel,
-                               {"z1_ptr": z_type, "z2_ptr": z_type, "p1_ptr": z_type,
-                                "p2_ptr": z_type}, const, warps, 1, label, unit_z))
+                               {"z1_ptr": z_type, "z2_ptr": z_type, "p1_ptr": p_type,
+                                "p2_ptr": p_type}, const, warps, 1, label, unit_z))
+            if round_tf32:  # the backward does not depend on the operands' rounding
+                continue
             const = {**meta, "HAS_OFF": True, "USE_INT64": int64}
             specs.append(_spec("loss_bwd", variant, ss.music_loss_bwd_kernel,
                                {"z1_ptr": z_type, "z2_ptr": z_type, "dz1_ptr": z_type,
@@ -380,8 +376,8 @@ def _ptxas_stats(ptx: str, arch: int) -> tuple[int, int, int]:
 # ---------------------------------------------------------------------------------------
 # Static performance facts: read from the compiled code, never timed.
 # ---------------------------------------------------------------------------------------
-_LAYOUT_DEF = re.compile(r"^(#\w+) = #ttg\.(blocked|nvmma_shared|swizzled_shared)<\{(.*)\}>",
-                         re.MULTILINE)
+_LAYOUT_DEF = re.compile(
+    r"^(#\w+) = #ttg\.(blocked|linear|nvmma_shared|swizzled_shared)<\{(.*)\}>", re.MULTILINE)
 _SHARED_STORE = re.compile(
     r"ttg\.(?:async_copy_global_to_local|local_store|local_alloc)\b[^\n]*?"
     r"tensor<([0-9x]+)x(?:!tt\.ptr<)?(\w+?)>?, (#\w+)>\)? -> (?:!ttg\.memdesc)?<[0-9x]+x\w+, "
@@ -476,10 +472,26 @@ def _ints(text: str, key: str) -> list[int]:
     return [int(v) for v in match.group(1).split(",")] if match else []
 
 
-def _gluon_layout(kind: str, body: str) -> Any:
-    """A ttgir layout attribute as the equivalent Gluon layout object (None if unknown)."""
+def _bases(body: str, key: str) -> list[list[int]]:
+    """The bases ``key = [[...], ...]`` of a ttgir linear layout (``[]`` if absent)."""
+    match = re.search(key + r" = \[((?:\[[0-9, ]*\](?:, )?)*)\]", body)
+    if not match:
+        return []
+    return [[int(v) for v in basis.split(",") if v.strip()]
+            for basis in re.findall(r"\[([0-9, ]*)\]", match.group(1))]
+
+
+def _gluon_layout(kind: str, body: str, shape: list[int] | None = None) -> Any:
+    """A ttgir layout attribute as the equivalent Gluon layout object (None if unknown).
+    A linear layout needs the ``shape`` of the tensor it describes."""
     from triton.experimental.gluon import language as ttgl
 
+    if kind == "linear":
+        if shape is None:
+            return None
+        return ttgl.DistributedLinearLayout(_bases(body, "register"), _bases(body, "lane"),
+                                            _bases(body, "warp"), _bases(body, "block"),
+                                            shape)
     if kind == "blocked":
         return ttgl.BlockedLayout(_ints(body, "sizePerThread"), _ints(body, "threadsPerWarp"),
                                   _ints(body, "warpsPerCTA"), _ints(body, "order"))
@@ -509,23 +521,21 @@ def _probe_conflicts(reg: Any, shared: Any, shape: list[int], dtype: str, arch: 
     from triton.experimental.gluon import language as ttgl
 
     @gluon.jit
-    def probe_f32(REG: ttgl.constexpr, SHARED: ttgl.constexpr, M: ttgl.constexpr,
-                  N: ttgl.constexpr) -> None:
+    def probe_f32(REG: ttgl.constexpr, SHARED: ttgl.constexpr, SHAPE: ttgl.constexpr) -> None:
         ttgl.static_print("@@CONFLICTS", ttgl.bank_conflicts(
-            ttgl.distributed_type(ttgl.float32, [M, N], REG),
-            ttgl.shared_memory_descriptor_type(ttgl.float32, [M, N], SHARED, [M, N])))
+            ttgl.distributed_type(ttgl.float32, SHAPE, REG),
+            ttgl.shared_memory_descriptor_type(ttgl.float32, SHAPE, SHARED, SHAPE)))
 
     @gluon.jit
-    def probe_bf16(REG: ttgl.constexpr, SHARED: ttgl.constexpr, M: ttgl.constexpr,
-                   N: ttgl.constexpr) -> None:
+    def probe_bf16(REG: ttgl.constexpr, SHARED: ttgl.constexpr, SHAPE: ttgl.constexpr) -> None:
         ttgl.static_print("@@CONFLICTS", ttgl.bank_conflicts(
-            ttgl.distributed_type(ttgl.bfloat16, [M, N], REG),
-            ttgl.shared_memory_descriptor_type(ttgl.bfloat16, [M, N], SHARED, [M, N])))
+            ttgl.distributed_type(ttgl.bfloat16, SHAPE, REG),
+            ttgl.shared_memory_descriptor_type(ttgl.bfloat16, SHAPE, SHARED, SHAPE)))
 
-    names = ("REG", "SHARED", "M", "N")
+    names = ("REG", "SHARED", "SHAPE")
     src = ASTSource(fn={"f32": probe_f32, "bf16": probe_bf16}[dtype],
                     signature={n: "constexpr" for n in names},
-                    constexprs=dict(zip(names, (reg, shared, shape[0], shape[1]))))
+                    constexprs=dict(zip(names, (reg, shared, tuple(shape)))))
     from triton import knobs
 
     out = io.StringIO()
@@ -552,15 +562,15 @@ def smem_bank_conflicts(ttgir: str, arch: int, num_warps: int) -> int | None:
     worst: int | None = None
     for shape_text, dtype, reg_name, shared_name in set(_SHARED_STORE.findall(ttgir)):
         shape = [int(v) for v in shape_text.split("x")]
-        if len(shape) != 2 or reg_name not in layouts or shared_name not in layouts:
+        if reg_name not in layouts or shared_name not in layouts:
             continue
         key = (shape_text, dtype, *layouts[reg_name], *layouts[shared_name], str(arch),
                str(num_warps))
         if key not in _CONFLICTS:
             for attempt in range(2):  # a failed probe compile is tried once more
                 try:
-                    reg = _gluon_layout(*layouts[reg_name])
-                    shared = _gluon_layout(*layouts[shared_name])
+                    reg = _gluon_layout(*layouts[reg_name], shape)
+                    shared = _gluon_layout(*layouts[shared_name], shape)
                     _CONFLICTS[key] = (None if reg is None or shared is None else
                                        _probe_conflicts(reg, shared, shape, dtype, arch) + 1)
                     break
@@ -858,8 +868,7 @@ def static_problems(row: AotRow) -> list[str]:
     loop, nor more than :data:`SPILL_BYTES_OUTSIDE_LOOPS` outside (the configs are
     filtered so); a tf32/bf16 product on sm_90 must copy its operands with 16-byte
     ``cp.async`` or TMA and store them to shared memory with at most 2-way bank conflicts;
-    the tf32 softmax (which writes ``p^T``) may store nothing but its partial sum one
-    element at a time."""
+    the softmax forward may store nothing but its partial sum one element at a time."""
     problems = []
     if row.spill_stores > 0 or row.spill_loads > 0:
         spills = f"({row.spill_stores} bytes stored, {row.spill_loads} loaded)"
@@ -870,8 +879,8 @@ def static_problems(row: AotRow) -> list[str]:
                             f"{row.spill_instructions_in_loops} local-memory instructions")
         elif max(row.spill_stores, row.spill_loads) > SPILL_BYTES_OUTSIDE_LOOPS:
             problems.append(f"register spills {spills} over {SPILL_BYTES_OUTSIDE_LOOPS} bytes")
-    if row.kernel == "softmax_fwd_t" and (row.scalar_global_stores or 0) > 1:
-        problems.append(f"{row.scalar_global_stores} scalar global stores (p^T not vectorised)")
+    if row.kernel == "softmax_fwd" and (row.scalar_global_stores or 0) > 1:
+        problems.append(f"{row.scalar_global_stores} scalar global stores (p not vectorised)")
     if not (row.needs_tensor_cores and row.arch >= 90):
         return problems
     if not row.uses_tma and row.async_copy_min_bytes is not None \

@@ -13,32 +13,28 @@ import triton
 
 from music_loss.kernels._common import check_precision, operand_dtype
 from music_loss.kernels.configs import MIN_TILE, chunk_size_for
-from music_loss.kernels.segment_softmax import softmax_blocks, transposed_blocks
+from music_loss.kernels.segment_softmax import softmax_blocks
 
 
 def workspace_bytes(dim: int, precision: str, chunk_size: int | None = None,
                     n: int | None = None) -> int:
     """The joint pass's workspace in bytes, beyond the ``O(N D)`` arrays (``chunk_size``
-    default: :func:`chunk_size_for` for a batch of ``n``): the ``G`` chunk (tf32: and
-    ``G^T``), the per-tile partial sums (one buffer reused by every chunk) and ``diag(P)``.
+    default: :func:`chunk_size_for` for a batch of ``n``): the ``G`` chunk, the per-tile
+    partial sums (one buffer reused by every chunk) and ``diag(P)``.
 
     Example:
-        >>> workspace_bytes(8160, "tf32", n=2048) <= 2 * (2048 * 8160 * 4) + 2**20
+        >>> workspace_bytes(8160, "tf32", n=2048) <= 2048 * 8160 * 4 + 2**20
         True
     """
     rows = min(chunk_size or chunk_size_for(dim, precision, n), dim)
-    # tf32: G^T too (dp2's K-major operand), as large as the G chunk.
-    g_chunk = rows * dim * operand_dtype(precision).itemsize * (2 if precision == "tf32" else 1)
+    g_chunk = rows * dim * operand_dtype(precision).itemsize
     partials = 2 * 4 * triton.cdiv(rows, MIN_TILE) * triton.cdiv(dim, MIN_TILE)
     return g_chunk + partials + 4 * dim
 
 
-def _invariance_partials_bytes(n: int, dim: int, segment_dim: int, precision: str) -> int:
-    """The softmax kernel's invariance partial sums (fp32): per row and block of segments,
-    or (tf32, the transposing kernel) per block of rows and segment."""
+def _invariance_partials_bytes(n: int, dim: int, segment_dim: int) -> int:
+    """The softmax kernel's invariance partial sums (fp32), per row and block of segments."""
     segments = dim // segment_dim
-    if precision == "tf32":
-        return 4 * triton.cdiv(n, transposed_blocks(segment_dim)["BLOCK_R"]) * segments
     return 4 * n * triton.cdiv(segments, softmax_blocks(segment_dim, segments)["BLOCK_S"])
 
 
@@ -48,35 +44,35 @@ def fused_memory_bytes(n: int, dim: int, precision: str, need_grad: bool = True,
     buffer: the arrays the launchers allocate.
 
     Forward: ``p2`` (operand dtype) and ``p1`` (with fp32 operands and a gradient, ``p1``
-    lives in the first view's gradient array: 0 here), in tf32 mode also their ``(D, N)``
-    transposes (the joint product's K-major operands), the invariance partial sums, and the
-    bounded workspace (:func:`workspace_bytes`: the ``G`` chunk, tf32 also ``G^T``, partial
-    sums, ``diag(P)``). The two fp32 ``(N, D)`` arrays the gradients accumulate in are the
-    inputs' gradients. Backward: the loss's upstream gradient times those saved arrays forms
-    the gradients, so the saved arrays are extra while the new gradients exist
-    (``backward``). ``peak``: the larger phase. Nothing is ``D x D``.
+    lives in the first view's gradient array: 0 here), the invariance partial sums, and the
+    bounded workspace (:func:`workspace_bytes`: the ``G`` chunk, partial sums, ``diag(P)``).
+    Every product reads these ``(N, D)`` arrays and ``G`` as stored, in every mode: tf32's
+    operands are transposed on chip where the tensor cores need them K-major, not copied.
+    The two fp32 ``(N, D)`` arrays the gradients accumulate in are the inputs' gradients.
+    Backward: the loss's upstream gradient times those saved arrays forms the gradients, so
+    the saved arrays are extra while the new gradients exist (``backward``). ``peak``: the
+    larger phase. Nothing is ``D x D``.
 
     Example:
-        >>> plan = fused_memory_bytes(2048, 8160, "ieee")  # p1 in the gradient array
+        >>> plan = fused_memory_bytes(2048, 8160, "tf32")  # p1 in the gradient array
         >>> plan["p1"], plan["peak"] == plan["forward"], plan["backward"] == 2 * 2048 * 8160 * 4
         (0, True, True)
+        >>> round(plan["peak"] / 1e6, 1)  # MB at the paper's shape
+        134.3
     """
     check_precision(precision)
     op = operand_dtype(precision).itemsize
     p1 = 0 if need_grad and op == 4 else n * dim * op
     p2 = n * dim * op
-    # tf32: the (D, N) transposes of p1, p2 (the joint product's K-major operands).
-    p_transposed = 2 * n * dim * 4 if precision == "tf32" else 0
-    inv = _invariance_partials_bytes(n, dim, segment_dim, precision)
+    inv = _invariance_partials_bytes(n, dim, segment_dim)
     rows = min(chunk_size or chunk_size_for(dim, precision, n), dim)
     workspace = workspace_bytes(dim, precision, rows)
     if not need_grad:  # no G chunk without gradients
-        workspace -= rows * dim * op * (2 if precision == "tf32" else 1)
-    forward = p1 + p2 + p_transposed + inv + workspace
+        workspace -= rows * dim * op
+    forward = p1 + p2 + inv + workspace
     backward = 2 * n * dim * 4 if need_grad else 0
-    return {"p1": p1, "p2": p2, "p1_p2_transposed": p_transposed,
-            "invariance_partials": inv, "workspace": workspace, "forward": forward,
-            "saved_gradients": backward, "backward": backward,
+    return {"p1": p1, "p2": p2, "invariance_partials": inv, "workspace": workspace,
+            "forward": forward, "saved_gradients": backward, "backward": backward,
             "peak": max(forward, backward)}
 
 
@@ -102,14 +98,14 @@ def gradient_phase_bytes(n: int, dim: int, precision: str, chunk_size: int | Non
 
     Example:
         >>> round(gradient_phase_bytes(2048, 8160, "tf32") / 1e9, 2)
-        1.93
+        1.67
     """
     rows = chunk_size or chunk_size_for(dim, precision, n)
     op = operand_dtype(precision).itemsize
     total = 0
     for a0 in range(0, dim, rows):
         r = min(rows, dim - a0)
-        total += r * dim * op * (2 if precision == "tf32" else 1)  # G (and G^T) written
+        total += r * dim * op                                   # G written
         total += n * dim * op + r * dim * op + n * r * 4        # dp1[:, a0:a1] = p2 G^T / N
         total += n * r * op + r * dim * op + n * dim * 4 * (2 if a0 else 1)  # dp2 (+)= p1 G
     return total

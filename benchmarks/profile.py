@@ -113,15 +113,11 @@ def profile(n: int, d: int, k: int, precision: str, repeats: int = 5,
     out_dtype = operand_dtype(precision)
     round_bf16 = precision == "bf16" and emulate_tensor_cores()
     round_tf32 = precision == "tf32"
-    # tf32: the softmax also writes the transposes the joint product reads, as the backend
-    # does.
-    p_t = (z1.new_empty((d, n)), z1.new_empty((d, n))) if round_tf32 else None
-    p1, p2, _ = softmax_forward(z1, z2, k, 1.0, 1e-8, out_dtype, None, round_bf16, round_tf32,
-                                p_t)
+    p1, p2, _ = softmax_forward(z1, z2, k, 1.0, 1e-8, out_dtype, None, round_bf16, round_tf32)
     assert p2 is not None
     with_grad = JointPlan(k, c_off, precision, grads=(True, True))
     sums_only = JointPlan(k, c_off, precision)
-    joint = joint_entropy_pass(p1, p2, with_grad, p_t)
+    joint = joint_entropy_pass(p1, p2, with_grad)
     grad_terms = torch.tensor([1.0, 0, 0, 0], device=dev)
     rows = (0, n)
 
@@ -134,11 +130,11 @@ def profile(n: int, d: int, k: int, precision: str, repeats: int = 5,
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu (interpreter)",
         "n": n, "d": d, "k": k, "precision": precision,
         "softmax_fwd_ms": _timer(lambda: softmax_forward(z1, z2, k, 1.0, 1e-8, out_dtype, None,
-                                                         round_bf16, round_tf32, p_t),
+                                                         round_bf16, round_tf32),
                                  dev, repeats),
-        "joint_no_grad_ms": _timer(lambda: joint_entropy_pass(p1, p2, sums_only, p_t),
+        "joint_no_grad_ms": _timer(lambda: joint_entropy_pass(p1, p2, sums_only),
                                    dev, repeats),
-        "joint_with_grad_ms": _timer(lambda: joint_entropy_pass(p1, p2, with_grad, p_t),
+        "joint_with_grad_ms": _timer(lambda: joint_entropy_pass(p1, p2, with_grad),
                                      dev, repeats),
         "backward_kernel_ms": _timer(lambda: music_loss_backward(
             z1, z2, joint.dp1, joint.dp2, joint.p_diag, grad_terms, k, 1.0, 1e-8, c_diag,

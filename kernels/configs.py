@@ -76,8 +76,8 @@ _MAX_STAGING = max(SMEM_LIMITS.values()) - EPILOGUE_SMEM
 #: an autotuning run and a compile per key). The 32-per-thread tiles come first:
 #: deterministic mode pins a mode's first config.
 _JOINT_MAIN: list[triton.Config] = [
-    triton.Config({"BLOCK_A": ba, "BLOCK_B": bb, "BLOCK_N": bn, "GROUP_A": 8,
-                   "WIDE_TILE": wide}, num_warps=warps, num_stages=stages)
+    triton.Config({"BLOCK_A": ba, "BLOCK_B": bb, "BLOCK_N": bn, "GROUP_A": 8},
+                  num_warps=warps, num_stages=stages)
     for ba, bb, warps in ((64, 64, 4), (128, 64, 8), (64, 128, 8), (64, 128, 4), (128, 128, 8))
     for wide in (ba * bb > 32 * 32 * warps,)
     for bn, stages in ((32, 4), (64, 3)) + (() if wide else ((64, 4), (128, 3)))
@@ -167,6 +167,12 @@ def configs_for(configs: list[triton.Config], precision: str,
     fitting = [c for c in configs if fits(c) and not (
         any(_same(c, f) for f in SHALLOW_FALLBACKS)
         and fits(triton.Config(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages + 1)))]
+    if precision == "tf32" and limit >= SMEM_LIMITS[90]:
+        # sm_90/sm_100 (227 KiB): tf32 operands that reduce over their rows are loaded as
+        # 16-column tiles and made K-major on chip (``_kmajor_operand_tile`` in
+        # ``joint_entropy``); a 16-byte copy needs 4 floats a thread, depth * 16 >= 128 *
+        # num_warps (8 warps with a 32-deep step would copy 8 bytes).
+        fitting = [c for c in fitting if tile_of(c)[2] * 16 >= 128 * c.num_warps]
     if precision != "ieee":
         return fitting
     return [c for c in fitting if tile_of(c)[2] == 32 and ("BLOCK_A" not in c.kwargs
@@ -201,10 +207,9 @@ def chunk_size_for(dim: int, precision: str, n: int | None = None,
       ``12 N D`` bytes a chunk, ``(D / rows) 12 N D`` a step against the products'
       ``4 N D^2`` FLOPs: ``3 / rows`` bytes per FLOP. With ``rows >= N`` that is at most
       ``3 / N`` (plus ``G``'s own store and reads, ``D^2`` entries whatever the chunking:
-      ``op / N`` with ``op`` = 4 bytes, 2 in bf16, twice that in tf32 with ``G^T``), so the
-      gradient traffic per FLOP falls as the batch grows instead of growing as
-      ``N D^3``; the ``G`` chunk stays no larger than one ``(N, D)`` operand array (tf32:
-      two), ``O(N D)``.
+      ``op / N`` with ``op`` = 4 bytes, 2 in bf16), so the gradient traffic per FLOP falls
+      as the batch grows instead of growing as ``N D^3``; the ``G`` chunk stays no larger
+      than one ``(N, D)`` operand array, ``O(N D)``.
 
     Example:
         >>> chunk_size_for(8160, "tf32"), chunk_size_for(8160, "tf32", n=2048)

@@ -17,11 +17,15 @@ entries' gradient is elementwise (``dp1[i, a] = G_aa p2[i, a] / N``), so only ``
 diagonal (``D`` floats) is kept for it. Without gradients (evaluation, ``torch.no_grad``)
 the forward skips ``G`` and the two products and costs one product.
 
-tf32 layouts: Hopper's tf32 ``wgmma`` takes only K-major operands (contiguous along the
-reduced dimension), so in tf32 mode the joint product reads ``p1, p2`` transposed, ``(D, N)``
-contiguous, written by the softmax kernel next to ``p1, p2``, and ``dp2 = p1 G`` reads
-``G^T``, written by the joint kernel next to ``G``. ieee and bf16 (16-bit ``wgmma`` takes
-either major order) keep the row-major operands.
+Operands as stored, in every mode: every product reads the row-major ``(N, D)`` arrays
+``p1, p2`` and the row-major ``G`` chunk, no transposed copies. Two operands reduce over
+their rows: both of the joint product (over the batch) and ``G`` in ``dp2 = p1 G``. Hopper's
+tf32 ``wgmma`` (and datacenter Blackwell's ``tcgen05.mma``) read fp32 operands only K-major
+(contiguous along the reduced dimension) from shared memory, so there
+(``KMAJOR_STAGING``, sm_90 and sm_100) those tiles are transposed on chip
+(:func:`_kmajor_operand_tile`: 16-byte copies in memory order, then a transposing store
+into the operand buffer, at most 2-way bank conflicted); 16-bit ``wgmma`` (bf16) and
+``mma.sync`` (sm_80, sm_86, sm_89, sm_120: operands in registers) take either order.
 
 TMA (opt-in, ``MUSIC_LOSS_TMA=1``): on sm_90 the joint product's operand tiles and the two
 gradient products' tiles can move through host-side tensor descriptors (``USE_TMA`` of
@@ -54,35 +58,100 @@ def _grouped_tile(pid, num_m, num_n, GROUP: tl.constexpr):
 
 
 @triton.jit
+def _via_registers(x, EMULATE: tl.constexpr):
+    """``x`` unchanged, through an opaque identity (``mov.b32``, which ptxas removes): a
+    tile that reaches ``tl.dot`` this way is not a load, so Triton does not force the dot's
+    shared-memory layout onto the tile's global->shared copy (for an fp32 operand that is not
+    contiguous along the reduced dimension that would be 4-byte copies into a K-major
+    buffer). The copy keeps the global order (16 bytes); the operand is formed from
+    registers. ``EMULATE`` (the interpreter, which runs no PTX): ``x`` itself."""
+    if EMULATE:
+        return x
+    else:
+        return tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [x], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+
+
+@triton.jit
+def _cat_columns(x, y):
+    """``[R, C]`` and ``[R, C]`` -> ``[R, 2C]``, ``x`` left of ``y``, in registers."""
+    return tl.reshape(tl.permute(tl.join(x, y), (0, 2, 1)), (x.shape[0], 2 * x.shape[1]))
+
+
+@triton.jit
+def _columns16(ptr, offs_n, col0, n_left, col_stop, stride_n):
+    """Rows ``offs_n`` (``< n_left``) x columns ``col0 + [0, 16)`` (``< col_stop``) of a
+    row-major array: 64 bytes of each row, 16 bytes (4 floats) per thread."""
+    cols = col0 + tl.arange(0, 16)
+    return tl.load(ptr + offs_n[:, None] * stride_n + cols[None, :],
+                   mask=(offs_n < n_left)[:, None] & (cols < col_stop)[None, :], other=0.0)
+
+
+@triton.jit
+def _columns32(ptr, offs_n, col0, n_left, col_stop, stride_n):
+    return _cat_columns(_columns16(ptr, offs_n, col0, n_left, col_stop, stride_n),
+                        _columns16(ptr, offs_n, col0 + 16, n_left, col_stop, stride_n))
+
+
+@triton.jit
+def _columns64(ptr, offs_n, col0, n_left, col_stop, stride_n):
+    return _cat_columns(_columns32(ptr, offs_n, col0, n_left, col_stop, stride_n),
+                        _columns32(ptr, offs_n, col0 + 32, n_left, col_stop, stride_n))
+
+
+@triton.jit
+def _kmajor_operand_tile(ptr, offs_n, col0, n_left, col_stop, stride_n,
+                         BLOCK: tl.constexpr, EMULATE: tl.constexpr):
+    """Rows ``offs_n`` x columns ``col0 + [0, BLOCK)`` (``BLOCK`` 16 to 128) of a row-major
+    fp32 array, for a tf32 tensor-core operand that reduces over the rows, which sm_90's
+    ``wgmma`` and sm_100's ``tcgen05.mma`` read from shared memory only K-major (contiguous along the rows), so the tile is transposed
+    on chip.
+
+    Loaded as 16-column tiles, each one copy of 16 bytes per thread with 4 threads per row
+    (a whole-tile load puts up to 32 threads along a row), kept in the global order in the
+    pipeline's shared buffers (16-byte ``cp.async``, conflict free), then passed through
+    :func:`_via_registers` and stored K-major into the dot's 128-byte-swizzled operand
+    buffer: with threads spread along the rows that transposing store is at most 2-way bank
+    conflicted (8-way from whole-tile rows)."""
+    if BLOCK == 128:
+        tile = _cat_columns(_columns64(ptr, offs_n, col0, n_left, col_stop, stride_n),
+                            _columns64(ptr, offs_n, col0 + 64, n_left, col_stop, stride_n))
+    elif BLOCK == 64:
+        tile = _columns64(ptr, offs_n, col0, n_left, col_stop, stride_n)
+    elif BLOCK == 32:
+        tile = _columns32(ptr, offs_n, col0, n_left, col_stop, stride_n)
+    else:
+        tile = _columns16(ptr, offs_n, col0, n_left, col_stop, stride_n)
+    return _via_registers(tile, EMULATE)
+
+
+@triton.jit
 def joint_entropy_kernel(
-    p1_ptr, p2_ptr, g_ptr, gt_ptr, pdiag_ptr, partial_ptr,
+    p1_ptr, p2_ptr, g_ptr, pdiag_ptr, partial_ptr,
     N, D, K, chunk_start, chunk_len, stride_p1n, stride_p1a, stride_p2n, stride_p2b, stride_g,
-    stride_gt, stride_partial, inv_n, c_off,
+    stride_partial, inv_n, c_off,
     WRITE_G: tl.constexpr, PRECISION: tl.constexpr, EMULATE_BF16: tl.constexpr,
     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
     GROUP_A: tl.constexpr, EMULATE_TF32: tl.constexpr = False, ROUND_TF32: tl.constexpr = True,
-    WRITE_GT: tl.constexpr = False, USE_INT64: tl.constexpr = False,
+    USE_INT64: tl.constexpr = False,
     FAST_LOG: tl.constexpr = True, USE_TMA: tl.constexpr = False,
-    WIDE_TILE: tl.constexpr = False,
+    KMAJOR_STAGING: tl.constexpr = False,
 ):
     """One ``[BLOCK_A, BLOCK_B]`` tile of rows ``chunk_start + [0, chunk_len)`` of ``P``.
 
     Writes ``partial[0, pid] = sum P lg P`` over the tile's diagonal entries and
     ``partial[1, pid]`` over its off-block entries, ``pdiag[a] = P[a, a]``, and (``WRITE_G``)
     ``G[a - chunk_start, b] = c_off (lg P + [P >= tiny])`` on off blocks, 0 elsewhere (an
-    operand of the tf32 products: stored rounded to nearest tf32 there, ``ROUND_TF32``);
-    ``WRITE_GT``: also ``G^T`` (``gt[b, a - chunk_start]``), the K-major operand of ``dp2``.
+    operand of the tf32 products: stored rounded to nearest tf32 there, ``ROUND_TF32``).
     ``FAST_LOG`` (tf32/bf16 only; ieee always takes the accurate log): ``lg2.approx.f32``.
     ``USE_TMA``: ``p1_ptr, p2_ptr`` are tensor descriptors of the operands (the strides are
     then unused), read with TMA bulk copies; the epilogue's stores keep pointers.
-    ``WIDE_TILE`` (set by the autotune configs): 64 accumulators per thread, which with
-    ``WRITE_GT`` keeps the general epilogue on every tile (see the epilogue's comment).
+    ``KMAJOR_STAGING`` (tf32 on sm_90/sm_100; row-major arrays, unit column strides): both
+    operand tiles are made K-major on chip (:func:`_kmajor_operand_tile`).
 
     The operands are read through both strides: ``p[n, a]`` at ``n * stride_p1n + a *
-    stride_p1a``. Row-major ``(N, D)`` arrays (ieee, bf16) or their ``(D, N)`` transposes
-    (tf32): Hopper's tf32 ``wgmma`` takes only K-major (batch-contiguous) operands, read from
-    the transposes with 16-byte copies. Pointer increments along the batch are 64-bit and
-    ``USE_INT64`` widens the column offsets (``D * N >= 2**31`` in the transposed layout).
+    stride_p1a`` (row-major ``(N, D)`` arrays). Pointer increments along the batch are
+    64-bit and ``USE_INT64`` widens the column offsets (``N * D >= 2**31``).
     """
     pid = tl.program_id(0)
     num_a = tl.cdiv(chunk_len, BLOCK_A)
@@ -104,49 +173,55 @@ def joint_entropy_kernel(
         a_start = chunk_start + pid_a * BLOCK_A
         b_start = pid_b * BLOCK_B
         for n0 in range(0, N, BLOCK_N):
-            if PRECISION == "tf32":  # the (D, N) transposes: K-major tiles
-                a = p1_ptr.load([a_start, n0])
-                b = p2_ptr.load([b_start, n0]).T
-            else:
-                a = p1_ptr.load([n0, a_start]).T
-                b = p2_ptr.load([n0, b_start])
+            a = p1_ptr.load([n0, a_start]).T
+            b = p2_ptr.load([n0, b_start])
             acc = dot_acc(a, b, acc, PRECISION, EMULATE_BF16, EMULATE_TF32)
     else:
         a_ptrs = p1_ptr + cols_a[:, None] * stride_p1a + offs_n[None, :] * stride_p1n
         b_ptrs = p2_ptr + offs_n[:, None] * stride_p2n + cols_b[None, :] * stride_p2b
+        a_rows = p1_ptr  # row n0 of p1, p2 (64-bit pointer arithmetic)
+        b_rows = p2_ptr
         for n0 in range(0, N, BLOCK_N):
             mask_n = offs_n < N - n0
-            a = tl.load(a_ptrs, mask=mask_a[:, None] & mask_n[None, :], other=0.0)
-            b = tl.load(b_ptrs, mask=mask_n[:, None] & mask_b[None, :], other=0.0)
+            if KMAJOR_STAGING:
+                a = tl.trans(_kmajor_operand_tile(
+                    a_rows, offs_n, chunk_start + pid_a * BLOCK_A, N - n0,
+                    chunk_start + chunk_len, stride_p1n, BLOCK_A, EMULATE_TF32))
+                b = _kmajor_operand_tile(b_rows, offs_n, pid_b * BLOCK_B, N - n0, D,
+                                         stride_p2n, BLOCK_B, EMULATE_TF32)
+            else:
+                a = tl.load(a_ptrs, mask=mask_a[:, None] & mask_n[None, :], other=0.0)
+                b = tl.load(b_ptrs, mask=mask_n[:, None] & mask_b[None, :], other=0.0)
             acc = dot_acc(a, b, acc, PRECISION, EMULATE_BF16, EMULATE_TF32)
             a_ptrs += BLOCK_N * stride_p1n
             b_ptrs += BLOCK_N * stride_p2n
+            a_rows += BLOCK_N * stride_p1n
+            b_rows += BLOCK_N * stride_p2n
 
     # Epilogue. Only a tile whose segment ranges meet (it touches the block diagonal: a few
     # percent of the tiles at K = 80) needs the segment masks, the diagonal sum and
     # P's diagonal: a uniform branch on the tile, the whole epilogue on each side (only the
     # accumulator is live across it), every other tile taking its valid entries as
-    # off-block. Tensor-core modes only, and not where a wide tile (64 accumulators per
-    # thread) also writes G^T: the branch makes ptxas spill in both (G^T's transposing
-    # store; ieee's FMA operand tiles, whose product dwarfs the epilogue anyway), so every
-    # tile runs the general epilogue there.
+    # off-block. Tensor-core modes only: with ieee's FMA operand tiles the branch makes
+    # ptxas spill (and that product dwarfs the epilogue anyway), so every tile runs the
+    # general epilogue there.
     valid = mask_a[:, None] & mask_b[None, :]
     a_first = chunk_start + pid_a * BLOCK_A
     b_first = pid_b * BLOCK_B
     row_has_diag = mask_a & (offs_a >= b_first) & (offs_a < b_first + BLOCK_B) & (offs_a < D)
     meets_blocks = True
-    if PRECISION != "ieee" and not (WIDE_TILE and WRITE_GT):
+    if PRECISION != "ieee":
         meets_blocks = ((a_first // K <= (b_first + BLOCK_B - 1) // K)
                         & (b_first // K <= (a_first + BLOCK_A - 1) // K))
     if meets_blocks:
-        _joint_epilogue(acc, valid, row_has_diag, offs_a, offs_b, local_a, cols_b, K, inv_n,
-                        c_off, pid, partial_ptr, stride_partial, pdiag_ptr, g_ptr, gt_ptr,
-                        stride_g, stride_gt, True, WRITE_G, WRITE_GT, PRECISION, FAST_LOG,
+        _joint_epilogue(acc, valid, row_has_diag, offs_a, offs_b, local_a, K, inv_n,
+                        c_off, pid, partial_ptr, stride_partial, pdiag_ptr, g_ptr, stride_g,
+                        True, WRITE_G, PRECISION, FAST_LOG,
                         EMULATE_BF16, EMULATE_TF32, ROUND_TF32)
     else:
-        _joint_epilogue(acc, valid, row_has_diag, offs_a, offs_b, local_a, cols_b, K, inv_n,
-                        c_off, pid, partial_ptr, stride_partial, pdiag_ptr, g_ptr, gt_ptr,
-                        stride_g, stride_gt, False, WRITE_G, WRITE_GT, PRECISION, FAST_LOG,
+        _joint_epilogue(acc, valid, row_has_diag, offs_a, offs_b, local_a, K, inv_n,
+                        c_off, pid, partial_ptr, stride_partial, pdiag_ptr, g_ptr, stride_g,
+                        False, WRITE_G, PRECISION, FAST_LOG,
                         EMULATE_BF16, EMULATE_TF32, ROUND_TF32)
 
 
@@ -162,17 +237,16 @@ def _epilogue_log(x, PRECISION: tl.constexpr, FAST_LOG: tl.constexpr, EMULATE: t
 
 
 @triton.jit
-def _joint_epilogue(acc, valid, row_has_diag, offs_a, offs_b, local_a, cols_b, K, inv_n,
-                    c_off, pid, partial_ptr, stride_partial, pdiag_ptr, g_ptr, gt_ptr,
-                    stride_g, stride_gt,
-                    MEETS_BLOCKS: tl.constexpr, WRITE_G: tl.constexpr, WRITE_GT: tl.constexpr,
+def _joint_epilogue(acc, valid, row_has_diag, offs_a, offs_b, local_a, K, inv_n,
+                    c_off, pid, partial_ptr, stride_partial, pdiag_ptr, g_ptr, stride_g,
+                    MEETS_BLOCKS: tl.constexpr, WRITE_G: tl.constexpr,
                     PRECISION: tl.constexpr, FAST_LOG: tl.constexpr,
                     EMULATE_BF16: tl.constexpr, EMULATE_TF32: tl.constexpr,
                     ROUND_TF32: tl.constexpr):
     """The joint kernel's epilogue of one tile, fp32: ``P lg P`` reduced to the tile's two
     partial sums, and the tile of ``G = c_off (lg P + [P >= tiny])`` (``WRITE_G``; rounded
     as its store will be: to nearest tf32 for the tf32 products, or to bf16 under the
-    interpreter, as a GPU store does) and of ``G^T`` (``WRITE_GT``). ``MEETS_BLOCKS``: the
+    interpreter, as a GPU store does). ``MEETS_BLOCKS``: the
     tile touches the block diagonal, so entries are classed by segment (diagonal / off-block
     / neither) and ``P``'s diagonal is stored; else every valid entry is off-block."""
     joint = acc * inv_n
@@ -204,9 +278,6 @@ def _joint_epilogue(acc, valid, row_has_diag, offs_a, offs_b, local_a, cols_b, K
         if PRECISION == "tf32" and ROUND_TF32:
             grad = round_to_tf32(grad, EMULATE_TF32)
         tl.store(g_ptr + local_a[:, None] * stride_g + offs_b[None, :], grad, mask=valid)
-        if WRITE_GT:
-            tl.store(gt_ptr + cols_b[None, :] * stride_gt + local_a[:, None], grad,
-                     mask=valid)
 
 
 @triton.jit
@@ -217,11 +288,14 @@ def scaled_matmul_kernel(
     USE_INT64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, EMULATE_TF32: tl.constexpr = False,
+    KMAJOR_STAGING: tl.constexpr = False,
 ):
     """``C = alpha * A @ B`` (``+ C`` when ``ACCUMULATE``), fp32 accumulate and store.
 
-    Any strides (the launcher passes transposes as strides). ``USE_INT64`` widens row
-    offsets (``M`` is the batch: ``M * stride_am`` may pass ``2**31``).
+    Any strides (the launcher passes transposes as strides). ``USE_INT64`` widens the row
+    and column offsets (``M * stride_am`` may pass ``2**31``). ``KMAJOR_STAGING`` (tf32 on
+    sm_90/sm_100, ``B`` row-major with unit column stride: ``dp2``'s ``G``): ``B``'s tiles are made
+    K-major on chip (:func:`_kmajor_operand_tile`).
     """
     pid = tl.program_id(0)
     pid_m, pid_n = _grouped_tile(pid, tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
@@ -231,20 +305,28 @@ def scaled_matmul_kernel(
     mask_m = offs_m < M
     mask_n = offs_n < N
     rows = offs_m
+    cols = offs_n
     if USE_INT64:
         rows = rows.to(tl.int64)
+        cols = cols.to(tl.int64)
     a_ptrs = a_ptr + rows[:, None] * stride_am + offs_k[None, :] * stride_ak
-    b_ptrs = b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn
+    b_ptrs = b_ptr + offs_k[:, None] * stride_bk + cols[None, :] * stride_bn
+    b_rows = b_ptr  # row k0 of B (64-bit pointer arithmetic)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         mask_k = offs_k < K - k0
         a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        if KMAJOR_STAGING:
+            b = _kmajor_operand_tile(b_rows, offs_k, pid_n * BLOCK_N, K - k0, N, stride_bk,
+                                     BLOCK_N, EMULATE_TF32)
+        else:
+            b = tl.load(b_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
         acc = dot_acc(a, b, acc, PRECISION, EMULATE_BF16, EMULATE_TF32)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
+        b_rows += BLOCK_K * stride_bk
     acc = acc * alpha
-    c_ptrs = c_ptr + rows[:, None] * stride_cm + offs_n[None, :] * stride_cn
+    c_ptrs = c_ptr + rows[:, None] * stride_cm + cols[None, :] * stride_cn
     mask_c = mask_m[:, None] & mask_n[None, :]
     if ACCUMULATE:
         acc += tl.load(c_ptrs, mask=mask_c, other=0.0)

@@ -7,7 +7,7 @@ meta-parameters. TMA descriptors replace pointers where :func:`use_tma` says so.
 
 Workspace of the joint pass, beyond the ``O(N D)`` arrays ``p1, p2`` and ``dp1, dp2``::
 
-    chunk_size * D * (4 bytes, or 2 in bf16 mode)      the G chunk (tf32: twice, G^T too)
+    chunk_size * D * (4 bytes, or 2 in bf16 mode)      the G chunk
   + 2 * 4 * ceil(chunk_size / 16) * ceil(D / 16)        per-tile partial sums
   + 4 * D                                               diag(P)
 
@@ -52,9 +52,7 @@ from music_loss.kernels.joint_entropy import (
 from music_loss.kernels.segment_softmax import (
     music_loss_bwd_kernel,
     segment_softmax_fwd_kernel,
-    segment_softmax_fwd_t_kernel,
     softmax_blocks,
-    transposed_blocks,
 )
 
 # ---------------------------------------------------------------------------------------
@@ -64,11 +62,11 @@ _JOINT_KEY = ["N", "D", "chunk_len", "PRECISION", "WRITE_G", "FAST_LOG"]
 
 
 def _joint_tma_block_shapes(nargs: dict[str, Any]) -> None:
-    """Config pre-hook of the TMA joint kernel: descriptor tiles of the config being run."""
+    """Config pre-hook of the TMA joint kernel: descriptor tiles of the config being run
+    (``[BLOCK_N, BLOCK_A]`` of ``p1``, ``[BLOCK_N, BLOCK_B]`` of ``p2``)."""
     ba, bb, bn = nargs["BLOCK_A"], nargs["BLOCK_B"], nargs["BLOCK_N"]
-    k_major = nargs["PRECISION"] == "tf32"
-    nargs["p1_ptr"].block_shape = [ba, bn] if k_major else [bn, ba]
-    nargs["p2_ptr"].block_shape = [bb, bn] if k_major else [bn, bb]
+    nargs["p1_ptr"].block_shape = [bn, ba]
+    nargs["p2_ptr"].block_shape = [bn, bb]
 
 
 def _tma_block_shapes(nargs: dict[str, Any]) -> None:
@@ -215,11 +213,13 @@ def _matmul_tma(a: Tensor, b: Tensor, c: Tensor, alpha: float, accumulate: bool,
 
 
 def _matmul(a: Tensor, b: Tensor, c: Tensor, alpha: float, accumulate: bool, precision: str,
-            meta: dict[str, Any] | None) -> None:
+            meta: dict[str, Any] | None, kmajor_staging: bool = False) -> None:
     """``c (+)= alpha * a @ b`` with the Triton product (``c`` fp32, any strides): through
-    TMA descriptors where :func:`use_tma` says so and the layouts allow, else pointers."""
-    if use_tma(a.device, precision) and _matmul_tma(a, b, c, alpha, accumulate, precision,
-                                                    meta):
+    TMA descriptors where :func:`use_tma` says so and the layouts allow, else pointers.
+    ``kmajor_staging`` (``b`` row-major, tf32 on sm_90/sm_100): the pointer kernel forms ``b``'s
+    K-major tiles on chip (TMA tiles would land in memory order, the wrong one)."""
+    if not kmajor_staging and use_tma(a.device, precision) and _matmul_tma(
+            a, b, c, alpha, accumulate, precision, meta):
         return
     m, k = a.shape
     n = b.shape[1]
@@ -229,7 +229,35 @@ def _matmul(a: Tensor, b: Tensor, c: Tensor, alpha: float, accumulate: bool, pre
            a, b, c, m, n, k, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
            c.stride(0), c.stride(1), alpha,
            ACCUMULATE=accumulate, PRECISION=precision, EMULATE_BF16=emulate_tensor_cores(),
-           USE_INT64=needs_int64(a, b, c), EMULATE_TF32=emulate_tensor_cores())
+           USE_INT64=needs_int64(a, b, c), EMULATE_TF32=emulate_tensor_cores(),
+           KMAJOR_STAGING=kmajor_staging)
+
+
+def kmajor_staging(device: torch.device, precision: str) -> bool:
+    """Whether tf32 products form their K-major operands on chip: where the tensor cores read
+    fp32 operands from shared memory K-major only (Hopper's ``wgmma``, sm_90; datacenter
+    Blackwell's ``tcgen05.mma``, sm_100/103), and in the interpreter (which runs the same
+    indexing, so the CPU tests cover it). Elsewhere (``mma.sync``: sm_80 to sm_89, sm_120;
+    operands in registers, any order) the plain row-major tiles are best.
+
+    Example:
+        >>> kmajor_staging(torch.device("cpu"), "ieee")
+        False
+    """
+    if precision != "tf32":
+        return False
+    if INTERPRET:
+        return True
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] in (9, 10)
+
+
+def _dp2_product(p1_cols: Tensor, g_chunk: Tensor, dp2: Tensor, alpha: float,
+                 accumulate: bool, precision: str, meta: dict[str, Any] | None) -> None:
+    """``dp2 (+)= alpha * p1[:, a0:a1] @ G_chunk``. ``G`` (row-major) reduces over its rows:
+    where :func:`kmajor_staging` holds its tiles are made K-major on chip (the pointer
+    kernel's ``KMAJOR_STAGING``)."""
+    staging = kmajor_staging(dp2.device, precision)
+    _matmul(p1_cols, g_chunk, dp2, alpha, accumulate, precision, meta, kmajor_staging=staging)
 
 
 # ---------------------------------------------------------------------------------------
@@ -310,17 +338,18 @@ def _metas(plan: JointPlan) -> tuple[dict[str, Any] | None, dict[str, Any] | Non
 
 
 def joint_entropy_pass(p1: Tensor, p2: Tensor, plan: JointPlan,
-                       p_t: tuple[Tensor, Tensor] | None = None,
                        out: tuple[Tensor | None, Tensor | None] | None = None) -> JointPass:
     """Entropy sums of ``P = p1^T p2 / N`` and, if the plan asks, the off-block gradient
     products, chunk by chunk of rows of ``P``, never storing ``P``.
+
+    Every kernel reads ``p1``, ``p2`` and the ``G`` chunk as stored, in every precision
+    mode: no transposed copies (see :mod:`music_loss.kernels.joint_entropy` for how tf32
+    meets the tensor cores' K-major rule).
 
     Args:
         p1: ``(N, D)`` probabilities of view 1, contiguous, fp32 (bf16 in bf16 mode).
         p2: Same for view 2.
         plan: What to compute and how (:class:`JointPlan`).
-        p_t: In tf32 mode, ``p1, p2`` transposed, ``(D, N)`` contiguous (the softmax kernel
-            writes them; made here when ``None``): the joint product's K-major operands.
         out: fp32 contiguous ``(N, D)`` arrays to receive ``dp1, dp2`` (``None`` in a slot, or
             no ``out``: allocated here). ``dp1`` may be ``p1`` itself (fp32 operands): each
             chunk's columns of ``p1`` are last read by that chunk's ``dp2`` product, which
@@ -362,42 +391,30 @@ def joint_entropy_pass(p1: Tensor, p2: Tensor, plan: JointPlan,
                                               dtype=torch.float32)
     workspace = torch.empty((min(chunk_size, d), d) if write_grad else (0,), device=dev,
                             dtype=p1.dtype)
-    # tf32 (Hopper's tf32 wgmma reads only K-major operands): the joint product reads the
-    # (D, N) transposes, and dp2 = p1 G reads G^T, written next to G by the joint kernel.
-    k_major = precision == "tf32"
-    if k_major:
-        op1, op2 = p_t if p_t is not None else (p1.t().contiguous(), p2.t().contiguous())
-        if op1.shape != (d, n) or op2.shape != (d, n) or not (op1.is_contiguous()
-                                                              and op2.is_contiguous()):
-            raise ValueError(f"p_t must hold contiguous ({d}, {n}) transposes of p1, p2, "
-                             f"got {tuple(op1.shape)} and {tuple(op2.shape)}")
-        strides = (1, n, 1, n)  # (stride_p1n, stride_p1a, stride_p2n, stride_p2b)
-    else:
-        op1, op2 = p1, p2
-        strides = (p1.stride(0), 1, p2.stride(0), 1)
-    write_gt = want2 and k_major  # G^T only feeds the dp2 product
-    workspace_t = torch.empty((d, min(chunk_size, d)) if write_gt else (0,), device=dev,
-                              dtype=p1.dtype)
-    tuner, operands = AUTOTUNERS.get("joint"), (op1, op2)
-    joint_tma = use_tma(dev, precision) and _tma_ready(op1, op2)
+    strides = (p1.stride(0), 1, p2.stride(0), 1)  # (stride_p1n, stride_p1a, stride_p2n, _p2b)
+    tuner, operands = AUTOTUNERS.get("joint"), (p1, p2)
+    # tf32's joint product keeps the pointer kernel: TMA tiles of the row-major arrays land
+    # in shared memory in memory order, and the K-major copy tf32 wgmma then needs is 8- to
+    # 16-way bank conflicted (``python -m benchmarks.aot``).
+    joint_tma = precision != "tf32" and use_tma(dev, precision) and _tma_ready(p1, p2)
     if joint_tma:
         from triton.tools.tensor_descriptor import TensorDescriptor
 
         operands = tuple(TensorDescriptor(t, list(t.shape), list(t.stride()), [16, 16])
-                         for t in (op1, op2))
+                         for t in (p1, p2))
         tuner = AUTOTUNERS.get("joint_tma")
         if joint_meta is not None:
             _joint_tma_block_shapes({"p1_ptr": operands[0], "p2_ptr": operands[1],
-                                     "PRECISION": precision, **joint_meta})
-    # What every chunk's launch shares: outputs (G, G^T, diag(P); an unused one points at
+                                     **joint_meta})
+    # What every chunk's launch shares: outputs (G, diag(P); without gradients G points at
     # p_diag), sizes, layout, and the constexprs.
-    outputs = (workspace if write_grad else p_diag, workspace_t if write_gt else p_diag, p_diag)
-    layout = (*strides, d, max(1, workspace_t.shape[-1]))
+    outputs = (workspace if write_grad else p_diag, p_diag)
+    layout = (*strides, d)
     constexprs = {"WRITE_G": write_grad, "PRECISION": precision,
                   "EMULATE_BF16": emulate_tensor_cores(), "EMULATE_TF32": emulate_tensor_cores(),
-                  "ROUND_TF32": plan.round_tf32, "WRITE_GT": write_gt,
-                  "USE_INT64": needs_int64(op1, op2), "FAST_LOG": plan.fast_log,
-                  "USE_TMA": joint_tma}
+                  "ROUND_TF32": plan.round_tf32, "USE_INT64": needs_int64(p1, p2),
+                  "FAST_LOG": plan.fast_log, "USE_TMA": joint_tma,
+                  "KMAJOR_STAGING": kmajor_staging(dev, precision)}
     sums: list[Tensor] = []
     # One partial-sum buffer for every chunk: each chunk's sums are read (in stream order)
     # before the next chunk's launch writes it.
@@ -419,9 +436,8 @@ def joint_entropy_pass(p1: Tensor, p2: Tensor, plan: JointPlan,
             # dp2 (+)= p1[:, a0:a1] @ G_chunk / N, then dp1[:, a0:a1] = p2 @ G_chunk^T / N
             # (in that order: dp1 may overwrite those columns of p1)
             if want2:
-                g_operand = workspace_t[:, :rows].T if write_gt else g_chunk  # K-major in tf32
-                _matmul(p1[:, a0:a0 + rows], g_operand, dp2, 1.0 / n, a0 > p_row_start,
-                        precision, matmul_meta)
+                _dp2_product(p1[:, a0:a0 + rows], g_chunk, dp2, 1.0 / n, a0 > p_row_start,
+                             precision, matmul_meta)
             if want1:
                 _matmul(p2, g_chunk.T, dp1[:, a0:a0 + rows], 1.0 / n, False, precision,
                         matmul_meta)
@@ -444,8 +460,7 @@ def joint_entropy_pass(p1: Tensor, p2: Tensor, plan: JointPlan,
 def softmax_forward(
     z1: Tensor, z2: Tensor | None, segment_dim: int, temperature: float, eps: float,
     out_dtype: torch.dtype = torch.float32, local_rows: tuple[int, int] | None = None,
-    round_bf16: bool = False, round_tf32: bool = False,
-    out_transposed: tuple[Tensor, Tensor] | None = None, out1: Tensor | None = None,
+    round_bf16: bool = False, round_tf32: bool = False, out1: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """Segment softmax of one or two views; with two, the invariance partial sums too.
 
@@ -455,9 +470,7 @@ def softmax_forward(
         (fp32 values rounded once on store; ``round_bf16``: to bf16 values, kept in
         ``out_dtype``; ``round_tf32``: to the nearest tf32 values, for tf32 products), and
         an ``(N, blocks)`` fp32 array whose sum is ``sum_{local i, s} lg(sum_k p1 p2)`` over
-        the batch rows ``local_rows`` (``None`` for one view). ``out_transposed``
-        (two views): two contiguous ``(D, N)`` arrays of ``out_dtype`` that also receive
-        ``p1, p2`` transposed (the tf32 joint product's K-major operands).
+        the batch rows ``local_rows`` (``None`` for one view).
 
     Example:
         >>> import os, torch
@@ -475,23 +488,6 @@ def softmax_forward(
         raise ValueError(f"out1 must be a contiguous ({n}, {d}) {out_dtype} array")
     p1 = out1 if out1 is not None else torch.empty((n, d), device=z1.device, dtype=out_dtype)
     p2 = torch.empty((n, d), device=z1.device, dtype=out_dtype) if two else None
-    if out_transposed is not None:
-        if not two or round_bf16 or any(
-                t.shape != (d, n) or not t.is_contiguous() or t.dtype != out_dtype
-                for t in out_transposed):
-            raise ValueError(f"out_transposed must be two contiguous ({d}, {n}) {out_dtype} "
-                             "arrays, and needs two views (tf32 operands, not bf16)")
-        meta = transposed_blocks(segment_dim)
-        grid = (triton.cdiv(n, meta["BLOCK_R"]), s)
-        partials = torch.empty(grid, device=z1.device, dtype=torch.float32)
-        pt1, pt2 = out_transposed
-        segment_softmax_fwd_t_kernel[grid](
-            z1, zb, p1, p2, pt1, pt2, partials, n, segment_dim, d, z1.stride(0), z1.stride(1),
-            zb.stride(0), zb.stride(1), local_start, local_stop, 1.0 / temperature, eps,
-            USE_INT64=needs_int64(z1, zb, p1), ROUND_TF32=round_tf32,
-            EMULATE_TF32=emulate_tensor_cores(), **meta,
-        )
-        return p1, p2, partials
     meta = softmax_blocks(segment_dim, s)
     grid = (n, triton.cdiv(s, meta["BLOCK_S"]))
     inv = torch.empty(grid, device=z1.device, dtype=torch.float32) if two else None

@@ -114,63 +114,6 @@ def segment_softmax_fwd_kernel(
         tl.store(inv_ptr + row * tl.num_programs(1) + pid_s, block_sum)
 
 
-def transposed_blocks(segment_dim: int) -> dict[str, int]:
-    """Tile of :func:`segment_softmax_fwd_t_kernel`: ``BLOCK_R`` rows x one segment.
-
-    ``BLOCK_R`` rows make each bin's transposed store ``4 BLOCK_R`` contiguous bytes (32 rows:
-    a whole 128-byte line at ``K = 80``), not 4 bytes per sector as one row per program would.
-
-    Example:
-        >>> transposed_blocks(80)
-        {'BLOCK_R': 32, 'BLOCK_K': 128, 'num_warps': 4}
-    """
-    block_k = max(2, next_power_of_2(segment_dim))
-    block_r = max(8, min(64, 4096 // block_k))
-    return {"BLOCK_R": block_r, "BLOCK_K": block_k,
-            "num_warps": 4 if block_r * block_k <= 4096 else 8}
-
-
-@triton.jit
-def segment_softmax_fwd_t_kernel(
-    z1_ptr, z2_ptr, p1_ptr, p2_ptr, pt1_ptr, pt2_ptr, inv_ptr,
-    N, K, D, stride_z1n, stride_z1d, stride_z2n, stride_z2d,
-    local_start, local_stop, inv_temperature, eps,
-    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, USE_INT64: tl.constexpr,
-    ROUND_TF32: tl.constexpr = True, EMULATE_TF32: tl.constexpr = False,
-):
-    """Two views, program (block of ``BLOCK_R`` rows, segment): write ``p`` row-major and
-    transposed (``pt[col, row]``, ``(D, N)`` contiguous: the tf32 joint product's K-major
-    operands), both rounded to nearest tf32 (``ROUND_TF32``), and the block's sum of
-    ``lg(sum_k p1 p2)`` over its local rows (``inv[pid_r, segment]``).
-
-    A tile spans rows, so each bin's transposed store covers ``BLOCK_R`` consecutive rows:
-    16-byte vectors, whole sectors (Triton routes the tile through shared memory to change
-    its layout) instead of one 4-byte element per sector."""
-    pid_r = tl.program_id(0)
-    seg = tl.program_id(1)
-    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    offs_k = tl.arange(0, BLOCK_K)
-    r_valid = rows < N
-    mask = r_valid[:, None] & (offs_k < K)[None, :]
-    row = rows[:, None]
-    col = (seg * K + offs_k)[None, :]
-    if USE_INT64:
-        row = row.to(tl.int64)
-        col = col.to(tl.int64)
-    _, p1 = _softmax_tile(z1_ptr, row, stride_z1n, stride_z1d, col, mask, r_valid,
-                          inv_temperature, eps)
-    _, p2 = _softmax_tile(z2_ptr, row, stride_z2n, stride_z2d, col, mask, r_valid,
-                          inv_temperature, eps)
-    _store_operand(p1_ptr + row * D + col, p1, mask, False, ROUND_TF32, EMULATE_TF32)
-    _store_operand(p2_ptr + row * D + col, p2, mask, False, ROUND_TF32, EMULATE_TF32)
-    _store_operand(pt1_ptr + col * N + row, p1, mask, False, ROUND_TF32, EMULATE_TF32)
-    _store_operand(pt2_ptr + col * N + row, p2, mask, False, ROUND_TF32, EMULATE_TF32)
-    agreement = tl.sum(p1 * p2, axis=1)
-    is_local = r_valid & (rows >= local_start) & (rows < local_stop)
-    log_agreement = tl.where(is_local, lg(agreement), 0.0)
-    tl.store(inv_ptr + pid_r * tl.num_programs(1) + seg, tl.sum(log_agreement, axis=0))
-
-
 @triton.jit
 def _softmax_backward(q, dp, mask, eps, inv_temperature):
     """Clamp mask (``torch.clamp_min``: passes where ``q >= eps``) then softmax Jacobian."""

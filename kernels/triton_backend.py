@@ -75,24 +75,20 @@ def fused_forward(
         grad2 = z1.new_empty((n, d) if need_grad2 else (0,), dtype=torch.float32)
         op_dtype = operand_dtype(precision)
         p1_in_grad1 = need_grad1 and op_dtype == torch.float32
-        # tf32: the softmax also writes p1, p2 transposed (the joint product's K-major
-        # operands).
-        p_t = (z1.new_empty((d, n), dtype=torch.float32),
-               z1.new_empty((d, n), dtype=torch.float32)) if precision == "tf32" else None
         round_bf16 = precision == "bf16" and emulate_tensor_cores()
         p1, p2, inv_partials = softmax_forward(
             z1, z2, segment_dim, temperature, eps, op_dtype,
             (local_start, local_stop), round_bf16=round_bf16, round_tf32=precision == "tf32",
-            out_transposed=p_t, out1=grad1 if p1_in_grad1 else None)
+            out1=grad1 if p1_in_grad1 else None)
         assert p2 is not None and inv_partials is not None
         has_off = _has_off(d, segment_dim, c_off)
         plan = JointPlan(segment_dim, c_off, precision,
                          grads=(need_grad1 and has_off, need_grad2 and has_off),
                          chunk_size=chunk_size or None, p_rows=(p_row_start, p_row_stop))
-        joint = joint_entropy_pass(p1, p2, plan, p_t,
+        joint = joint_entropy_pass(p1, p2, plan,
                                    out=(grad1 if plan.grads[0] else None,
                                         grad2 if plan.grads[1] else None))
-        del p1, p2, p_t
+        del p1, p2
         diag = c_diag * joint.h_diag
         off = c_off * joint.h_off
         local_count = local_stop - local_start

@@ -66,7 +66,7 @@ def test_memory_plan_is_order_n_d(precision):
     ratios = [plan.fused_memory_bytes(n, d, precision)["peak"] / (n * d)
               for d in (8160, 16320, 32640, 65280, 130560)]
     assert max(ratios) < 1.05 * ratios[0] + 1, ratios
-    # The G chunk (tf32: and G^T) is the workspace; without a gradient it is not allocated.
+    # The G chunk is the workspace; without a gradient it is not allocated.
     with_grad = plan.fused_memory_bytes(n, 8160, precision)
     no_grad = plan.fused_memory_bytes(n, 8160, precision, need_grad=False)
     assert no_grad["workspace"] < with_grad["workspace"] // 8
