@@ -104,8 +104,8 @@ def _kmajor_operand_tile(ptr, offs_n, col0, n_left, col_stop, stride_n,
                          BLOCK: tl.constexpr, EMULATE: tl.constexpr):
     """Rows ``offs_n`` x columns ``col0 + [0, BLOCK)`` (``BLOCK`` 16 to 128) of a row-major
     fp32 array, for a tf32 tensor-core operand that reduces over the rows, which sm_90's
-    ``wgmma`` and sm_100's ``tcgen05.mma`` read from shared memory only K-major (contiguous along the rows), so the tile is transposed
-    on chip.
+    ``wgmma`` and sm_100's ``tcgen05.mma`` read from shared memory only K-major (contiguous
+    along the rows), so the tile is transposed on chip.
 
     Loaded as 16-column tiles, each one copy of 16 bytes per thread with 4 threads per row
     (a whole-tile load puts up to 32 threads along a row), kept in the global order in the
