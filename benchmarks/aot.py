@@ -520,6 +520,21 @@ def _probe_conflicts(reg: Any, shared: Any, shape: list[int], dtype: str, arch: 
     from triton.experimental import gluon
     from triton.experimental.gluon import language as ttgl
 
+    # Rank 2 passes the sizes as two integers: Triton 3.6 does not take a tuple constexpr.
+    @gluon.jit
+    def probe2_f32(REG: ttgl.constexpr, SHARED: ttgl.constexpr, M: ttgl.constexpr,
+                   N: ttgl.constexpr) -> None:
+        ttgl.static_print("@@CONFLICTS", ttgl.bank_conflicts(
+            ttgl.distributed_type(ttgl.float32, [M, N], REG),
+            ttgl.shared_memory_descriptor_type(ttgl.float32, [M, N], SHARED, [M, N])))
+
+    @gluon.jit
+    def probe2_bf16(REG: ttgl.constexpr, SHARED: ttgl.constexpr, M: ttgl.constexpr,
+                    N: ttgl.constexpr) -> None:
+        ttgl.static_print("@@CONFLICTS", ttgl.bank_conflicts(
+            ttgl.distributed_type(ttgl.bfloat16, [M, N], REG),
+            ttgl.shared_memory_descriptor_type(ttgl.bfloat16, [M, N], SHARED, [M, N])))
+
     @gluon.jit
     def probe_f32(REG: ttgl.constexpr, SHARED: ttgl.constexpr, SHAPE: ttgl.constexpr) -> None:
         ttgl.static_print("@@CONFLICTS", ttgl.bank_conflicts(
@@ -532,10 +547,15 @@ def _probe_conflicts(reg: Any, shared: Any, shape: list[int], dtype: str, arch: 
             ttgl.distributed_type(ttgl.bfloat16, SHAPE, REG),
             ttgl.shared_memory_descriptor_type(ttgl.bfloat16, SHAPE, SHARED, SHAPE)))
 
-    names = ("REG", "SHARED", "SHAPE")
-    src = ASTSource(fn={"f32": probe_f32, "bf16": probe_bf16}[dtype],
-                    signature={n: "constexpr" for n in names},
-                    constexprs=dict(zip(names, (reg, shared, tuple(shape)))))
+    if len(shape) == 2:
+        names: tuple[str, ...] = ("REG", "SHARED", "M", "N")
+        values: tuple[Any, ...] = (reg, shared, shape[0], shape[1])
+        fn = {"f32": probe2_f32, "bf16": probe2_bf16}[dtype]
+    else:
+        names, values = ("REG", "SHARED", "SHAPE"), (reg, shared, tuple(shape))
+        fn = {"f32": probe_f32, "bf16": probe_bf16}[dtype]
+    src = ASTSource(fn=fn, signature={n: "constexpr" for n in names},
+                    constexprs=dict(zip(names, values)))
     from triton import knobs
 
     out = io.StringIO()
@@ -567,10 +587,13 @@ def smem_bank_conflicts(ttgir: str, arch: int, num_warps: int) -> int | None:
         key = (shape_text, dtype, *layouts[reg_name], *layouts[shared_name], str(arch),
                str(num_warps))
         if key not in _CONFLICTS:
+            try:
+                reg = _gluon_layout(*layouts[reg_name], shape)
+                shared = _gluon_layout(*layouts[shared_name], shape)
+            except AttributeError:  # a layout this Triton's Gluon lacks (3.6: linear)
+                reg = shared = None
             for attempt in range(2):  # a failed probe compile is tried once more
                 try:
-                    reg = _gluon_layout(*layouts[reg_name], shape)
-                    shared = _gluon_layout(*layouts[shared_name], shape)
                     _CONFLICTS[key] = (None if reg is None or shared is None else
                                        _probe_conflicts(reg, shared, shape, dtype, arch) + 1)
                     break
