@@ -147,9 +147,9 @@ def lg(x):
 
 
 @triton.jit
-def lg_fast(x, EMULATE: tl.constexpr):
-    """:func:`lg` by the special-function unit: PTX ``lg2.approx.ftz.f32`` (one ``MUFU.LG2``;
-    PTX ISA: maximum relative error 2^-22 over the normal range) times ln 2, where
+def lg2_fast(x, EMULATE: tl.constexpr):
+    """``log2(max(x, tiny))`` by the special-function unit: PTX ``lg2.approx.ftz.f32`` (one
+    ``MUFU.LG2``; PTX ISA: maximum relative error 2^-22 over the normal range), where
     libdevice's accurate ``logf`` costs ~50 SASS instructions per entry. For the tf32/bf16
     modes, whose operands already carry 2^-11 / 2^-9 relative rounding. ``EMULATE`` (the
     interpreter, which runs no PTX): the accurate log.
@@ -160,11 +160,16 @@ def lg_fast(x, EMULATE: tl.constexpr):
     a scale and a select per entry) that can never fire here."""
     y = tl.maximum(x, 1.1754943508222875e-38, propagate_nan=tl.PropagateNan.ALL)
     if EMULATE:
-        return tl.log(y)
+        return tl.log2(y)
     else:
-        log2 = tl.inline_asm_elementwise("lg2.approx.ftz.f32 $0, $1;", "=r,r", [y],
+        return tl.inline_asm_elementwise("lg2.approx.ftz.f32 $0, $1;", "=r,r", [y],
                                          dtype=tl.float32, is_pure=True, pack=1)
-        return log2 * 0.6931471805599453
+
+
+@triton.jit
+def lg_fast(x, EMULATE: tl.constexpr):
+    """:func:`lg` by the special-function unit: :func:`lg2_fast` times ln 2."""
+    return lg2_fast(x, EMULATE) * 0.6931471805599453
 
 
 @triton.jit

@@ -8,9 +8,12 @@ adds the partial sums in float64 in a fixed order: deterministic, no atomics.
 
 Gradients are computed during the forward, chunk by chunk (Liger style): for a chunk of
 rows ``a0:a1`` of ``P`` the same kernel also writes
-``G[a0:a1, :] = c_off * (lg P + [P >= tiny])`` on the off blocks (0 elsewhere) into a
-bounded workspace, then :func:`scaled_matmul_kernel` forms ``dp1[:, a0:a1] = p2 G^T / N`` and
-``dp2 += p1[:, a0:a1] G / N``. Three ``N x D x D`` products in all (6 N D^2 FLOPs, the
+``G[a0:a1, :] = lg P + [P >= tiny]`` on the off blocks (0 elsewhere) into a bounded
+workspace, then :func:`scaled_matmul_kernel` forms ``dp1[:, a0:a1] = c p2 G^T`` and
+``dp2 += c p1[:, a0:a1] G`` with ``c = c_off / N`` (the loss's coefficient of ``H_off``
+scales the fp32 products, one multiply per output entry, rather than every entry of ``G``;
+``dp2``'s accumulator starts from its output tile, read before the main loop, so no load
+waits after it). Three ``N x D x D`` products in all (6 N D^2 FLOPs, the
 minimum); recomputing ``P`` in the backward (flash-attention style) would cost a fourth,
 a third more work, while keeping the gradient costs two ``O(N D)`` arrays. The diagonal
 entries' gradient is elementwise (``dp1[i, a] = G_aa p2[i, a] / N``), so only ``P``'s
@@ -42,7 +45,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from music_loss.kernels._common import dot_acc, lg, lg_fast, round_to_bf16, round_to_tf32
+from music_loss.kernels._common import dot_acc, lg, lg2_fast, round_to_bf16, round_to_tf32
 
 
 @triton.jit
@@ -129,7 +132,7 @@ def _kmajor_operand_tile(ptr, offs_n, col0, n_left, col_stop, stride_n,
 def joint_entropy_kernel(
     p1_ptr, p2_ptr, g_ptr, pdiag_ptr, partial_ptr,
     N, D, K, chunk_start, chunk_len, stride_p1n, stride_p1a, stride_p2n, stride_p2b, stride_g,
-    stride_partial, inv_n, c_off,
+    stride_partial, inv_n,
     WRITE_G: tl.constexpr, PRECISION: tl.constexpr, EMULATE_BF16: tl.constexpr,
     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
     GROUP_A: tl.constexpr, EMULATE_TF32: tl.constexpr = False, ROUND_TF32: tl.constexpr = True,
@@ -141,7 +144,7 @@ def joint_entropy_kernel(
 
     Writes ``partial[0, pid] = sum P lg P`` over the tile's diagonal entries and
     ``partial[1, pid]`` over its off-block entries, ``pdiag[a] = P[a, a]``, and (``WRITE_G``)
-    ``G[a - chunk_start, b] = c_off (lg P + [P >= tiny])`` on off blocks, 0 elsewhere (an
+    ``G[a - chunk_start, b] = lg P + [P >= tiny]`` on off blocks, 0 elsewhere (an
     operand of the tf32 products: stored rounded to nearest tf32 there, ``ROUND_TF32``).
     ``FAST_LOG`` (tf32/bf16 only; ieee always takes the accurate log): ``lg2.approx.f32``.
     ``USE_TMA``: ``p1_ptr, p2_ptr`` are tensor descriptors of the operands (the strides are
@@ -214,64 +217,81 @@ def joint_entropy_kernel(
         meets_blocks = ((a_first // K <= (b_first + BLOCK_B - 1) // K)
                         & (b_first // K <= (a_first + BLOCK_A - 1) // K))
     if meets_blocks:
-        _joint_epilogue(acc, valid, row_has_diag, offs_a, offs_b, local_a, K, inv_n,
-                        c_off, pid, partial_ptr, stride_partial, pdiag_ptr, g_ptr, stride_g,
+        _joint_epilogue(acc, valid, mask_a, row_has_diag, offs_a, offs_b, local_a, K, inv_n,
+                        pid, partial_ptr, stride_partial, pdiag_ptr, g_ptr, stride_g,
                         True, WRITE_G, PRECISION, FAST_LOG,
                         EMULATE_BF16, EMULATE_TF32, ROUND_TF32)
     else:
-        _joint_epilogue(acc, valid, row_has_diag, offs_a, offs_b, local_a, K, inv_n,
-                        c_off, pid, partial_ptr, stride_partial, pdiag_ptr, g_ptr, stride_g,
+        _joint_epilogue(acc, valid, mask_a, row_has_diag, offs_a, offs_b, local_a, K, inv_n,
+                        pid, partial_ptr, stride_partial, pdiag_ptr, g_ptr, stride_g,
                         False, WRITE_G, PRECISION, FAST_LOG,
                         EMULATE_BF16, EMULATE_TF32, ROUND_TF32)
 
 
 @triton.jit
 def _epilogue_log(x, PRECISION: tl.constexpr, FAST_LOG: tl.constexpr, EMULATE: tl.constexpr):
-    """The epilogue's ``lg``: libdevice's accurate log in ieee mode (or ``FAST_LOG=False``),
-    else the special-function unit's (:func:`lg_fast`), whose few ulps are far inside the
-    tf32 / bf16 budgets."""
+    """The epilogue's log of ``max(x, tiny)``, in the unit :func:`_log_unit` gives: natural
+    (libdevice's accurate log) in ieee mode or with ``FAST_LOG=False``, else base 2 from the
+    special-function unit (:func:`lg2_fast`, whose few ulps are far inside the tf32 / bf16
+    budgets): the factor ln 2 is then applied once per tile sum instead of per entry."""
     if PRECISION == "ieee" or not FAST_LOG:
         return lg(x)
     else:
-        return lg_fast(x, EMULATE)
+        return lg2_fast(x, EMULATE)
 
 
 @triton.jit
-def _joint_epilogue(acc, valid, row_has_diag, offs_a, offs_b, local_a, K, inv_n,
-                    c_off, pid, partial_ptr, stride_partial, pdiag_ptr, g_ptr, stride_g,
+def _log_unit(PRECISION: tl.constexpr, FAST_LOG: tl.constexpr):
+    """Natural logs per unit of :func:`_epilogue_log`'s result (1 or ln 2)."""
+    if PRECISION == "ieee" or not FAST_LOG:
+        return 1.0
+    else:
+        return 0.6931471805599453
+
+
+@triton.jit
+def _joint_epilogue(acc, valid, valid_rows, row_has_diag, offs_a, offs_b, local_a, K, inv_n,
+                    pid, partial_ptr, stride_partial, pdiag_ptr, g_ptr, stride_g,
                     MEETS_BLOCKS: tl.constexpr, WRITE_G: tl.constexpr,
                     PRECISION: tl.constexpr, FAST_LOG: tl.constexpr,
                     EMULATE_BF16: tl.constexpr, EMULATE_TF32: tl.constexpr,
                     ROUND_TF32: tl.constexpr):
     """The joint kernel's epilogue of one tile, fp32: ``P lg P`` reduced to the tile's two
-    partial sums, and the tile of ``G = c_off (lg P + [P >= tiny])`` (``WRITE_G``; rounded
+    partial sums, and the tile of ``G = lg P + [P >= tiny]`` (``WRITE_G``; rounded
     as its store will be: to nearest tf32 for the tf32 products, or to bf16 under the
     interpreter, as a GPU store does). ``MEETS_BLOCKS``: the
     tile touches the block diagonal, so entries are classed by segment (diagonal / off-block
-    / neither) and ``P``'s diagonal is stored; else every valid entry is off-block."""
+    / neither) and ``P``'s diagonal is stored; else every valid entry is off-block.
+
+    Per entry the tile costs a scale, a clamp and a log (base 2 on the fast path), one
+    multiply-add into the sum and a set plus a multiply-add for ``G``: ln 2 scales the sums
+    once per tile, and the loss's coefficient of ``H_off`` scales the gradient products
+    (their ``alpha``), not ``G``. Entries outside the arrays hold ``P = 0`` (their operand
+    rows were loaded as 0), so they add ``0 * lg(tiny) = 0`` to the sums unmasked."""
     joint = acc * inv_n
-    if MEETS_BLOCKS:
-        is_diag = (offs_a[:, None] == offs_b[None, :]) & valid
-        is_off = ((offs_a // K)[:, None] != (offs_b // K)[None, :]) & valid
-    else:
-        is_off = valid
+    unit = _log_unit(PRECISION, FAST_LOG)
     log_joint = _epilogue_log(joint, PRECISION, FAST_LOG, EMULATE_TF32 or EMULATE_BF16)
     plogp = joint * log_joint
     if MEETS_BLOCKS:
+        is_diag = (offs_a[:, None] == offs_b[None, :]) & valid
+        is_off = ((offs_a // K)[:, None] != (offs_b // K)[None, :]) & valid
         # P's diagonal by rows (each row's one diagonal entry, where the tile holds it): a
         # row vector to store and take P lg P of, not a masked store of every entry.
         p_diag = tl.sum(tl.where(is_diag, joint, 0.0), axis=1)
         log_diag = _epilogue_log(p_diag, PRECISION, FAST_LOG, EMULATE_TF32 or EMULATE_BF16)
-        diag_sum = tl.sum(tl.where(row_has_diag, p_diag * log_diag, 0.0), axis=0)
+        diag_sum = tl.sum(tl.where(row_has_diag, p_diag * log_diag, 0.0), axis=0) * unit
         tl.store(pdiag_ptr + offs_a, p_diag, mask=row_has_diag)
+        off_sum = tl.sum(tl.sum(tl.where(is_off, plogp, 0.0), axis=1), axis=0) * unit
     else:
         diag_sum = 0.0
-    off_sum = tl.sum(tl.sum(tl.where(is_off, plogp, 0.0), axis=1), axis=0)
+        # by rows, then rows outside the chunk dropped (TMA tiles may read past its end)
+        row_sums = tl.where(valid_rows, tl.sum(plogp, axis=1), 0.0)
+        off_sum = tl.sum(row_sums, axis=0) * unit
     tl.store(partial_ptr + pid, diag_sum)
     tl.store(partial_ptr + stride_partial + pid, off_sum)
     if WRITE_G:
-        grad = c_off * (log_joint + tl.where(joint >= 1.1754943508222875e-38, 1.0, 0.0))
-        if MEETS_BLOCKS:  # elsewhere only invalid entries are not off-block: never stored
+        grad = log_joint * unit + (joint >= 1.1754943508222875e-38).to(tl.float32)
+        if MEETS_BLOCKS:  # elsewhere every stored entry is off-block
             grad = tl.where(is_off, grad, 0.0)
         if PRECISION == "bf16" and EMULATE_BF16:
             grad = round_to_bf16(grad)
@@ -290,7 +310,8 @@ def scaled_matmul_kernel(
     GROUP_M: tl.constexpr, EMULATE_TF32: tl.constexpr = False,
     KMAJOR_STAGING: tl.constexpr = False,
 ):
-    """``C = alpha * A @ B`` (``+ C`` when ``ACCUMULATE``), fp32 accumulate and store.
+    """``C = alpha * A @ B`` (``+ C`` when ``ACCUMULATE``: computed as ``alpha (C / alpha +
+    A @ B)``, the accumulator starting from ``C``), fp32 accumulate and store.
 
     Any strides (the launcher passes transposes as strides). ``USE_INT64`` widens the row
     and column offsets (``M * stride_am`` may pass ``2**31``). ``KMAJOR_STAGING`` (tf32 on
@@ -312,7 +333,15 @@ def scaled_matmul_kernel(
     a_ptrs = a_ptr + rows[:, None] * stride_am + offs_k[None, :] * stride_ak
     b_ptrs = b_ptr + offs_k[:, None] * stride_bk + cols[None, :] * stride_bn
     b_rows = b_ptr  # row k0 of B (64-bit pointer arithmetic)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    c_ptrs = c_ptr + rows[:, None] * stride_cm + cols[None, :] * stride_cn
+    mask_c = mask_m[:, None] & mask_n[None, :]
+    if ACCUMULATE:
+        # C / alpha + A @ B, scaled by alpha at the end: C's tile is read before the main
+        # loop (its latency overlaps the pipeline's first operand copies), in the
+        # accumulator's registers, instead of a load the epilogue waits for.
+        acc = tl.load(c_ptrs, mask=mask_c, other=0.0) * (1.0 / alpha)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         mask_k = offs_k < K - k0
         a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
@@ -325,12 +354,7 @@ def scaled_matmul_kernel(
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
         b_rows += BLOCK_K * stride_bk
-    acc = acc * alpha
-    c_ptrs = c_ptr + rows[:, None] * stride_cm + cols[None, :] * stride_cn
-    mask_c = mask_m[:, None] & mask_n[None, :]
-    if ACCUMULATE:
-        acc += tl.load(c_ptrs, mask=mask_c, other=0.0)
-    tl.store(c_ptrs, acc, mask=mask_c)
+    tl.store(c_ptrs, acc * alpha, mask=mask_c)
 
 
 @triton.jit
@@ -350,7 +374,10 @@ def scaled_matmul_tma_kernel(
     pid_m, pid_n = _grouped_tile(pid, tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     off_m = pid_m * BLOCK_M
     off_n = pid_n * BLOCK_N
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if ACCUMULATE:  # C / alpha + A @ B, C read before the main loop (as above)
+        acc = c_desc.load([off_m, off_n]) * (1.0 / alpha)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         a = a_desc.load([off_m, k0])
         if B_KMAJOR:
@@ -358,8 +385,5 @@ def scaled_matmul_tma_kernel(
         else:
             b = b_desc.load([k0, off_n])
         acc = dot_acc(a, b, acc, PRECISION, EMULATE_BF16, EMULATE_TF32)
-    acc = acc * alpha
-    if ACCUMULATE:
-        acc += c_desc.load([off_m, off_n])
-    c_desc.store([off_m, off_n], acc)
+    c_desc.store([off_m, off_n], acc * alpha)
 

@@ -268,7 +268,8 @@ class JointPlan(NamedTuple):
 
     Attributes:
         segment_dim: ``K``.
-        c_off: Coefficient of ``H_off`` folded into ``G`` (1.0 for the raw sums' gradient).
+        c_off: Coefficient of ``H_off`` in the gradient products (1.0 for the raw sums'
+            gradient; not 0 when ``grads`` asks for a product).
         precision: ``"ieee"``, ``"tf32"`` or ``"bf16"`` for the three products.
         grads: Which of the off-block gradient products ``dp1``, ``dp2`` to form; one not
             formed is returned empty (a view without grad). ``(False, False)``: sums only.
@@ -309,7 +310,8 @@ class JointPass(NamedTuple):
         h_diag: float64 scalar ``sum_a P_aa lg P_aa``.
         h_off: float64 scalar ``sum_{off blocks} P lg P``.
         p_diag: fp32 ``(D,)``, the diagonal of ``P``.
-        dp1: fp32 ``(N, D)`` ``c_off p2 G^T / N`` (off blocks only), or an empty tensor.
+        dp1: fp32 ``(N, D)`` ``c_off p2 G^T / N`` (``G = lg P + [P >= tiny]`` on the off
+            blocks, 0 elsewhere), or an empty tensor.
         dp2: fp32 ``(N, D)`` ``c_off p1 G / N``, or an empty tensor.
     """
 
@@ -378,6 +380,9 @@ def joint_entropy_pass(p1: Tensor, p2: Tensor, plan: JointPlan,
     p_diag = alloc(d, device=dev, dtype=torch.float32)
     want1, want2 = plan.grads
     write_grad = want1 or want2
+    if write_grad and plan.c_off == 0.0:
+        raise ValueError("plan.c_off must be nonzero when plan.grads asks for a product "
+                         "(with c_off == 0 both products are 0: pass grads=(False, False))")
     out1, out2 = out if out is not None else (None, None)
     for name, buf, want in (("dp1", out1, want1), ("dp2", out2, want2)):
         if buf is not None and (not want or buf.shape != (n, d) or buf.dtype != torch.float32
@@ -416,6 +421,7 @@ def joint_entropy_pass(p1: Tensor, p2: Tensor, plan: JointPlan,
                   "FAST_LOG": plan.fast_log, "USE_TMA": joint_tma,
                   "KMAJOR_STAGING": kmajor_staging(dev, precision)}
     sums: list[Tensor] = []
+    scale = plan.c_off / n  # G holds lg P + [P >= tiny]; the products apply c_off / N
     # One partial-sum buffer for every chunk: each chunk's sums are read (in stream order)
     # before the next chunk's launch writes it.
     slots = triton.cdiv(min(chunk_size, p_row_stop - p_row_start), MIN_TILE) * triton.cdiv(
@@ -428,18 +434,18 @@ def joint_entropy_pass(p1: Tensor, p2: Tensor, plan: JointPlan,
                                        * triton.cdiv(d, cfg["BLOCK_B"]),)
         used = launch(tuner, joint_entropy_kernel, grid, joint_meta, *operands, *outputs,
                       partial, n, d, plan.segment_dim, a0, rows, *layout, slots, 1.0 / n,
-                      plan.c_off, **constexprs)
+                      **constexprs)
         tiles = triton.cdiv(rows, used["BLOCK_A"]) * triton.cdiv(d, used["BLOCK_B"])
         sums.append(partial[:, :tiles].sum(dim=1, dtype=torch.float64))
         if write_grad:
             g_chunk = workspace[:rows]
-            # dp2 (+)= p1[:, a0:a1] @ G_chunk / N, then dp1[:, a0:a1] = p2 @ G_chunk^T / N
+            # dp2 (+)= c p1[:, a0:a1] @ G_chunk, then dp1[:, a0:a1] = c p2 @ G_chunk^T
             # (in that order: dp1 may overwrite those columns of p1)
             if want2:
-                _dp2_product(p1[:, a0:a0 + rows], g_chunk, dp2, 1.0 / n, a0 > p_row_start,
+                _dp2_product(p1[:, a0:a0 + rows], g_chunk, dp2, scale, a0 > p_row_start,
                              precision, matmul_meta)
             if want1:
-                _matmul(p2, g_chunk.T, dp1[:, a0:a0 + rows], 1.0 / n, False, precision,
+                _matmul(p2, g_chunk.T, dp1[:, a0:a0 + rows], scale, False, precision,
                         matmul_meta)
     if out1 is not None and (p_row_start, p_row_stop) != (0, d):
         # dp1 is 0 outside the rows of P formed (a given array may hold anything there,

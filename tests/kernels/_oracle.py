@@ -78,9 +78,10 @@ def rounded_oracle(z1: Tensor, z2: Tensor, config: LossConfig,
 
     w_diag, w_off, w_inv = g[0] + g[1], g[0] + g[2], g[0] + g[3]
     dlog = lg(joint) + (joint >= TINY).double()
-    g_off = _operand(c_off * dlog * off_mask, round_bf16, tf32)
-    dp1 = w_off * (op2 @ g_off.T) / n
-    dp2 = w_off * (op1 @ g_off) / n
+    # G is rounded as the kernels store it (without c_off, which scales the products)
+    g_off = _operand(dlog * off_mask, round_bf16, tf32)
+    dp1 = w_off * c_off * (op2 @ g_off.T) / n
+    dp2 = w_off * c_off * (op1 @ g_off) / n
     per_column = w_diag * c_diag * torch.diagonal(dlog) / n
     dp1 = dp1 + per_column * p2_32.double()
     dp2 = dp2 + per_column * p1_32.double()
