@@ -143,6 +143,7 @@ class AotRow:
     epilogue_instructions_per_entry: float | None = None
     epilogue_instructions_per_entry_diagonal: float | None = None
     spill_instructions_in_loops: int | None = None
+    global_loads_after_loop: int | None = None
     scalar_global_stores: int | None = None
     seconds: float = 0.0
     problems: list[str] = field(default_factory=list)
@@ -712,6 +713,52 @@ def spill_instructions_in_loops(sass: str) -> int:
     return sum(1 for i in in_loops if program[i][2].startswith(("LDL", "STL")))
 
 
+def after_main_loop(program: list[tuple[int, str, str, str]],
+                    after: tuple[str, ...] = ("HGMMA", "HMMA")
+                    ) -> list[tuple[int, str, str, str]] | None:
+    """The instructions after the main loop: after the last instruction whose opcode starts
+    with ``after`` (the tensor-core pipeline's drain) or, when that instruction is in a
+    loop, after the innermost loop's back branch (ptxas may place the loop after its exit).
+    None when no instruction matches ``after``."""
+    tensor_ops = [i for i, ins in enumerate(program) if ins[2].startswith(after)]
+    if not tensor_ops:
+        return None
+    index_at = {address: i for i, (address, *_rest) in enumerate(program)}
+    last = tensor_ops[-1]
+    loops = []  # (first, back branch) of each loop around the last tensor-core instruction
+    for i, (address, _, opcode, operands) in enumerate(program):
+        target = _branch_target(operands) if opcode.startswith("BRA") else None
+        first = index_at.get(target) if target is not None and target <= address else None
+        if first is not None and first <= last <= i:
+            loops.append((first, i))
+    if loops:  # the innermost one is the main loop (TMA waits branch back from far away)
+        last = min(loops, key=lambda loop: loop[1] - loop[0])[1]
+    return program[last + 1:]
+
+
+def global_loads_after_main_loop(sass: str) -> int | None:
+    """Global loads (``LDG``, TMA ``UTMALDG``) after the main loop (:func:`after_main_loop`):
+    a load there is waited for with nothing left to overlap it. The accumulating product
+    whose output tile is read before its main loop has none. None without a tensor-core
+    instruction.
+
+    Example:
+        >>> sass = '''
+        ...         /*0000*/                   HGMMA.64x64x16.F32 R24, gdesc[UR4], R24 ;
+        ...         /*0010*/                   BRA 0x0 ;
+        ...         /*0020*/                   LDG.E.128 R4, desc[UR6][R2.64] ;
+        ...         /*0030*/                   STG.E.128 desc[UR6][R2.64], R4 ;
+        ...         /*0040*/                   EXIT ;
+        ... '''
+        >>> global_loads_after_main_loop(sass)
+        1
+    """
+    region = after_main_loop(_sass_program(sass))
+    if region is None:
+        return None
+    return sum(1 for _, _, opcode, _ in region if opcode.startswith(("LDG", "UTMALDG")))
+
+
 def sass_path_lengths(sass: str, after: tuple[str, ...] = ("HGMMA", "HMMA")
                       ) -> tuple[int, int] | None:
     """Instructions (NOPs not counted) on the shortest and on the longest path through the
@@ -737,21 +784,9 @@ def sass_path_lengths(sass: str, after: tuple[str, ...] = ("HGMMA", "HMMA")
         >>> sass_path_lengths(looped)
         (4, 4)
     """
-    program = _sass_program(sass)
-    tensor_ops = [i for i, ins in enumerate(program) if ins[2].startswith(after)]
-    if not tensor_ops:
+    region = after_main_loop(_sass_program(sass), after)
+    if region is None:
         return None
-    index_at = {address: i for i, (address, *_rest) in enumerate(program)}
-    last = tensor_ops[-1]
-    loops = []  # (first, back branch) of each loop around the last tensor-core instruction
-    for i, (address, _, opcode, operands) in enumerate(program):
-        target = _branch_target(operands) if opcode.startswith("BRA") else None
-        first = index_at.get(target) if target is not None and target <= address else None
-        if first is not None and first <= last <= i:
-            loops.append((first, i))
-    if loops:  # the innermost one is the main loop (TMA waits branch back from far away)
-        last = min(loops, key=lambda loop: loop[1] - loop[0])[1]
-    region = program[last + 1:]
     index_of = {address: i for i, (address, *_rest) in enumerate(region)}
     shortest = [0] * (len(region) + 1)  # past the end: no more instructions
     longest = [0] * (len(region) + 1)
@@ -839,6 +874,10 @@ def compile_spec(spec: KernelSpec, arch: int) -> AotRow:
             row.async_copy_min_bytes = None
         row.smem_bank_conflicts = smem_bank_conflicts(compiled.asm["ttgir"], arch,
                                                       spec.num_warps)
+        if spec.kernel == "grad_product" and ",dp2," in f"{spec.variant},":
+            text = sass()
+            row.global_loads_after_loop = (None if text is None
+                                           else global_loads_after_main_loop(text))
         if spec.kernel == "joint_entropy":
             tile = spec.constexprs["BLOCK_A"] * spec.constexprs["BLOCK_B"]
             text = sass()
@@ -1019,6 +1058,8 @@ def static_summary(rows: list[dict[str, Any]]) -> dict[tuple[str, str, int], dic
                         if r.get("epilogue_instructions_per_entry_diagonal") is not None]
         stores = [r["scalar_global_stores"] for r in group
                   if r.get("scalar_global_stores") is not None]
+        late_loads = [r["global_loads_after_loop"] for r in group
+                      if r.get("global_loads_after_loop") is not None]
         tma = all(r["uses_tma"] for r in group)
         summary[key] = {
             "configs": str(len(group)),
@@ -1029,6 +1070,7 @@ def static_summary(rows: list[dict[str, Any]]) -> dict[tuple[str, str, int], dic
             "epilogue SASS/entry": _value_range(epi),
             "diagonal tiles": _value_range(epi_diagonal),
             "scalar stores": str(max(stores)) if stores else "-",
+            "loads after loop": str(max(late_loads)) if late_loads else "-",
         }
     return summary
 
@@ -1047,7 +1089,7 @@ def compare_markdown(tables: list[tuple[str, list[dict[str, Any]]]]) -> str:
     keys = sorted({k for _, summary in summaries for k in summary},
                   key=lambda k: (-k[2], k[0], k[1]))
     facts = ["copy", "bank conflicts", "widest mma", "epilogue SASS/entry", "diagonal tiles",
-             "scalar stores"]
+             "scalar stores", "loads after loop"]
     labels = " -> ".join(label for label, _ in summaries)
     lines = [f"Static facts per kernel/variant/arch over its configs ({labels}).", "",
              "| kernel | variant | arch | " + " | ".join(facts) + " |",
@@ -1156,8 +1198,9 @@ def gate_regressions(rows: list[dict[str, Any]], baseline: list[dict[str, Any]]
     A regression: epilogue SASS per entry up by more than :data:`EPILOGUE_SLACK` (off- or
     on-diagonal path), a narrower mma shape (or none where there was one), registers up by
     more than :data:`REGISTER_SLACK`, more spill instructions inside loops, a narrower
-    ``cp.async`` copy (or pointer copies where there was TMA), more bank-conflict ways, or
-    a compile that now fails. Rows the table lacks are new and pass.
+    ``cp.async`` copy (or pointer copies where there was TMA), more bank-conflict ways, more
+    global loads after the main loop (the accumulating product's output tile), or a
+    compile that now fails. Rows the table lacks are new and pass.
 
     Returns:
         ``(regressions, new rows)``, one line each.
@@ -1199,6 +1242,9 @@ def gate_regressions(rows: list[dict[str, Any]], baseline: list[dict[str, Any]]
             row.get("spill_instructions_in_loops") or 0
         if after > before:
             found.append(f"spill instructions in loops {before} -> {after}")
+        before, after = old.get("global_loads_after_loop"), row.get("global_loads_after_loop")
+        if before is not None and (after is None or after > before):
+            found.append(f"global loads after the main loop {before} -> {after}")
         if old.get("uses_tma") and not row.get("uses_tma"):
             found.append("TMA copies -> cp.async")
         before, after = old.get("async_copy_min_bytes"), row.get("async_copy_min_bytes")

@@ -12,8 +12,8 @@ rows ``a0:a1`` of ``P`` the same kernel also writes
 workspace, then :func:`scaled_matmul_kernel` forms ``dp1[:, a0:a1] = c p2 G^T`` and
 ``dp2 += c p1[:, a0:a1] G`` with ``c = c_off / N`` (the loss's coefficient of ``H_off``
 scales the fp32 products, one multiply per output entry, rather than every entry of ``G``;
-``dp2``'s accumulator starts from its output tile, read before the main loop, so no load
-waits after it). Three ``N x D x D`` products in all (6 N D^2 FLOPs, the
+in bf16 ``dp2``'s accumulator starts from its output tile, read before the main loop, so
+no load waits after it). Three ``N x D x D`` products in all (6 N D^2 FLOPs, the
 minimum); recomputing ``P`` in the backward (flash-attention style) would cost a fourth,
 a third more work, while keeping the gradient costs two ``O(N D)`` arrays. The diagonal
 entries' gradient is elementwise (``dp1[i, a] = G_aa p2[i, a] / N``), so only ``P``'s
@@ -310,8 +310,8 @@ def scaled_matmul_kernel(
     GROUP_M: tl.constexpr, EMULATE_TF32: tl.constexpr = False,
     KMAJOR_STAGING: tl.constexpr = False,
 ):
-    """``C = alpha * A @ B`` (``+ C`` when ``ACCUMULATE``: computed as ``alpha (C / alpha +
-    A @ B)``, the accumulator starting from ``C``), fp32 accumulate and store.
+    """``C = alpha * A @ B`` (``+ C`` when ``ACCUMULATE``; in bf16 computed as ``alpha (C /
+    alpha + A @ B)``, the accumulator starting from ``C``), fp32 accumulate and store.
 
     Any strides (the launcher passes transposes as strides). ``USE_INT64`` widens the row
     and column offsets (``M * stride_am`` may pass ``2**31``). ``KMAJOR_STAGING`` (tf32 on
@@ -335,10 +335,12 @@ def scaled_matmul_kernel(
     b_rows = b_ptr  # row k0 of B (64-bit pointer arithmetic)
     c_ptrs = c_ptr + rows[:, None] * stride_cm + cols[None, :] * stride_cn
     mask_c = mask_m[:, None] & mask_n[None, :]
-    if ACCUMULATE:
+    if ACCUMULATE and PRECISION == "bf16":
         # C / alpha + A @ B, scaled by alpha at the end: C's tile is read before the main
         # loop (its latency overlaps the pipeline's first operand copies), in the
-        # accumulator's registers, instead of a load the epilogue waits for.
+        # accumulator's registers, instead of a load the epilogue waits for. bf16 only:
+        # in tf32 (K-major staging) and ieee (FMA tiles) the tile's addresses, live across
+        # the loop, cost 10-36 more registers (ieee spills); there the load stays after it.
         acc = tl.load(c_ptrs, mask=mask_c, other=0.0) * (1.0 / alpha)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -354,7 +356,10 @@ def scaled_matmul_kernel(
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
         b_rows += BLOCK_K * stride_bk
-    tl.store(c_ptrs, acc * alpha, mask=mask_c)
+    acc = acc * alpha
+    if ACCUMULATE and PRECISION != "bf16":
+        acc += tl.load(c_ptrs, mask=mask_c, other=0.0)
+    tl.store(c_ptrs, acc, mask=mask_c)
 
 
 @triton.jit
