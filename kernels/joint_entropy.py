@@ -39,8 +39,9 @@ issues the TMA copies of tensor descriptors the kernel builds from ``p1, p2``, a
 consumer warp groups, which run the ``wgmma`` and the epilogue of 64 rows each of a 128-row
 tile (Triton's ``tl.range(..., warp_specialize=True)``). It writes per-row partial sums (a
 sum over the tile would reduce across the consumers), and its epilogue's two branches are
-one-sided (Hopper's warp specialiser declines a function with an ``else`` block). tf32 has no such variant: its operands fail Hopper's warp specialiser. Off by
-default until a GPU timing shows it faster; see
+one-sided (Hopper's warp specialiser declines a function with an ``else`` block). tf32 has
+no such variant: its operands fail Hopper's warp specialiser. Off by default until a GPU
+timing shows it faster; see
 :func:`music_loss.kernels.launchers.use_warp_specialize`.
 
 The launch plan (chunks, workspace, launches) is in :mod:`music_loss.kernels.launchers`;
