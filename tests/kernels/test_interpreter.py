@@ -594,3 +594,31 @@ def test_warp_specialize_refuses_a_pinned_config_it_cannot_run(monkeypatch):
     plan = JointPlan(16, 1.0, "bf16", joint_meta=dict(INTERPRET_JOINT_META))  # 64-row tiles
     with pytest.raises(ValueError, match="BLOCK_A=128.*MUSIC_LOSS_WARP_SPECIALIZE"):
         joint_entropy_pass(p, p.clone(), plan)
+
+
+def test_descriptor_scratch_allocator_is_set_only_for_the_launch_and_keeps_the_callers():
+    """The warp-specialised kernel builds descriptors in global scratch from Triton's
+    allocator: the launcher provides one for its launches only, and keeps one the caller
+    set."""
+    from triton.runtime import _allocation
+
+    from music_loss.kernels import launchers
+
+    def current():
+        return _allocation._allocator.get()
+
+    assert isinstance(current(), _allocation.NullAllocator)
+    with launchers._descriptor_scratch():
+        assert current() is launchers._scratch
+    assert isinstance(current(), _allocation.NullAllocator)
+
+    def callers(size, alignment, stream):  # pragma: no cover - never called here
+        raise AssertionError
+
+    token = _allocation._allocator.set(callers)
+    try:
+        with launchers._descriptor_scratch():
+            assert current() is callers
+        assert current() is callers
+    finally:
+        _allocation._allocator.reset(token)
