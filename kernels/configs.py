@@ -127,7 +127,8 @@ MATMUL_CONFIGS: list[triton.Config] = _MATMUL_MAIN + [
 #: opt-in). Hopper's warp specialiser splits a ``num_warps=4`` program into a producer warp
 #: group and two consumer warp groups that each take 64 rows of the tile, so the tile has 128
 #: rows (a 64-row tile would have both consumers compute all of it); 128x64 leaves each
-#: consumer the 32 accumulators per thread of the 8-warp 128x64 config (128x128 spills).
+#: consumer the 32 accumulators per thread of the 8-warp 128x64 config (128x128 spills under
+#: triton 3.8).
 WS_JOINT_CONFIGS: list[triton.Config] = [
     triton.Config({"BLOCK_A": 128, "BLOCK_B": 64, "BLOCK_N": bn, "GROUP_A": 8},
                   num_warps=4, num_stages=stages)
