@@ -20,7 +20,11 @@ than 64 bytes outside one: located in the SASS), the joint-distribution kernel (
 gradient product) emits none of its architecture's tensor-core instructions in tf32/bf16
 mode, or a precision the policy runs on Triton has no config that fits. From sm_90 on it
 also compiles the TMA variant of the gradient products and of the joint kernel
-(``<mode>,tma`` variants: tensor-descriptor arguments), as the launcher may use it there.
+(``<mode>,tma`` variants: tensor-descriptor arguments), as the launcher may use it there,
+and on sm_90 the warp-specialised joint kernel (``bf16,ws``: ``WARP_SPECIALIZE``, its own
+128-row configs), whose row records whether the PTX shows the producer/consumer split
+(:func:`warp_specialization`: the partitions' ``setmaxnreg`` register reallocation); the
+gate fails a ``ws`` row without the split, or with any spill.
 Static facts per tensor-core product: widest mma shape, narrowest
 ``cp.async`` (or TMA), shared-memory bank conflicts (Triton's Gluon counter), the joint
 kernel's epilogue SASS per entry (for tiles off and on the block diagonal), and for the
@@ -145,6 +149,8 @@ class AotRow:
     spill_instructions_in_loops: int | None = None
     global_loads_after_loop: int | None = None
     scalar_global_stores: int | None = None
+    warp_specialized: bool = False
+    partition_registers: str | None = None
     seconds: float = 0.0
     problems: list[str] = field(default_factory=list)
 
@@ -241,6 +247,19 @@ def kernel_specs(quick: bool = False, arch: int = 90) -> list[KernelSpec]:
                                    {**const, "USE_TMA": True},
                                    cfg.num_warps, cfg.num_stages, label, unit_p,
                                    needs_tensor_cores=True))
+    # The warp-specialised joint kernel (sm_90, bf16, opt-in): its own 128-row configs, the
+    # pointer operands it builds device-side descriptors of.
+    if arch == 90 and "bf16" in triton_precisions(arch):
+        ws_configs = cf.configs_for(cf.WS_JOINT_CONFIGS, "bf16", SMEM_LIMITS[arch])
+        for cfg in ws_configs[:2 if quick else None]:
+            const = {**cfg.kwargs, "WRITE_G": True, "PRECISION": "bf16", "EMULATE_BF16": False,
+                     "EMULATE_TF32": False, "ROUND_TF32": True, "USE_INT64": False,
+                     "WARP_SPECIALIZE": True}
+            specs.append(_spec("joint_entropy", "bf16,ws", je.joint_entropy_kernel,
+                               {"p1_ptr": "*bf16", "p2_ptr": "*bf16", "g_ptr": "*bf16"}, const,
+                               cfg.num_warps, cfg.num_stages,
+                               _config_label(cfg.kwargs, cfg.num_warps, cfg.num_stages),
+                               ("stride_p1a", "stride_p2b"), needs_tensor_cores=True))
     # The two products, labelled by which one they are: dp2 += p1[:, a0:a1] @ G
     # (accumulating, row-major "NN"; tf32 on sm_90/sm_100 forms G's K-major tiles on chip) and
     # dp1[:, a0:a1] = p2 @ G^T ("NT", not accumulating). dp2 in every config of every mode;
@@ -829,6 +848,37 @@ def epilogue_instructions_per_entry(sass: str, entries_per_thread: int
             round(lengths[1] / entries_per_thread, 1))
 
 
+_SETMAXNREG = re.compile(r"\bsetmaxnreg\.(inc|dec)\.sync\.aligned\.u32\s+(\d+)")
+
+
+def warp_specialization(ptx: str) -> tuple[bool, str | None]:
+    """``(split, "producer/consumer registers")`` of ``ptx``: a warp-specialised kernel's
+    partitions reallocate registers between warp groups with ``setmaxnreg``, the producer
+    giving some up (``.dec``: the smallest count is the producer's) and the consumers taking
+    more (``.inc``: the smallest count raised to is the consumers'; the default warp group
+    also returns to the full count at its end). Triton emits ``setmaxnreg`` only for
+    warp-specialised partitions, so both directions present means the split is there.
+
+    Example:
+        >>> ptx = '''setmaxnreg.dec.sync.aligned.u32 	40;
+        ... setmaxnreg.dec.sync.aligned.u32 	120;
+        ... setmaxnreg.inc.sync.aligned.u32 	232;
+        ... setmaxnreg.inc.sync.aligned.u32 	256;'''
+        >>> warp_specialization(ptx), warp_specialization("wgmma.mma_async.sync")
+        ((True, '40/232'), (False, None))
+    """
+    counts: dict[str, list[int]] = {"inc": [], "dec": []}
+    for direction, value in _SETMAXNREG.findall(ptx):
+        counts[direction].append(int(value))
+    if not (counts["inc"] and counts["dec"]):
+        return False, None
+    return True, f"{min(counts['dec'])}/{min(counts['inc'])}"
+
+
+def _is_warp_specialized_variant(variant: str) -> bool:
+    return "ws" in variant.split(",")
+
+
 def scalar_global_stores(ptx: str) -> int:
     """``st.global`` instructions of one element (not ``.v2``/``.v4`` vectors) in ``ptx``.
 
@@ -878,7 +928,11 @@ def compile_spec(spec: KernelSpec, arch: int) -> AotRow:
             text = sass()
             row.global_loads_after_loop = (None if text is None
                                            else global_loads_after_main_loop(text))
-        if spec.kernel == "joint_entropy":
+        row.warp_specialized, row.partition_registers = warp_specialization(ptx)
+        # The epilogue's SASS path is read after the main loop's last tensor-core instruction:
+        # a warp-specialised kernel lays its partitions' code out one after another, so
+        # there is no single such path to measure.
+        if spec.kernel == "joint_entropy" and not spec.constexprs.get("WARP_SPECIALIZE"):
             tile = spec.constexprs["BLOCK_A"] * spec.constexprs["BLOCK_B"]
             text = sass()
             per_entry = (None if text is None else epilogue_instructions_per_entry(
@@ -943,6 +997,7 @@ def static_problems(row: AotRow) -> list[str]:
             problems.append(f"register spills {spills} over {SPILL_BYTES_OUTSIDE_LOOPS} bytes")
     if row.kernel == "softmax_fwd" and (row.scalar_global_stores or 0) > 1:
         problems.append(f"{row.scalar_global_stores} scalar global stores (p not vectorised)")
+    problems.extend(_warp_specialization_problems(asdict(row)))
     if not (row.needs_tensor_cores and row.arch >= 90):
         return problems
     if not row.uses_tma and row.async_copy_min_bytes is not None \
@@ -950,6 +1005,22 @@ def static_problems(row: AotRow) -> list[str]:
         problems.append(f"{row.async_copy_min_bytes}-byte async copies (< 16, no TMA)")
     if row.smem_bank_conflicts is not None and row.smem_bank_conflicts > 2:
         problems.append(f"{row.smem_bank_conflicts}-way shared-memory bank conflicts")
+    return problems
+
+
+def _warp_specialization_problems(row: dict[str, Any]) -> list[str]:
+    """A warp-specialised (``ws``) row must show the producer/consumer split in its PTX and
+    spill nothing (its partitions' registers are fixed by ``setmaxnreg``: a spill there is
+    the split not fitting). Rows as dicts (a ``--json`` table's, or ``asdict`` of a row)."""
+    if not _is_warp_specialized_variant(row["variant"]) or row.get("registers", -1) < 0:
+        return []  # not a ws row, or not compiled (a failure reported as such)
+    problems = []
+    if not row.get("warp_specialized"):
+        problems.append("no producer/consumer split in the PTX (no setmaxnreg inc/dec): "
+                        "not warp specialised")
+    if row.get("spill_stores", 0) > 0 or row.get("spill_loads", 0) > 0:
+        problems.append(f"warp-specialised variant spills ({row['spill_stores']} bytes "
+                        f"stored, {row['spill_loads']} loaded)")
     return problems
 
 
@@ -961,11 +1032,12 @@ def _print_row(row: AotRow) -> None:
                 else f"{row.epilogue_instructions_per_entry:.0f}/"
                      f"{row.epilogue_instructions_per_entry_diagonal:.0f}")
     scalar = "-" if row.scalar_global_stores is None else row.scalar_global_stores
+    split = row.partition_registers or "-"
     print(f"{row.kernel:<14} {row.variant:<17} {row.config:<23} sm_{row.arch:<3} "
           f"{row.shared_bytes:>7} /{row.smem_limit:>7} {row.registers:>4} "
           f"{row.spill_stores:>5}/{row.spill_loads:<5} {row.tensor_core_instructions:>5} "
           f"{row.mma_shape or '-':<10} {copy:>5} {row.smem_bank_conflicts or '-':>4} "
-          f"{epilogue:>5} {scalar:>4} "
+          f"{epilogue:>5} {scalar:>4} {split:>6} "
           f"{status:<4} {'; '.join(row.problems)}", flush=True)
 
 
@@ -999,7 +1071,8 @@ def run(archs: list[int], quick: bool = False, jobs: int = 1) -> list[AotRow]:
     gaps = [row for arch in archs for row in policy_gaps(arch)]
     print(f"{'kernel':<14} {'variant':<17} {'config':<23} {'arch':<6} "
           f"{'smem':>7} /{'limit':>7} {'regs':>4} {'spill st/ld':<11} {'tc':>5} "
-          f"{'mma':<10} {'copy':>5} {'bank':>4} {'epi/e':>5} {'st1':>4} status", flush=True)
+          f"{'mma':<10} {'copy':>5} {'bank':>4} {'epi/e':>5} {'st1':>4} {'ws p/c':>6} status",
+          flush=True)
     rows: list[AotRow] = []
     for row in gaps:
         _print_row(row)
@@ -1200,7 +1273,9 @@ def gate_regressions(rows: list[dict[str, Any]], baseline: list[dict[str, Any]]
     more than :data:`REGISTER_SLACK`, more spill instructions inside loops, a narrower
     ``cp.async`` copy (or pointer copies where there was TMA), more bank-conflict ways, more
     global loads after the main loop (the accumulating product's output tile), or a
-    compile that now fails. Rows the table lacks are new and pass.
+    compile that now fails. A warp-specialised (``ws``) row fails, new or not, without the
+    producer/consumer split in its PTX or with a spill. Other rows the table lacks are new
+    and pass.
 
     Returns:
         ``(regressions, new rows)``, one line each.
@@ -1219,10 +1294,12 @@ def gate_regressions(rows: list[dict[str, Any]], baseline: list[dict[str, Any]]
         key = (row["kernel"], row["variant"], row["config"], row["arch"])
         name = f"{key[0]} {key[1]} {key[2]} sm_{key[3]}"
         old = table.get(key)
+        # A warp-specialised row must show its split and spill nothing, new or not.
+        found: list[str] = _warp_specialization_problems(row)
         if old is None:
             new.append(name)
+            regressions.extend(f"{name}: {item}" for item in found)
             continue
-        found: list[str] = []
         if old.get("ok") and not row.get("ok"):
             found.append("now fails: " + "; ".join(row.get("problems", [])))
         for fact, label in (("epilogue_instructions_per_entry", "epilogue SASS/entry"),

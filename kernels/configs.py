@@ -123,9 +123,24 @@ JOINT_CONFIGS: list[triton.Config] = _JOINT_MAIN + [
 MATMUL_CONFIGS: list[triton.Config] = _MATMUL_MAIN + [
     c for c in SHALLOW_FALLBACKS if "BLOCK_M" in c.kwargs]
 
+#: Autotune configs of the warp-specialised joint kernel (``WARP_SPECIALIZE``: bf16 on sm_90,
+#: opt-in). Hopper's warp specialiser splits a ``num_warps=4`` program into a producer warp
+#: group and two consumer warp groups that each take 64 rows of the tile, so the tile has 128
+#: rows (a 64-row tile would have both consumers compute all of it); 128x64 leaves each
+#: consumer the 32 accumulators per thread of the 8-warp 128x64 config (128x128 spills under
+#: triton 3.8).
+WS_JOINT_CONFIGS: list[triton.Config] = [
+    triton.Config({"BLOCK_A": 128, "BLOCK_B": 64, "BLOCK_N": bn, "GROUP_A": 8},
+                  num_warps=4, num_stages=stages)
+    for bn, stages in ((32, 4), (64, 3), (64, 4), (128, 3))
+]
+
 #: Configs used under the interpreter (and by tests that pin one): few, large programs.
 INTERPRET_JOINT_META: dict[str, int] = {"BLOCK_A": 64, "BLOCK_B": 64, "BLOCK_N": 32,
                                         "GROUP_A": 4}
+#: The warp-specialised joint kernel's config under the interpreter (128-row tiles).
+INTERPRET_WS_JOINT_META: dict[str, int] = {"BLOCK_A": 128, "BLOCK_B": 64, "BLOCK_N": 32,
+                                           "GROUP_A": 4}
 INTERPRET_MATMUL_META: dict[str, int] = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32,
                                          "GROUP_M": 4}
 

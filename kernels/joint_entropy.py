@@ -36,6 +36,17 @@ gradient products' tiles can move through host-side tensor descriptors (``USE_TM
 edges zero-filled, the same tiles and configs); see
 :func:`music_loss.kernels.launchers.use_tma`.
 
+Warp specialisation (opt-in, ``MUSIC_LOSS_WARP_SPECIALIZE=1``): on sm_90 in bf16 the joint
+kernel's ``WARP_SPECIALIZE`` variant splits each program into a producer warp group, which
+issues the TMA copies of tensor descriptors the kernel builds from ``p1, p2``, and two
+consumer warp groups, which run the ``wgmma`` and the epilogue of 64 rows each of a 128-row
+tile (Triton's ``tl.range(..., warp_specialize=True)``). It writes per-row partial sums (a
+sum over the tile would reduce across the consumers), and its epilogue's two branches are
+one-sided (Hopper's warp specialiser declines a function with an ``else`` block). tf32 has
+no such variant: its operands fail Hopper's warp specialiser. Off by default until a GPU
+timing shows it faster; see
+:func:`music_loss.kernels.launchers.use_warp_specialize`.
+
 The launch plan (chunks, workspace, launches) is in :mod:`music_loss.kernels.launchers`;
 the memory and time it gives at the paper's shape are on the benchmarks page.
 """
@@ -138,7 +149,7 @@ def joint_entropy_kernel(
     GROUP_A: tl.constexpr, EMULATE_TF32: tl.constexpr = False, ROUND_TF32: tl.constexpr = True,
     USE_INT64: tl.constexpr = False,
     FAST_LOG: tl.constexpr = True, USE_TMA: tl.constexpr = False,
-    KMAJOR_STAGING: tl.constexpr = False,
+    KMAJOR_STAGING: tl.constexpr = False, WARP_SPECIALIZE: tl.constexpr = False,
 ):
     """One ``[BLOCK_A, BLOCK_B]`` tile of rows ``chunk_start + [0, chunk_len)`` of ``P``.
 
@@ -151,6 +162,14 @@ def joint_entropy_kernel(
     then unused), read with TMA bulk copies; the epilogue's stores keep pointers.
     ``KMAJOR_STAGING`` (tf32 on sm_90/sm_100; row-major arrays, unit column strides): both
     operand tiles are made K-major on chip (:func:`_kmajor_operand_tile`).
+    ``WARP_SPECIALIZE`` (bf16 on sm_90, 128-row tiles; ``p1_ptr, p2_ptr`` pointers, unit column
+    strides): the main loop is warp specialised (a producer warp group issues the TMA copies
+    of tensor descriptors built in the kernel, two consumer warp groups each run the ``wgmma``
+    and the epilogue of 64 rows of the tile; ``num_warps`` is one warp group's, the program
+    runs three), and ``partial`` receives per-row sums: ``partial[0, pid * BLOCK_A + r]`` and
+    ``partial[1, pid * BLOCK_A + r]`` for row ``r`` of the tile (a sum over the whole tile
+    would reduce across the two consumers). Needs a Triton allocator for the descriptors'
+    scratch (:func:`music_loss.kernels.launchers.use_warp_specialize`).
 
     The operands are read through both strides: ``p[n, a]`` at ``n * stride_p1n + a *
     stride_p1a`` (row-major ``(N, D)`` arrays). Pointer increments along the batch are
@@ -172,7 +191,25 @@ def joint_entropy_kernel(
         cols_a = cols_a.to(tl.int64)
         cols_b = cols_b.to(tl.int64)
     acc = tl.zeros((BLOCK_A, BLOCK_B), dtype=tl.float32)
-    if USE_TMA:  # p1_ptr, p2_ptr are tensor descriptors (bulk copies; edges zero-filled)
+    if WARP_SPECIALIZE:
+        # Descriptors made here, not on the host: Hopper's warp specialiser gives each of its
+        # two consumer warp groups half of the A tile by narrowing the descriptor's block,
+        # which it can do only to a descriptor built in the kernel.
+        tl.static_assert(not USE_TMA and not KMAJOR_STAGING and PRECISION == "bf16",
+                         "WARP_SPECIALIZE: bf16 with pointer operands only")
+        tl.static_assert(BLOCK_A == 128, "WARP_SPECIALIZE: 128-row tiles (64 per consumer)")
+        a_start = chunk_start + pid_a * BLOCK_A
+        b_start = pid_b * BLOCK_B
+        p1_desc = tl.make_tensor_descriptor(p1_ptr, shape=[N, chunk_start + chunk_len],
+                                            strides=[stride_p1n, 1],
+                                            block_shape=[BLOCK_N, BLOCK_A])
+        p2_desc = tl.make_tensor_descriptor(p2_ptr, shape=[N, D], strides=[stride_p2n, 1],
+                                            block_shape=[BLOCK_N, BLOCK_B])
+        for n0 in tl.range(0, N, BLOCK_N, warp_specialize=True):
+            a = p1_desc.load([n0, a_start]).T
+            b = p2_desc.load([n0, b_start])
+            acc = dot_acc(a, b, acc, PRECISION, EMULATE_BF16, EMULATE_TF32)
+    elif USE_TMA:  # p1_ptr, p2_ptr are tensor descriptors (bulk copies; edges zero-filled)
         a_start = chunk_start + pid_a * BLOCK_A
         b_start = pid_b * BLOCK_B
         for n0 in range(0, N, BLOCK_N):
@@ -216,7 +253,23 @@ def joint_entropy_kernel(
     if PRECISION != "ieee":
         meets_blocks = ((a_first // K <= (b_first + BLOCK_B - 1) // K)
                         & (b_first // K <= (a_first + BLOCK_A - 1) // K))
-    if meets_blocks:
+    if WARP_SPECIALIZE:
+        # The warp specialiser leaves a function with an ``else`` block unsplit: the two
+        # epilogues behind two one-sided branches, the second condition written out (as
+        # ``not meets_blocks`` the compiler folds the pair back into an if/else).
+        misses_blocks = ((a_first // K > (b_first + BLOCK_B - 1) // K)
+                         | (b_first // K > (a_first + BLOCK_A - 1) // K))
+        if meets_blocks:
+            _joint_epilogue(acc, valid, mask_a, row_has_diag, offs_a, offs_b, local_a, K,
+                            inv_n, pid, partial_ptr, stride_partial, pdiag_ptr, g_ptr,
+                            stride_g, True, WRITE_G, PRECISION, FAST_LOG,
+                            EMULATE_BF16, EMULATE_TF32, ROUND_TF32, True)
+        if misses_blocks:
+            _joint_epilogue(acc, valid, mask_a, row_has_diag, offs_a, offs_b, local_a, K,
+                            inv_n, pid, partial_ptr, stride_partial, pdiag_ptr, g_ptr,
+                            stride_g, False, WRITE_G, PRECISION, FAST_LOG,
+                            EMULATE_BF16, EMULATE_TF32, ROUND_TF32, True)
+    elif meets_blocks:
         _joint_epilogue(acc, valid, mask_a, row_has_diag, offs_a, offs_b, local_a, K, inv_n,
                         pid, partial_ptr, stride_partial, pdiag_ptr, g_ptr, stride_g,
                         True, WRITE_G, PRECISION, FAST_LOG,
@@ -255,19 +308,22 @@ def _joint_epilogue(acc, valid, valid_rows, row_has_diag, offs_a, offs_b, local_
                     MEETS_BLOCKS: tl.constexpr, WRITE_G: tl.constexpr,
                     PRECISION: tl.constexpr, FAST_LOG: tl.constexpr,
                     EMULATE_BF16: tl.constexpr, EMULATE_TF32: tl.constexpr,
-                    ROUND_TF32: tl.constexpr):
+                    ROUND_TF32: tl.constexpr, ROW_SUMS: tl.constexpr = False):
     """The joint kernel's epilogue of one tile, fp32: ``P lg P`` reduced to the tile's two
     partial sums, and the tile of ``G = lg P + [P >= tiny]`` (``WRITE_G``; rounded
     as its store will be: to nearest tf32 for the tf32 products, or to bf16 under the
     interpreter, as a GPU store does). ``MEETS_BLOCKS``: the
     tile touches the block diagonal, so entries are classed by segment (diagonal / off-block
     / neither) and ``P``'s diagonal is stored; else every valid entry is off-block.
+    ``ROW_SUMS``: the two partial sums per row of the tile (``partial[k, pid * rows + r]``)
+    rather than per tile.
 
     Per entry the tile costs a scale, a clamp and a log (base 2 on the fast path), one
     multiply-add into the sum and a set plus a multiply-add for ``G``: ln 2 scales the sums
-    once per tile, and the loss's coefficient of ``H_off`` scales the gradient products
-    (their ``alpha``), not ``G``. Entries outside the arrays hold ``P = 0`` (their operand
-    rows were loaded as 0), so they add ``0 * lg(tiny) = 0`` to the sums unmasked."""
+    once per row or tile, and the loss's coefficient of ``H_off`` scales the gradient
+    products (their ``alpha``), not ``G``. Columns past ``D`` hold ``P = 0`` (their operand
+    tiles read 0), adding ``0 * lg(tiny) = 0``: off the block diagonal only rows are masked,
+    once per row sum rather than per entry."""
     joint = acc * inv_n
     unit = _log_unit(PRECISION, FAST_LOG)
     log_joint = _epilogue_log(joint, PRECISION, FAST_LOG, EMULATE_TF32 or EMULATE_BF16)
@@ -279,16 +335,26 @@ def _joint_epilogue(acc, valid, valid_rows, row_has_diag, offs_a, offs_b, local_
         # row vector to store and take P lg P of, not a masked store of every entry.
         p_diag = tl.sum(tl.where(is_diag, joint, 0.0), axis=1)
         log_diag = _epilogue_log(p_diag, PRECISION, FAST_LOG, EMULATE_TF32 or EMULATE_BF16)
-        diag_sum = tl.sum(tl.where(row_has_diag, p_diag * log_diag, 0.0), axis=0) * unit
+        if ROW_SUMS:
+            diag_sum = tl.where(row_has_diag, p_diag * log_diag, 0.0) * unit
+        else:
+            diag_sum = tl.sum(tl.where(row_has_diag, p_diag * log_diag, 0.0), axis=0) * unit
         tl.store(pdiag_ptr + offs_a, p_diag, mask=row_has_diag)
-        off_sum = tl.sum(tl.sum(tl.where(is_off, plogp, 0.0), axis=1), axis=0) * unit
+        off_rows = tl.sum(tl.where(is_off, plogp, 0.0), axis=1)
     else:
-        diag_sum = 0.0
-        # by rows, then rows outside the chunk dropped (TMA tiles may read past its end)
-        row_sums = tl.where(valid_rows, tl.sum(plogp, axis=1), 0.0)
-        off_sum = tl.sum(row_sums, axis=0) * unit
-    tl.store(partial_ptr + pid, diag_sum)
-    tl.store(partial_ptr + stride_partial + pid, off_sum)
+        if ROW_SUMS:
+            diag_sum = tl.zeros(local_a.shape, dtype=tl.float32)
+        else:
+            diag_sum = 0.0
+        # rows outside the chunk dropped (TMA tiles may read past its end)
+        off_rows = tl.where(valid_rows, tl.sum(plogp, axis=1), 0.0)
+    if ROW_SUMS:
+        slots = pid * local_a.shape[0] + tl.arange(0, local_a.shape[0])
+        tl.store(partial_ptr + slots, diag_sum)
+        tl.store(partial_ptr + stride_partial + slots, off_rows * unit)
+    else:
+        tl.store(partial_ptr + pid, diag_sum)
+        tl.store(partial_ptr + stride_partial + pid, tl.sum(off_rows, axis=0) * unit)
     if WRITE_G:
         grad = log_joint * unit + (joint >= 1.1754943508222875e-38).to(tl.float32)
         if MEETS_BLOCKS:  # elsewhere every stored entry is off-block

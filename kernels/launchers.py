@@ -5,24 +5,33 @@ On a GPU the joint kernel and the products autotune over :mod:`music_loss.kernel
 under the interpreter, or when a caller pins a config, the raw kernels run with fixed
 meta-parameters. TMA descriptors replace pointers where :func:`use_tma` says so.
 
+Warp specialisation (opt-in, ``MUSIC_LOSS_WARP_SPECIALIZE=1``): on sm_90, in bf16, the joint
+kernel can run its warp-specialised variant (``WARP_SPECIALIZE``: a producer warp group issuing
+TMA copies, two consumer warp groups running ``wgmma`` and the epilogue, 128-row tiles of
+:data:`~music_loss.kernels.configs.WS_JOINT_CONFIGS`); see :func:`use_warp_specialize`. Off
+by default: a GPU timing decides whether it becomes the default.
+
 Workspace of the joint pass, beyond the ``O(N D)`` arrays ``p1, p2`` and ``dp1, dp2``::
 
     chunk_size * D * (4 bytes, or 2 in bf16 mode)      the G chunk
   + 2 * 4 * ceil(chunk_size / 16) * ceil(D / 16)        per-tile partial sums
   + 4 * D                                               diag(P)
 
-with ``chunk_size`` from :func:`~music_loss.kernels.configs.chunk_size_for`: as ``D`` grows
+(the warp-specialised joint kernel's partial sums are per row of its tiles:
+``2 * 4 * 128 ceil(chunk_size / 128) * ceil(D / 64)`` bytes), with ``chunk_size`` from :func:`~music_loss.kernels.configs.chunk_size_for`: as ``D`` grows
 the chunk keeps about ``N`` rows, so the workspace is ``O(N D)``, never ``D^2``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator, Mapping
 from typing import Any, NamedTuple
 
 import torch
 import triton
+import triton.language as tl
 from torch import Tensor
 
 from music_loss.kernels import configs as _configs
@@ -36,9 +45,11 @@ from music_loss.kernels._common import (
 from music_loss.kernels.configs import (
     INTERPRET_JOINT_META,
     INTERPRET_MATMUL_META,
+    INTERPRET_WS_JOINT_META,
     JOINT_CONFIGS,
     MATMUL_CONFIGS,
     MIN_TILE,
+    WS_JOINT_CONFIGS,
     chunk_size_for,
     configs_for,
     meta_of,
@@ -103,6 +114,8 @@ def _autotuners() -> dict[str, Any]:
                                  prune_configs_by=joint)(joint_entropy_kernel),
         "joint_tma": triton.autotune(configs=_with_hook(JOINT_CONFIGS, _joint_tma_block_shapes),
                                      key=_JOINT_KEY, prune_configs_by=joint)(joint_entropy_kernel),
+        "joint_ws": triton.autotune(configs=WS_JOINT_CONFIGS, key=_JOINT_KEY,
+                                    prune_configs_by=joint)(joint_entropy_kernel),
         "product": _matmul_autotuner(scaled_matmul_kernel, MATMUL_CONFIGS, key, False),
         "product_accumulate": _matmul_autotuner(scaled_matmul_kernel, MATMUL_CONFIGS, key, True),
         "product_tma": _matmul_autotuner(scaled_matmul_tma_kernel, tma_configs, tma_key, False),
@@ -168,6 +181,57 @@ def use_tma(device: torch.device, precision: str) -> bool:
     if INTERPRET:
         return True
     return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def use_warp_specialize(device: torch.device, precision: str) -> bool:
+    """Whether the joint product runs the warp-specialised joint kernel here.
+
+    Only when asked (``MUSIC_LOSS_WARP_SPECIALIZE=1``), in bf16 (the one mode whose variant
+    compiles with a producer/consumer split and no spill: tf32's operands fail Hopper's
+    warp specialiser), on sm_90 (the variant is built for Hopper's warp specialiser and
+    ``wgmma``), with a Triton that builds tensor descriptors in the kernel; under the
+    interpreter too (which runs the same indexing, one program at a time). Opt-in: the
+    default kernel stays until a GPU timing shows the variant is faster.
+
+    Example:
+        >>> use_warp_specialize(torch.device("cpu"), "tf32")
+        False
+    """
+    if precision != "bf16" or os.environ.get("MUSIC_LOSS_WARP_SPECIALIZE", "0") in ("", "0"):
+        return False
+    if not hasattr(tl, "make_tensor_descriptor"):  # pragma: no cover - older Triton
+        return False
+    if INTERPRET:
+        return True
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) == (9, 0)
+
+
+def _scratch(size: int, alignment: int, stream: int | None) -> Tensor:
+    """Global memory for the tensor descriptors a kernel builds (Triton's allocator)."""
+    return torch.empty(size, device="cuda", dtype=torch.int8)
+
+
+@contextlib.contextmanager
+def _descriptor_scratch() -> Iterator[None]:
+    """Launches inside get :func:`_scratch` as Triton's allocator, unless the caller set
+    one (theirs is kept); the previous allocator is restored on exit."""
+    try:
+        from triton.runtime import _allocation
+
+        current = _allocation._allocator
+        unset = isinstance(current.get(), _allocation.NullAllocator)
+    except (ImportError, AttributeError):  # pragma: no cover - another Triton layout
+        triton.set_allocator(_scratch)
+        yield
+        return
+    if not unset:
+        yield
+        return
+    token = current.set(_scratch)
+    try:
+        yield
+    finally:
+        current.reset(token)
 
 
 def _tma_ready(*tensors: Tensor) -> bool:
@@ -322,21 +386,37 @@ class JointPass(NamedTuple):
     dp2: Tensor
 
 
-def _metas(plan: JointPlan) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
-    """The joint kernel's and the products' fixed configs (``None``: autotune)."""
+def _metas(plan: JointPlan, warp_specialize: bool = False
+           ) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """The joint kernel's and the products' fixed configs (``None``: autotune);
+    ``warp_specialize``: the joint kernel is the warp-specialised variant."""
     joint_meta, matmul_meta = plan.joint_meta, plan.matmul_meta
+    joint_configs = WS_JOINT_CONFIGS if warp_specialize else JOINT_CONFIGS
     if INTERPRET:
-        joint_meta = joint_meta or INTERPRET_JOINT_META
+        joint_meta = joint_meta or (INTERPRET_WS_JOINT_META if warp_specialize
+                                    else INTERPRET_JOINT_META)
         matmul_meta = matmul_meta or INTERPRET_MATMUL_META
     elif torch.are_deterministic_algorithms_enabled():
         # Autotuning picks by timing, so two processes could tile differently and round
         # differently: deterministic mode pins each kernel's first config instead.
-        joint_meta = joint_meta or meta_of(configs_for(JOINT_CONFIGS, plan.precision)[0])
+        joint_meta = joint_meta or meta_of(configs_for(joint_configs, plan.precision)[0])
         matmul_meta = matmul_meta or meta_of(configs_for(MATMUL_CONFIGS, plan.precision)[0])
     if joint_meta is not None and min(joint_meta["BLOCK_A"], joint_meta["BLOCK_B"]) < MIN_TILE:
         raise ValueError(f"joint_meta tiles must be at least {MIN_TILE} wide (the partial-sum "
                          f"buffer is sized for that), got {joint_meta}")
+    if warp_specialize and joint_meta is not None and (
+            joint_meta["BLOCK_A"] != WS_TILE_ROWS or joint_meta["BLOCK_B"] < WS_MIN_COLUMNS):
+        raise ValueError(f"joint_meta: the warp-specialised joint kernel "
+                         f"(MUSIC_LOSS_WARP_SPECIALIZE=1) takes BLOCK_A={WS_TILE_ROWS} and "
+                         f"BLOCK_B >= {WS_MIN_COLUMNS}, got {joint_meta}; pin such a config or "
+                         f"unset MUSIC_LOSS_WARP_SPECIALIZE")
     return joint_meta, matmul_meta
+
+
+#: Tile rows of the warp-specialised joint kernel (two consumers of 64) and its narrowest
+#: tile: they size its per-row partial sums.
+WS_TILE_ROWS = 128
+WS_MIN_COLUMNS = 64
 
 
 def joint_entropy_pass(p1: Tensor, p2: Tensor, plan: JointPlan,
@@ -371,9 +451,12 @@ def joint_entropy_pass(p1: Tensor, p2: Tensor, plan: JointPlan,
     n, d = p1.shape
     if not (p1.is_contiguous() and p2.is_contiguous()):
         raise ValueError("p1 and p2 must be contiguous (the softmax kernel writes them so)")
-    joint_meta, matmul_meta = _metas(plan)
-    chunk_size = plan.chunk_size or chunk_size_for(d, precision, n)
     dev = p1.device
+    # The warp-specialised variant builds TMA descriptors of p1, p2 in the kernel: their
+    # layout rules apply.
+    joint_ws = use_warp_specialize(dev, precision) and _tma_ready(p1, p2)
+    joint_meta, matmul_meta = _metas(plan, joint_ws)
+    chunk_size = plan.chunk_size or chunk_size_for(d, precision, n)
     p_row_start, p_row_stop = plan.p_rows if plan.p_rows is not None else (0, d)
     # A partial row range leaves entries unwritten: they must read 0, not garbage.
     alloc = torch.empty if (p_row_start, p_row_stop) == (0, d) else torch.zeros
@@ -401,7 +484,10 @@ def joint_entropy_pass(p1: Tensor, p2: Tensor, plan: JointPlan,
     # tf32's joint product keeps the pointer kernel: TMA tiles of the row-major arrays land
     # in shared memory in memory order, and the K-major copy tf32 wgmma then needs is 8- to
     # 16-way bank conflicted (``python -m benchmarks.aot``).
-    joint_tma = precision != "tf32" and use_tma(dev, precision) and _tma_ready(p1, p2)
+    joint_tma = (not joint_ws and precision != "tf32" and use_tma(dev, precision)
+                 and _tma_ready(p1, p2))
+    if joint_ws:
+        tuner = AUTOTUNERS.get("joint_ws")
     if joint_tma:
         from triton.tools.tensor_descriptor import TensorDescriptor
 
@@ -420,22 +506,30 @@ def joint_entropy_pass(p1: Tensor, p2: Tensor, plan: JointPlan,
                   "ROUND_TF32": plan.round_tf32, "USE_INT64": needs_int64(p1, p2),
                   "FAST_LOG": plan.fast_log, "USE_TMA": joint_tma,
                   "KMAJOR_STAGING": kmajor_staging(dev, precision)}
+    if joint_ws:  # only then: the default launch's arguments stay as they were
+        constexprs["WARP_SPECIALIZE"] = True
     sums: list[Tensor] = []
     scale = plan.c_off / n  # G holds lg P + [P >= tiny]; the products apply c_off / N
     # One partial-sum buffer for every chunk: each chunk's sums are read (in stream order)
     # before the next chunk's launch writes it.
     slots = triton.cdiv(min(chunk_size, p_row_stop - p_row_start), MIN_TILE) * triton.cdiv(
         d, MIN_TILE)
+    if joint_ws:  # per-row sums: one per row of each tile
+        slots = triton.cdiv(min(chunk_size, p_row_stop - p_row_start), WS_TILE_ROWS) * (
+            WS_TILE_ROWS * triton.cdiv(d, WS_MIN_COLUMNS))
     partial = torch.empty((2, slots) if p_row_stop > p_row_start else (0,), device=dev,
                           dtype=torch.float32)
     for a0 in range(p_row_start, p_row_stop, chunk_size):
         rows = min(chunk_size, p_row_stop - a0)
         grid = lambda cfg, rows=rows: (triton.cdiv(rows, cfg["BLOCK_A"])
                                        * triton.cdiv(d, cfg["BLOCK_B"]),)
-        used = launch(tuner, joint_entropy_kernel, grid, joint_meta, *operands, *outputs,
-                      partial, n, d, plan.segment_dim, a0, rows, *layout, slots, 1.0 / n,
-                      **constexprs)
+        with _descriptor_scratch() if joint_ws and not INTERPRET else contextlib.nullcontext():
+            used = launch(tuner, joint_entropy_kernel, grid, joint_meta, *operands, *outputs,
+                          partial, n, d, plan.segment_dim, a0, rows, *layout, slots, 1.0 / n,
+                          **constexprs)
         tiles = triton.cdiv(rows, used["BLOCK_A"]) * triton.cdiv(d, used["BLOCK_B"])
+        if joint_ws:
+            tiles *= used["BLOCK_A"]
         sums.append(partial[:, :tiles].sum(dim=1, dtype=torch.float64))
         if write_grad:
             g_chunk = workspace[:rows]

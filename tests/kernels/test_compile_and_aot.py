@@ -103,6 +103,14 @@ def test_aot_compile_check_sm80_sm90(tmp_path):
     assert "regressions" in proc.stdout and " 0 regressions" in proc.stdout
     assert all(r["uses_tma"] and r["async_copy_min_bytes"] is None and r["mma_shape"]
                for r in tma)
+    # The warp-specialised joint kernel (sm_90, bf16): the split in every config, no spill;
+    # its partitions' code has no single epilogue path to measure.
+    ws = [r for r in joint_tc if r["variant"] == "bf16,ws"]
+    assert ws and {r["arch"] for r in ws} == {90}
+    assert all(r["warp_specialized"] and r["spill_stores"] == r["spill_loads"] == 0
+               and r["uses_tma"] and r["epilogue_instructions_per_entry"] is None for r in ws)
+    assert not any(r["warp_specialized"] for r in rows if r["variant"] != "bf16,ws")
+    joint_tc = [r for r in joint_tc if r not in ws]
     # Per entry: a scale, a clamp, a log, a sum, G's set and multiply-add, its store - never
     # a handful (a misread program structure gave 0-2 once).
     assert all(r["epilogue_instructions_per_entry"] >= 6 for r in joint_tc)
@@ -446,6 +454,72 @@ def test_gate_flags_each_regression_against_the_table(facts, found):
     regressions, new = aot.gate_regressions([_gate_row(**facts, config="other")],
                                             [_gate_row()])
     assert regressions == [] and new == ["joint_entropy bf16 other sm_90"]
+
+
+@pytest.mark.parametrize("facts,found", [
+    ({"warp_specialized": True, "partition_registers": "40/232"}, None),
+    ({}, "no producer/consumer split in the PTX"),
+    ({"warp_specialized": True, "spill_stores": 8, "spill_loads": 8},
+     "warp-specialised variant spills (8 bytes stored, 8 loaded)"),
+])
+def test_gate_fails_a_warp_specialized_row_without_the_split_or_with_spills(facts, found):
+    # New or in the table, a ws row must show its split and spill nothing.
+    from benchmarks import aot
+
+    base = _gate_row(variant="bf16,ws", spill_stores=0, spill_loads=0, warp_specialized=True)
+    row = _gate_row(**{"variant": "bf16,ws", "spill_stores": 0, "spill_loads": 0, **facts})
+    for table in ([base], []):
+        regressions, _ = aot.gate_regressions([row], table)
+        if found is None:
+            assert regressions == [], regressions
+        else:
+            assert len(regressions) == 1 and found in regressions[0], regressions
+    assert bool(aot._warp_specialization_problems(row)) == (found is not None)
+    # A row that is not ws is not asked for a split.
+    assert aot.gate_regressions([_gate_row(config="other")], []) == (
+        [], ["joint_entropy bf16 other sm_90"])
+
+
+_WARP_SPECIALIZED = """
+import json
+from dataclasses import asdict
+from benchmarks import aot
+spec = next(s for s in aot.kernel_specs(quick=True, arch=90)
+            if s.kernel == "joint_entropy" and s.variant == "bf16,ws")
+rows = [asdict(aot.compile_spec(spec, 90))]
+spec.constexprs["WARP_SPECIALIZE"] = False  # the fault: the plain kernel, labelled ws
+rows.append(asdict(aot.compile_spec(spec, 90)))
+print(json.dumps(rows))
+"""
+
+
+def test_the_warp_specialized_joint_kernel_splits_and_the_gate_fails_without_it():
+    """sm_90, bf16: the ``ws`` variant's PTX shows the producer/consumer split (the
+    partitions' ``setmaxnreg``), spills nothing and issues the plain kernel's ``wgmma`` count
+    (two consumers each take half the tile, neither computes all of it); the same config
+    compiled without ``WARP_SPECIALIZE`` but labelled ``ws`` fails the compile check and the
+    gate."""
+    from benchmarks import aot
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", _WARP_SPECIALIZED], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ws, plain = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert ws["ok"] and ws["problems"] == [], ws["problems"]
+    assert ws["warp_specialized"] and ws["uses_tma"], ws
+    producer, consumer = map(int, ws["partition_registers"].split("/"))
+    assert producer < consumer, ws["partition_registers"]
+    assert ws["spill_stores"] == ws["spill_loads"] == 0
+    assert ws["mma_shape"] == "m64n64k16"
+    assert ws["tensor_core_instructions"] == plain["tensor_core_instructions"] > 0
+    assert not plain["warp_specialized"] and plain["partition_registers"] is None
+    assert not plain["ok"] and any("no producer/consumer split" in p for p in plain["problems"])
+    with open(aot.default_baseline()) as fh:
+        table = json.load(fh)
+    assert aot.gate_regressions([ws], table)[0] == []
+    regressions, _ = aot.gate_regressions([plain], table)
+    assert any("no producer/consumer split" in line for line in regressions), regressions
 
 
 def test_gate_picks_the_newest_table_of_this_triton(tmp_path):

@@ -513,3 +513,112 @@ def test_tma_kernels_match_the_pointer_kernels(monkeypatch, precision, n, d, k, 
             assert torch.equal(got, want)
         else:  # tensor cores: the TMA path may pick other tiles
             assert relative_error(got, want) <= PRECISION_TOL[precision].grad
+
+
+# ---------------------------------------------------------------------------------------
+# The warp-specialised joint kernel (opt-in, MUSIC_LOSS_WARP_SPECIALIZE=1; sm_90 bf16, or
+# the interpreter).
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("n,d,k,chunk", [(45, 240, 80, 64), (33, 160, 8, 0), (21, 105, 7, 64)],
+                         ids=["K80-4-chunks", "K8-one-chunk", "D105-unaligned-fall-back"])
+def test_warp_specialized_joint_kernel_matches_the_rounded_oracle(monkeypatch, n, d, k, chunk):
+    """bf16 with the warp-specialised joint kernel (128-row tiles, per-row partial sums):
+    the terms and gradients of the float64 oracle rounding the same operands, within the
+    tolerance the default kernel meets; rows that break TMA's layout rules (D=105: rows of
+    no multiple of 16 bytes) keep the default kernel."""
+    from music_loss.kernels import joint_entropy as je
+    from music_loss.kernels import launchers
+
+    flags: list[bool] = []
+    real_launch = launchers.launch
+
+    def launch_spy(tuner, raw, *args, **kwargs):
+        if raw is je.joint_entropy_kernel:
+            flags.append(kwargs.get("WARP_SPECIALIZE", False))
+        return real_launch(tuner, raw, *args, **kwargs)
+
+    monkeypatch.setattr(launchers, "launch", launch_spy)
+    monkeypatch.setenv("MUSIC_LOSS_WARP_SPECIALIZE", "1")
+    if not launchers.use_warp_specialize(torch.device(DEVICE), "bf16"):
+        pytest.skip("the warp-specialised variant needs sm_90 (or the interpreter)")
+    z1, z2 = _views(n, d, seed=5)
+    config = LossConfig(segment_dim=k)
+    got = _triton_terms_and_grads(z1, z2, config, "bf16", chunk_size=chunk)
+    chunks = -(-d // (chunk or d))
+    assert flags == [d % 4 == 0] * chunks, flags  # fp32 rows here: 16 bytes is 4 floats
+    if DEVICE == "cuda":
+        _compare("bf16 warp-specialised vs float64", got, _float64_truth(z1, z2, config),
+                 PRECISION_TOL["bf16"])
+    else:
+        _compare("bf16 warp-specialised (emulated) vs rounded oracle", got,
+                 rounded_oracle(z1.cpu(), z2.cpu(), config), BF16_EMULATED_VS_ROUNDED_ORACLE)
+
+
+def test_warp_specialize_is_honoured_only_where_the_variant_runs(monkeypatch):
+    """``MUSIC_LOSS_WARP_SPECIALIZE=1`` turns the variant on in bf16 only, on sm_90 only
+    (not sm_80, not sm_100, not the CPU), and under the interpreter; unset or ``0``: off."""
+    from music_loss.kernels import launchers
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    capability = [(9, 0)]
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability[0])
+    for flag in (None, "", "0"):
+        if flag is None:
+            monkeypatch.delenv("MUSIC_LOSS_WARP_SPECIALIZE", raising=False)
+        else:
+            monkeypatch.setenv("MUSIC_LOSS_WARP_SPECIALIZE", flag)
+        for interpret in (True, False):
+            monkeypatch.setattr(launchers, "INTERPRET", interpret)
+            assert not launchers.use_warp_specialize(cuda, "bf16"), (flag, interpret)
+    monkeypatch.setenv("MUSIC_LOSS_WARP_SPECIALIZE", "1")
+    monkeypatch.setattr(launchers, "INTERPRET", True)
+    assert launchers.use_warp_specialize(cpu, "bf16")
+    assert not any(launchers.use_warp_specialize(cpu, p) for p in ("ieee", "tf32"))
+    monkeypatch.setattr(launchers, "INTERPRET", False)
+    assert launchers.use_warp_specialize(cuda, "bf16")
+    assert not launchers.use_warp_specialize(cuda, "tf32")
+    assert not launchers.use_warp_specialize(cpu, "bf16")
+    for other in ((8, 0), (8, 9), (10, 0), (12, 0)):
+        capability[0] = other
+        assert not launchers.use_warp_specialize(cuda, "bf16"), other
+
+
+def test_warp_specialize_refuses_a_pinned_config_it_cannot_run(monkeypatch):
+    from music_loss.kernels import launchers
+    from music_loss.kernels.configs import INTERPRET_JOINT_META
+
+    monkeypatch.setenv("MUSIC_LOSS_WARP_SPECIALIZE", "1")
+    if not launchers.use_warp_specialize(torch.device(DEVICE), "bf16"):
+        pytest.skip("the warp-specialised variant needs sm_90 (or the interpreter)")
+    p = torch.softmax(torch.randn(8, 4, 16, device=DEVICE), -1).reshape(8, 64)
+    plan = JointPlan(16, 1.0, "bf16", joint_meta=dict(INTERPRET_JOINT_META))  # 64-row tiles
+    with pytest.raises(ValueError, match="BLOCK_A=128.*MUSIC_LOSS_WARP_SPECIALIZE"):
+        joint_entropy_pass(p, p.clone(), plan)
+
+
+def test_descriptor_scratch_allocator_is_set_only_for_the_launch_and_keeps_the_callers():
+    """The warp-specialised kernel builds descriptors in global scratch from Triton's
+    allocator: the launcher provides one for its launches only, and keeps one the caller
+    set."""
+    from triton.runtime import _allocation
+
+    from music_loss.kernels import launchers
+
+    def current():
+        return _allocation._allocator.get()
+
+    assert isinstance(current(), _allocation.NullAllocator)
+    with launchers._descriptor_scratch():
+        assert current() is launchers._scratch
+    assert isinstance(current(), _allocation.NullAllocator)
+
+    def callers(size, alignment, stream):  # pragma: no cover - never called here
+        raise AssertionError
+
+    token = _allocation._allocator.set(callers)
+    try:
+        with launchers._descriptor_scratch():
+            assert current() is callers
+        assert current() is callers
+    finally:
+        _allocation._allocator.reset(token)
