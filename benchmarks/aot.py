@@ -542,38 +542,27 @@ def _probe_conflicts(reg: Any, shared: Any, shape: list[int], dtype: str, arch: 
 
     # Rank 2 passes the sizes as two integers: Triton 3.6 does not take a tuple constexpr.
     @gluon.jit
-    def probe2_f32(REG: ttgl.constexpr, SHARED: ttgl.constexpr, M: ttgl.constexpr,
-                   N: ttgl.constexpr) -> None:
+    def probe2(DTYPE: ttgl.constexpr, REG: ttgl.constexpr, SHARED: ttgl.constexpr,
+               M: ttgl.constexpr, N: ttgl.constexpr) -> None:
         ttgl.static_print("@@CONFLICTS", ttgl.bank_conflicts(
-            ttgl.distributed_type(ttgl.float32, [M, N], REG),
-            ttgl.shared_memory_descriptor_type(ttgl.float32, [M, N], SHARED, [M, N])))
+            ttgl.distributed_type(DTYPE.value, [M, N], REG),
+            ttgl.shared_memory_descriptor_type(DTYPE.value, [M, N], SHARED, [M, N])))
 
     @gluon.jit
-    def probe2_bf16(REG: ttgl.constexpr, SHARED: ttgl.constexpr, M: ttgl.constexpr,
-                    N: ttgl.constexpr) -> None:
+    def probe(DTYPE: ttgl.constexpr, REG: ttgl.constexpr, SHARED: ttgl.constexpr,
+              SHAPE: ttgl.constexpr) -> None:
         ttgl.static_print("@@CONFLICTS", ttgl.bank_conflicts(
-            ttgl.distributed_type(ttgl.bfloat16, [M, N], REG),
-            ttgl.shared_memory_descriptor_type(ttgl.bfloat16, [M, N], SHARED, [M, N])))
+            ttgl.distributed_type(DTYPE.value, SHAPE, REG),
+            ttgl.shared_memory_descriptor_type(DTYPE.value, SHAPE, SHARED, SHAPE)))
 
-    @gluon.jit
-    def probe_f32(REG: ttgl.constexpr, SHARED: ttgl.constexpr, SHAPE: ttgl.constexpr) -> None:
-        ttgl.static_print("@@CONFLICTS", ttgl.bank_conflicts(
-            ttgl.distributed_type(ttgl.float32, SHAPE, REG),
-            ttgl.shared_memory_descriptor_type(ttgl.float32, SHAPE, SHARED, SHAPE)))
-
-    @gluon.jit
-    def probe_bf16(REG: ttgl.constexpr, SHARED: ttgl.constexpr, SHAPE: ttgl.constexpr) -> None:
-        ttgl.static_print("@@CONFLICTS", ttgl.bank_conflicts(
-            ttgl.distributed_type(ttgl.bfloat16, SHAPE, REG),
-            ttgl.shared_memory_descriptor_type(ttgl.bfloat16, SHAPE, SHARED, SHAPE)))
-
+    element = {"f32": ttgl.float32, "bf16": ttgl.bfloat16}[dtype]
     if len(shape) == 2:
-        names: tuple[str, ...] = ("REG", "SHARED", "M", "N")
-        values: tuple[Any, ...] = (reg, shared, shape[0], shape[1])
-        fn = {"f32": probe2_f32, "bf16": probe2_bf16}[dtype]
+        names: tuple[str, ...] = ("DTYPE", "REG", "SHARED", "M", "N")
+        values: tuple[Any, ...] = (element, reg, shared, shape[0], shape[1])
+        fn = probe2
     else:
-        names, values = ("REG", "SHARED", "SHAPE"), (reg, shared, tuple(shape))
-        fn = {"f32": probe_f32, "bf16": probe_bf16}[dtype]
+        names, values = ("DTYPE", "REG", "SHARED", "SHAPE"), (element, reg, shared, tuple(shape))
+        fn = probe
     src = ASTSource(fn=fn, signature={n: "constexpr" for n in names},
                     constexprs=dict(zip(names, values)))
     from triton import knobs

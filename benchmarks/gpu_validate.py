@@ -19,7 +19,10 @@ GPU steps, and no pytest ``-x``):
 5. ``tma-tests``, ``tma-profile``: the same with the opt-in TMA products
    (``MUSIC_LOSS_TMA=1``): paper shape and small shapes, then the per-phase profile;
 6. ``parity``: ``examples/imagenet/check_parity.py --device cuda`` when it has that option;
-7. ``bench-synthetic``: ``examples/imagenet/bench_synthetic.py`` when torchvision imports.
+7. ``bench-synthetic``: ``examples/imagenet/bench_synthetic.py`` when torchvision imports;
+8. ``ws-tests``, ``ws-profile``: the opt-in warp-specialised joint kernel
+   (``MUSIC_LOSS_WARP_SPECIALIZE=1``, bf16 on sm_90): paper shape and small shapes, then
+   the per-phase profile.
 
 Results go to ``benchmarks/results/gpu-validate-<device>-<date>/`` as they come: one log
 per step, ``summary.json`` (card, driver, versions, date, commit, each step's status and
@@ -157,6 +160,22 @@ def plan(dry_run: bool, out_dir: Path, python: str) -> list[Step]:
     if not _python_has("torchvision", python):
         synthetic.skip_reason = "torchvision does not import"
     steps.append(synthetic)
+    # The opt-in warp-specialised joint kernel (sm_90, bf16): correctness at the paper's shape
+    # and at small odd shapes, then the per-phase profile with it (compare with the profile
+    # step's bf16 joint pass): what decides whether it becomes the default.
+    ws_env = {**interp, "MUSIC_LOSS_WARP_SPECIALIZE": "1"}
+    steps.append(Step(
+        "ws-tests", "MUSIC_LOSS_WARP_SPECIALIZE=1: paper shape vs float64, small shapes",
+        [*pytest, "-s", "tests/kernels", "-k",
+         "warp_specialized and K8" if dry_run else "warp_specialize or paper_shape",
+         f"--junitxml={out_dir / 'ws-tests.xml'}"],
+        timeout_s=120 if dry_run else 150, env=ws_env))
+    steps.append(Step(
+        "ws-profile", "MUSIC_LOSS_WARP_SPECIALIZE=1: per-phase timing of the fused path (bf16)",
+        [*py, "-m", "benchmarks.profile", "--json", str(out_dir / "profile-ws.json")]
+        + (["--n", "16", "--d", "40", "--k", "20", "--precision", "bf16", "--repeats", "1"]
+           if dry_run else ["--n", "2048", "--d", "8160", "--k", "80", "--precision", "bf16"]),
+        timeout_s=120 if dry_run else 90, env=ws_env))
     return steps
 
 
