@@ -1211,7 +1211,8 @@ def arch_mode_markdown(tables: list[tuple[str, list[dict[str, Any]]]]) -> str:
                     f"{len(group)} | "
                     + (f"{with_tc}/{len(tc)} {_instruction_name(arch)}" if tc else "- (FMA)")
                     + f" | {widest} | {len(spilled)} ({len(in_loops)}) | "
-                    f"{shared / 1024:.0f} / {group[0]['smem_limit'] / 1024:.0f} KiB |")
+                    + (f"{shared} B" if shared < 1024 else f"{shared / 1024:.0f} KiB")
+                    + f" / {group[0]['smem_limit'] / 1024:.0f} KiB |")
     return "\n".join(lines) + "\n"
 
 #: Where the committed tables live (``aot-static-<date>-triton<major>.<minor>.json``).
