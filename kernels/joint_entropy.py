@@ -405,8 +405,8 @@ def scaled_matmul_kernel(
         # C / alpha + A @ B, scaled by alpha at the end: C's tile is read before the main
         # loop (its latency overlaps the pipeline's first operand copies), in the
         # accumulator's registers, instead of a load the epilogue waits for. bf16 only:
-        # in tf32 (K-major staging) and ieee (FMA tiles) the tile's addresses, live across
-        # the loop, cost 10-36 more registers (ieee spills); there the load stays after it.
+        # in tf32 (K-major staging) and ieee (FMA tiles) starting from C costs 10-36 more
+        # registers per thread (ieee spills); there the load stays after the loop.
         acc = tl.load(c_ptrs, mask=mask_c, other=0.0) * (1.0 / alpha)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
