@@ -913,7 +913,7 @@ def compile_spec(spec: KernelSpec, arch: int) -> AotRow:
             row.async_copy_min_bytes = None
         row.smem_bank_conflicts = smem_bank_conflicts(compiled.asm["ttgir"], arch,
                                                       spec.num_warps)
-        if spec.kernel == "grad_product" and ",dp2," in f"{spec.variant},":
+        if spec.kernel == "grad_product" and "dp2" in spec.variant.split(","):
             text = sass()
             row.global_loads_after_loop = (None if text is None
                                            else global_loads_after_main_loop(text))

@@ -18,8 +18,9 @@ Workspace of the joint pass, beyond the ``O(N D)`` arrays ``p1, p2`` and ``dp1, 
   + 4 * D                                               diag(P)
 
 (the warp-specialised joint kernel's partial sums are per row of its tiles:
-``2 * 4 * 128 ceil(chunk_size / 128) * ceil(D / 64)`` bytes), with ``chunk_size`` from :func:`~music_loss.kernels.configs.chunk_size_for`: as ``D`` grows
-the chunk keeps about ``N`` rows, so the workspace is ``O(N D)``, never ``D^2``.
+``2 * 4 * 128 ceil(chunk_size / 128) * ceil(D / 64)`` bytes), with ``chunk_size`` from
+:func:`~music_loss.kernels.configs.chunk_size_for`: as ``D`` grows the chunk keeps about
+``N`` rows, so the workspace is ``O(N D)``, never ``D^2``.
 """
 
 from __future__ import annotations
