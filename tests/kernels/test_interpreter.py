@@ -281,6 +281,13 @@ def test_bad_arguments_are_refused():
         music_loss_triton(z1.double(), z2.double(), LossConfig(segment_dim=10), None, "ieee")
     with pytest.raises(ValueError, match="chunk_size"):
         music_loss_triton(z1, z2, LossConfig(segment_dim=10), None, "ieee", chunk_size=0)
+    # The products scale by c_off / N (and dp2 starts from C / that scale): a plan asking for
+    # them with c_off = 0 is refused, not run into a division by zero.
+    p = torch.softmax(z1.view(8, 2, 10), -1).reshape(8, 20).contiguous()
+    with pytest.raises(ValueError, match="c_off must be nonzero"):
+        joint_entropy_pass(p, p.clone(), JointPlan(10, 0.0, "bf16", grads=(False, True)))
+    sums_only = joint_entropy_pass(p, p.clone(), JointPlan(10, 0.0, "bf16"))
+    assert sums_only.dp2.numel() == 0
 
 
 # ---------------------------------------------------------------------------------------
